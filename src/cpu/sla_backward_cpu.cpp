@@ -1,0 +1,124 @@
+// Backward of SLA on the CPU: one task per (batch, key/value head), which owns
+// dK and dV of that head and loops over the query heads that share it (GQA).
+#include <vector>
+
+#include "cpu/linear_branch.h"
+#include "cpu/sla_cpu.h"
+#include "cpu/sparse_branch.h"
+#include "cpu/thread_pool.h"
+
+namespace slattn::cpu {
+namespace {
+
+// Per-task partial sums of the projection's gradients, reduced afterwards in
+// task order so the result does not depend on thread timing.
+struct ProjectionGrads {
+  std::vector<double> weight;  // (D, D)
+  std::vector<double> bias;    // (D)
+};
+
+template <typename T>
+Matrix<T> load_optional(const TensorView& view, int64_t b, int64_t h, int64_t rows, int64_t cols) {
+  return view.defined() ? load_head<T>(view, b, h) : Matrix<T>(rows, cols);
+}
+
+template <typename T>
+void backward_kv_head(const SlaBackwardParams& p, const RoutingPlanView& plan, int64_t b, int64_t kv_head,
+                      ProjectionGrads& proj) {
+  const int64_t group = p.q.heads() / p.k.heads();
+  const int64_t dim = p.q.head_dim();
+  const T scale = static_cast<T>(p.scale);
+  const Matrix<T> k = load_head<T>(p.k, b, kv_head);
+  const Matrix<T> v = load_head<T>(p.v, b, kv_head);
+  Matrix<T> dk(k.rows, dim), dv(v.rows, dim);
+
+  const bool linear = p.linear_branch();
+  const HeadPlan first_plan = HeadPlan::of(plan, b, kv_head * group);  // key-block geometry is shared
+  KeyStates<T> states;
+  KeyStateGrads<T> state_grads;
+  if (linear) {
+    states = key_states(first_plan, p.feature_map, k, v);
+    state_grads.dh = Matrix<T>(first_plan.k_blocks(), states.features * dim);
+    state_grads.dz = Matrix<T>(first_plan.k_blocks(), states.features);
+  }
+  const std::vector<T> w = p.proj_weight ? load_vector<T>(p.proj_weight, dim * dim, p.proj_dtype) : std::vector<T>();
+
+  for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+    const HeadPlan head_plan = HeadPlan::of(plan, b, h);
+    const Matrix<T> q = load_head<T>(p.q, b, h);
+    const Matrix<T> os = load_head<T>(p.out_sparse, b, h);
+    const Matrix<T> dout = load_head<T>(p.dout, b, h);
+    Matrix<T> dos = load_optional<T>(p.dout_sparse, b, h, q.rows, dim);
+    for (size_t i = 0; i < dos.values.size(); ++i) dos.values[i] += dout.values[i];
+    std::vector<T> lse(static_cast<size_t>(q.rows));
+    const int64_t row0 = (b * p.q.heads() + h) * q.rows;
+    for (int64_t i = 0; i < q.rows; ++i) lse[i] = load_scalar<T>(p.lse, row0 + i, lse_dtype(p.q.dtype));
+
+    Matrix<T> dq(q.rows, dim);
+    sparse_backward(head_plan, q, k, v, os, dos, lse, scale, dq, dk, dv);
+
+    if (linear) {
+      // dOl = dO · W + (extra gradient on Ol)
+      Matrix<T> dol = load_optional<T>(p.dout_linear, b, h, q.rows, dim);
+      if (p.proj_weight) {
+        for (int64_t i = 0; i < q.rows; ++i)
+          for (int64_t r = 0; r < dim; ++r) axpy(dout.row(i)[r], w.data() + r * dim, dol.row(i), dim);
+        // dW = Σ dOᵀ Ol needs Ol itself.
+        Matrix<T> ol(q.rows, dim);
+        linear_forward(head_plan, p.linear_scope, p.feature_map, q, states, ol);
+        for (int64_t i = 0; i < q.rows; ++i)
+          for (int64_t r = 0; r < dim; ++r)
+            for (int64_t c = 0; c < dim; ++c) proj.weight[r * dim + c] += double(dout.row(i)[r]) * double(ol.row(i)[c]);
+      }
+      linear_backward(head_plan, p.linear_scope, p.feature_map, q, states, dol, dq, state_grads);
+    }
+    if (p.has_proj_bias)
+      for (int64_t i = 0; i < q.rows; ++i)
+        for (int64_t r = 0; r < dim; ++r) proj.bias[r] += double(dout.row(i)[r]);
+    store_head(dq, p.dq, b, h);
+  }
+  if (linear) key_states_backward(first_plan, p.feature_map, k, v, states, state_grads, dk, dv);
+  store_head(dk, p.dk, b, kv_head);
+  store_head(dv, p.dv, b, kv_head);
+}
+
+template <typename T>
+void backward_all(const SlaBackwardParams& p, const RoutingPlanView& plan) {
+  const int64_t kv_heads = p.k.heads();
+  const int64_t dim = p.q.head_dim();
+  const int64_t tasks = p.q.batch() * kv_heads;
+  std::vector<ProjectionGrads> partial(static_cast<size_t>(tasks));
+  for (auto& grads : partial) {
+    if (p.proj_weight) grads.weight.assign(static_cast<size_t>(dim * dim), 0.0);
+    if (p.has_proj_bias) grads.bias.assign(static_cast<size_t>(dim), 0.0);
+  }
+  default_pool()->parallel_for(tasks, [&](int64_t task) {
+    backward_kv_head<T>(p, plan, task / kv_heads, task % kv_heads, partial[static_cast<size_t>(task)]);
+  });
+  if (p.proj_weight) {
+    for (int64_t e = 0; e < dim * dim; ++e) {
+      double total = 0;
+      for (const auto& grads : partial) total += grads.weight[e];
+      store_scalar(p.d_proj_weight, e, p.proj_dtype, total);
+    }
+  }
+  if (p.has_proj_bias) {
+    for (int64_t r = 0; r < dim; ++r) {
+      double total = 0;
+      for (const auto& grads : partial) total += grads.bias[r];
+      store_scalar(p.d_proj_bias, r, p.proj_dtype, total);
+    }
+  }
+}
+
+}  // namespace
+
+void sla_backward(const SlaBackwardParams& params, const RoutingPlanView& plan) {
+  if (params.q.dtype == DType::float64) {
+    backward_all<double>(params, plan);
+  } else {
+    backward_all<float>(params, plan);
+  }
+}
+
+}  // namespace slattn::cpu
