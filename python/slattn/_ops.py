@@ -1,0 +1,128 @@
+"""The SLA forward and backward as torch.library custom ops, with fake (meta)
+implementations and autograd, so opcheck passes and torch.compile traces them.
+
+Both ops take the routing plan's tensors; the backward reuses the forward's
+plan. Optional outputs that were not asked for are empty tensors."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C
+from ._tensors import dtype_code, lse_dtype, pointer, sequence_shape, view
+from .plan import _plan_view
+
+Tensor = torch.Tensor
+
+
+def _empty() -> Tensor:
+    return torch.empty(0)
+
+
+def _plan(q: Tensor, k: Tensor, layout: str, block_q: int, block_k: int, plan_tensors) -> _C.RoutingPlanView:
+    (b, h, lq, _), (_, _, lk, _) = sequence_shape(q, layout), sequence_shape(k, layout)
+    return _plan_view((b, h, lq, lk, block_q, block_k), [t.contiguous() for t in plan_tensors])
+
+
+def _forward_outputs(q: Tensor, layout: str, sparse: bool, linear: bool):
+    b, h, lq, _ = sequence_shape(q, layout)
+    out = torch.empty_like(q)
+    out_sparse = torch.empty_like(q) if sparse else q.new_empty(0)
+    out_linear = torch.empty_like(q) if linear else q.new_empty(0)
+    lse = torch.empty((b, h, lq), dtype=lse_dtype(q.dtype), device=q.device)
+    return out, out_sparse, out_linear, lse
+
+
+@torch.library.custom_op("slattn::sla_forward", mutates_args=())
+def sla_forward_op(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor], proj_bias: Optional[Tensor],
+                   block_map: Tensor, row_count: Tensor, row_index: Tensor, col_count: Tensor, col_index: Tensor,
+                   block_q: int, block_k: int, scale: float, feature_map: str, linear_scope: str, layout: str,
+                   return_linear: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, out_sparse, out_linear, lse). out_sparse is empty when it
+    equals out (no projection); out_linear is empty unless return_linear."""
+    plan = _plan(q, k, layout, block_q, block_k, (block_map, row_count, row_index, col_count, col_index))
+    out, out_sparse, out_linear, lse = _forward_outputs(q, layout, proj_weight is not None, return_linear)
+    proj_dtype = dtype_code(proj_weight.dtype) if proj_weight is not None else 0
+    weight = proj_weight.contiguous() if proj_weight is not None else None
+    bias = proj_bias.contiguous() if proj_bias is not None else None
+    _C.sla_forward(view(q, layout), view(k, layout), view(v, layout), pointer(weight), pointer(bias), proj_dtype,
+                   view(out, layout), view(out_sparse, layout), view(out_linear, layout), lse.data_ptr(), scale,
+                   feature_map, linear_scope, plan)
+    return out, out_sparse, out_linear, lse
+
+
+@sla_forward_op.register_fake
+def _(q, k, v, proj_weight, proj_bias, block_map, row_count, row_index, col_count, col_index, block_q, block_k,
+      scale, feature_map, linear_scope, layout, return_linear):
+    return _forward_outputs(q, layout, proj_weight is not None, return_linear)
+
+
+def _backward_outputs(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor], proj_bias: Optional[Tensor]):
+    d_weight = torch.empty_like(proj_weight) if proj_weight is not None else q.new_empty(0)
+    d_bias = torch.empty_like(proj_bias) if proj_bias is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_weight, d_bias
+
+
+@torch.library.custom_op("slattn::sla_backward", mutates_args=())
+def sla_backward_op(q: Tensor, k: Tensor, v: Tensor, out_sparse: Tensor, lse: Tensor, proj_weight: Optional[Tensor],
+                    proj_bias: Optional[Tensor], dout: Tensor, dout_sparse: Optional[Tensor],
+                    dout_linear: Optional[Tensor], block_map: Tensor, row_count: Tensor, row_index: Tensor,
+                    col_count: Tensor, col_index: Tensor, block_q: int, block_k: int, scale: float, feature_map: str,
+                    linear_scope: str, layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, d_proj_weight, d_proj_bias); the last two are empty
+    when there is no projection weight or bias."""
+    plan = _plan(q, k, layout, block_q, block_k, (block_map, row_count, row_index, col_count, col_index))
+    dq, dk, dv, d_weight, d_bias = _backward_outputs(q, k, v, proj_weight, proj_bias)
+    proj_dtype = dtype_code(proj_weight.dtype) if proj_weight is not None else 0
+    weight = proj_weight.contiguous() if proj_weight is not None else None
+    _C.sla_backward(view(q, layout), view(k, layout), view(v, layout), view(out_sparse, layout),
+                    lse.contiguous().data_ptr(), pointer(weight), proj_bias is not None, proj_dtype,
+                    view(dout, layout), view(dout_sparse, layout), view(dout_linear, layout), view(dq, layout),
+                    view(dk, layout), view(dv, layout), pointer(d_weight), pointer(d_bias), scale, feature_map,
+                    linear_scope, plan)
+    return dq, dk, dv, d_weight, d_bias
+
+
+@sla_backward_op.register_fake
+def _(q, k, v, out_sparse, lse, proj_weight, proj_bias, dout, dout_sparse, dout_linear, block_map, row_count,
+      row_index, col_count, col_index, block_q, block_k, scale, feature_map, linear_scope, layout):
+    return _backward_outputs(q, k, v, proj_weight, proj_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, proj_weight, proj_bias, block_map, row_count, row_index, col_count, col_index, block_q, block_k,
+     scale, feature_map, linear_scope, layout, return_linear) = inputs
+    out, out_sparse, out_linear, lse = output
+    # Without a projection out is Os itself, and the op returned no copy of it.
+    saved_sparse = out_sparse if proj_weight is not None else out
+    ctx.save_for_backward(q, k, v, proj_weight, proj_bias, saved_sparse, lse, block_map, row_count, row_index,
+                          col_count, col_index)
+    ctx.options = (block_q, block_k, scale, feature_map, linear_scope, layout)
+    ctx.has_sparse_output = proj_weight is not None
+    ctx.has_linear_output = return_linear
+    ctx.mark_non_differentiable(lse)
+
+
+def _used(grad: Optional[Tensor], produced: bool) -> Optional[Tensor]:
+    """An incoming gradient worth passing on: None for outputs that were empty."""
+    return grad if produced and grad is not None and grad.numel() > 0 else None
+
+
+def _backward(ctx, dout, dout_sparse, dout_linear, _dlse):
+    (q, k, v, proj_weight, proj_bias, out_sparse, lse, block_map, row_count, row_index, col_count,
+     col_index) = ctx.saved_tensors
+    block_q, block_k, scale, feature_map, linear_scope, layout = ctx.options
+    if dout is None:
+        dout = torch.zeros_like(out_sparse)
+    dq, dk, dv, d_weight, d_bias = torch.ops.slattn.sla_backward(
+        q, k, v, out_sparse, lse, proj_weight, proj_bias, dout, _used(dout_sparse, ctx.has_sparse_output),
+        _used(dout_linear, ctx.has_linear_output), block_map, row_count, row_index, col_count, col_index, block_q,
+        block_k, scale, feature_map, linear_scope, layout)
+    d_weight = d_weight if proj_weight is not None else None
+    d_bias = d_bias if proj_bias is not None else None
+    return (dq, dk, dv, d_weight, d_bias) + (None,) * 12
+
+
+sla_forward_op.register_autograd(_backward, setup_context=_setup_context)

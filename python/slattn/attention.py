@@ -1,0 +1,56 @@
+"""The functional SLA op: route (or take a plan), then sparse + linear attention."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from ._ops import sla_forward_op  # noqa: F401  (registers torch.ops.slattn.*)
+from .plan import RoutingPlan, route
+
+
+def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor | None = None,
+                            proj_bias: torch.Tensor | None = None, *, topk: float | None = None,
+                            negligible: float = 0.0, block_q: int = 64, block_k: int = 64,
+                            feature_map: str = "softmax", linear_scope: str = "marginal", scale: float | None = None,
+                            layout: str = "HND", plan: RoutingPlan | None = None, return_lse: bool = False,
+                            return_branches: bool = False):
+    """Sparse-Linear Attention (SLA): ``Os + Ol @ proj_weight.T + proj_bias``.
+
+    Os is exact softmax attention over the critical key blocks of each query
+    block; Ol is linear attention with feature map `feature_map` over the
+    blocks of `linear_scope` ("marginal": the M = 0 blocks; "all": every
+    non-negligible block). A missing proj_weight counts as zero, and the
+    linear branch is then not computed at all.
+
+    q is (B, Hq, Lq, D) for layout "HND" or (B, Lq, Hq, D) for "NHD"; k and v
+    likewise with Hkv heads (Hq a multiple of Hkv: grouped-query attention).
+    Either `topk` (routing runs here) or a `plan` from slattn.route() or
+    slattn.plan_from_block_map() (reused as is) must be given.
+
+    Returns out; (out, lse) with return_lse; (Os, Ol, lse) with
+    return_branches. lse is (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
+    """
+    _checks.check_choice("feature_map", feature_map, _checks.FEATURE_MAPS)
+    _checks.check_choice("linear_scope", linear_scope, _checks.LINEAR_SCOPES)
+    qs, ks = _checks.check_attention_inputs(q, k, v, layout)
+    _checks.check_projection(proj_weight, proj_bias, qs[3], q.dtype, q.device)
+    scale = _checks.default_scale(scale, qs[3])
+    if plan is None:
+        if topk is None:
+            raise ValueError("give topk (the fraction of key blocks computed exactly) or a plan")
+        plan = route(q, k, topk=topk, negligible=negligible, block_q=block_q, block_k=block_k, layout=layout)
+    elif topk is not None:
+        raise ValueError("give either topk or a plan, not both: a plan fixes the routing")
+    elif not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a slattn.RoutingPlan, got {type(plan).__name__}")
+    else:
+        plan.check_matches(qs, ks)
+        if plan.block_map.device != q.device:
+            raise ValueError(f"plan is on {plan.block_map.device} but q is on {q.device}; use plan.to(device)")
+    out, out_sparse, out_linear, lse = torch.ops.slattn.sla_forward(
+        q, k, v, proj_weight, proj_bias, *plan.tensors, plan.block_q, plan.block_k, scale, feature_map, linear_scope,
+        layout, return_branches)
+    if return_branches:
+        return (out_sparse if proj_weight is not None else out), out_linear, lse
+    return (out, lse) if return_lse else out

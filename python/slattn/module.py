@@ -1,0 +1,78 @@
+"""`SparseLinearAttention`: the public SLA reference's module, signature and
+state keys, so code and checkpoints written for it run unchanged."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks
+from .attention import sparse_linear_attention
+from .plan import route
+
+
+class SparseLinearAttention(nn.Module):
+    """SLA over q, k, v of shape (B, H, L, D) (or (B, L, H, D) with layout="NHD").
+
+    Like the public reference, inputs are computed in bf16 (fp16 when
+    ``use_bf16=False``) and the output is cast back to the input dtype. The
+    projection ``proj_l`` is an fp32 ``nn.Linear(head_dim, head_dim)``,
+    zero-initialised, so an untrained layer equals sparse attention.
+
+    ``forward(q, k, v, return_sparsity=True)`` returns ``(out, density)``
+    where density is the fraction of key blocks computed exactly (the value
+    the reference reports under the name "sparsity"); ``last_density`` and
+    ``last_sparsity`` (= 1 - density) hold the latest values.
+    """
+
+    def __init__(self, head_dim: int, topk: float, feature_map: str = "softmax", BLKQ: int = 64, BLKK: int = 64,
+                 use_bf16: bool = True, tie_feature_map_qk: bool = True, *, negligible: float = 0.0,
+                 linear_scope: str = "marginal", layout: str = "HND", scale: float | None = None):
+        super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+            raise ValueError(f"head_dim must be an integer, got {head_dim!r}")
+        if head_dim % _checks.HEAD_DIM_MULTIPLE or not _checks.HEAD_DIM_MULTIPLE <= head_dim <= _checks.MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be a multiple of {_checks.HEAD_DIM_MULTIPLE} in "
+                             f"[{_checks.HEAD_DIM_MULTIPLE}, {_checks.MAX_HEAD_DIM}], got {head_dim}")
+        _checks.check_fractions(topk, negligible)
+        _checks.check_block_sizes(BLKQ, BLKK)
+        _checks.check_choice("feature_map", feature_map, _checks.FEATURE_MAPS)
+        _checks.check_choice("linear_scope", linear_scope, _checks.LINEAR_SCOPES)
+        _checks.check_choice("layout", layout, ("HND", "NHD"))
+        self.head_dim = head_dim
+        self.topk = topk
+        self.negligible = negligible
+        self.feature_map = feature_map
+        self.BLKQ = BLKQ
+        self.BLKK = BLKK
+        self.linear_scope = linear_scope
+        self.layout = layout
+        self.scale = _checks.default_scale(scale, head_dim)
+        # With the fixed feature maps there is nothing to tie; the flag is kept
+        # for the reference's signature and for learnable feature maps.
+        self.tie_feature_map_qk = tie_feature_map_qk
+        self.dtype = torch.bfloat16 if use_bf16 else torch.float16
+        self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
+        nn.init.zeros_(self.proj_l.weight)
+        nn.init.zeros_(self.proj_l.bias)
+        self.last_density: float | None = None
+        self.last_sparsity: float | None = None
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, topk={self.topk}, negligible={self.negligible}, "
+                f"feature_map={self.feature_map!r}, linear_scope={self.linear_scope!r}, "
+                f"BLKQ={self.BLKQ}, BLKK={self.BLKK}, dtype={self.dtype}, layout={self.layout!r}")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False):
+        input_dtype = q.dtype
+        q, k, v = (t.to(self.dtype) for t in (q, k, v))
+        plan = route(q, k, topk=self.topk, negligible=self.negligible, block_q=self.BLKQ, block_k=self.BLKK,
+                     layout=self.layout)
+        out = sparse_linear_attention(q, k, v, self.proj_l.weight, self.proj_l.bias, feature_map=self.feature_map,
+                                      linear_scope=self.linear_scope, scale=self.scale, layout=self.layout, plan=plan)
+        out = out.to(input_dtype)
+        if not return_sparsity:
+            return out
+        self.last_density = plan.density
+        self.last_sparsity = 1.0 - self.last_density
+        return out, self.last_density
