@@ -114,6 +114,9 @@ def check_projection(proj_weight, proj_bias, head_dim: int, dtype: torch.dtype, 
                              f"got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name} must be on {device}, got {t.device}")
+    # The core reads the bias in the weight's dtype.
+    if proj_bias is not None and proj_bias.dtype != proj_weight.dtype:
+        raise ValueError(f"proj_bias must have the dtype of proj_weight ({proj_weight.dtype}), got {proj_bias.dtype}")
 
 
 def default_scale(scale, head_dim: int) -> float:

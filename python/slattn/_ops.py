@@ -22,8 +22,9 @@ def _empty() -> Tensor:
 
 
 def _plan(q: Tensor, k: Tensor, layout: str, block_q: int, block_k: int, plan_tensors) -> _C.RoutingPlanView:
+    """A core view of contiguous plan tensors; the caller keeps them alive while the core runs."""
     (b, h, lq, _), (_, _, lk, _) = sequence_shape(q, layout), sequence_shape(k, layout)
-    return _plan_view((b, h, lq, lk, block_q, block_k), [t.contiguous() for t in plan_tensors])
+    return _plan_view((b, h, lq, lk, block_q, block_k), plan_tensors)
 
 
 def _forward_outputs(q: Tensor, layout: str, sparse: bool, linear: bool):
@@ -42,7 +43,9 @@ def sla_forward_op(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor
                    return_linear: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, out_sparse, out_linear, lse). out_sparse is empty when it
     equals out (no projection); out_linear is empty unless return_linear."""
-    plan = _plan(q, k, layout, block_q, block_k, (block_map, row_count, row_index, col_count, col_index))
+    # Contiguous copies held here: the view only has their addresses.
+    plan_tensors = tuple(t.contiguous() for t in (block_map, row_count, row_index, col_count, col_index))
+    plan = _plan(q, k, layout, block_q, block_k, plan_tensors)
     out, out_sparse, out_linear, lse = _forward_outputs(q, layout, proj_weight is not None, return_linear)
     proj_dtype = dtype_code(proj_weight.dtype) if proj_weight is not None else 0
     weight = proj_weight.contiguous() if proj_weight is not None else None
@@ -60,8 +63,10 @@ def _(q, k, v, proj_weight, proj_bias, block_map, row_count, row_index, col_coun
 
 
 def _backward_outputs(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor], proj_bias: Optional[Tensor]):
-    d_weight = torch.empty_like(proj_weight) if proj_weight is not None else q.new_empty(0)
-    d_bias = torch.empty_like(proj_bias) if proj_bias is not None else q.new_empty(0)
+    # Row-major whatever the strides of the weights: the core writes them densely.
+    dense = torch.contiguous_format
+    d_weight = torch.empty_like(proj_weight, memory_format=dense) if proj_weight is not None else q.new_empty(0)
+    d_bias = torch.empty_like(proj_bias, memory_format=dense) if proj_bias is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_weight, d_bias
 
 
@@ -73,12 +78,15 @@ def sla_backward_op(q: Tensor, k: Tensor, v: Tensor, out_sparse: Tensor, lse: Te
                     linear_scope: str, layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_proj_weight, d_proj_bias); the last two are empty
     when there is no projection weight or bias."""
-    plan = _plan(q, k, layout, block_q, block_k, (block_map, row_count, row_index, col_count, col_index))
+    # Contiguous copies held here: the views only have their addresses.
+    plan_tensors = tuple(t.contiguous() for t in (block_map, row_count, row_index, col_count, col_index))
+    plan = _plan(q, k, layout, block_q, block_k, plan_tensors)
+    lse = lse.contiguous()
     dq, dk, dv, d_weight, d_bias = _backward_outputs(q, k, v, proj_weight, proj_bias)
     proj_dtype = dtype_code(proj_weight.dtype) if proj_weight is not None else 0
     weight = proj_weight.contiguous() if proj_weight is not None else None
     _C.sla_backward(view(q, layout), view(k, layout), view(v, layout), view(out_sparse, layout),
-                    lse.contiguous().data_ptr(), pointer(weight), proj_bias is not None, proj_dtype,
+                    lse.data_ptr(), pointer(weight), proj_bias is not None, proj_dtype,
                     view(dout, layout), view(dout_sparse, layout), view(dout_linear, layout), view(dq, layout),
                     view(dk, layout), view(dv, layout), pointer(d_weight), pointer(d_bias), scale, feature_map,
                     linear_scope, plan)

@@ -1,0 +1,170 @@
+"""`slattn bench`: SLA against dense attention on the same tensors, in one
+process. Prints a table, writes JSON and a PNG plot.
+
+Each case times routing, the forward pass and forward+backward of the whole
+SLA op (routing included, with a non-zero projection so the linear branch
+runs), and dense attention through torch SDPA. Effective TFLOPS divide the
+dense count 4·B·H·L²·D by the time (the public reference's convention);
+computed TFLOPS divide the FLOPs of the critical blocks only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from ._timing import median_seconds
+from .attention import sparse_linear_attention
+from .metrics import computed_flops, dense_flops
+from .plan import route
+from .demo import pick_device
+
+# (B, H, L, D) per device: the CPU case is the foundation's "seconds on two cores" check.
+DEFAULT_SHAPES = {"cpu": [(1, 12, 4096, 128)]}
+
+
+@dataclass
+class CaseResult:
+    shape: tuple[int, int, int, int]
+    dtype: str
+    topk: float
+    block_q: int
+    block_k: int
+    density: float
+    route_ms: float
+    sla_fwd_ms: float
+    sla_fwd_bwd_ms: float
+    dense_fwd_ms: float
+    dense_fwd_bwd_ms: float
+    sla_fwd_effective_tflops: float
+    sla_fwd_computed_tflops: float
+    sla_fwd_bwd_effective_tflops: float
+    dense_fwd_tflops: float
+
+
+def _inputs(shape, dtype, device, requires_grad):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats) -> CaseResult:
+    b, h, length, d = shape
+    q, k, v = _inputs(shape, dtype, device, requires_grad=True)
+    gen = torch.Generator().manual_seed(1)
+    weight = (0.02 * torch.randn(d, d, generator=gen)).to(device).requires_grad_()
+    bias = torch.zeros(d, device=device, requires_grad=True)
+    grad = torch.randn_like(q)
+
+    def sla():
+        return sparse_linear_attention(q, k, v, weight, bias, topk=topk, block_q=block_q, block_k=block_k)
+
+    def sla_fwd_bwd():
+        sla().backward(grad)
+
+    def dense():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def dense_fwd_bwd():
+        dense().backward(grad)
+
+    plan = route(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    with torch.no_grad():
+        t_route = median_seconds(lambda: route(q, k, topk=topk, block_q=block_q, block_k=block_k), device,
+                                 repeats=repeats)
+        t_fwd = median_seconds(sla, device, repeats=repeats)
+        t_dense = median_seconds(dense, device, repeats=repeats)
+    t_fwd_bwd = median_seconds(sla_fwd_bwd, device, repeats=repeats)
+    t_dense_fwd_bwd = median_seconds(dense_fwd_bwd, device, repeats=repeats)
+    full = dense_flops(b, h, length, length, d)
+    sparse = computed_flops(plan, d)
+    return CaseResult(shape=tuple(shape), dtype=str(dtype).replace("torch.", ""), topk=topk, block_q=block_q,
+                      block_k=block_k, density=plan.density, route_ms=1e3 * t_route, sla_fwd_ms=1e3 * t_fwd,
+                      sla_fwd_bwd_ms=1e3 * t_fwd_bwd, dense_fwd_ms=1e3 * t_dense,
+                      dense_fwd_bwd_ms=1e3 * t_dense_fwd_bwd, sla_fwd_effective_tflops=full / t_fwd / 1e12,
+                      sla_fwd_computed_tflops=sparse / t_fwd / 1e12,
+                      sla_fwd_bwd_effective_tflops=2.5 * full / t_fwd_bwd / 1e12,
+                      dense_fwd_tflops=full / t_dense / 1e12)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "processor": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return env
+
+
+def plot(results: list[CaseResult], path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"B{r.shape[0]} H{r.shape[1]}\nL{r.shape[2]} D{r.shape[3]}\ntopk {r.topk}" for r in results]
+    series = [("SLA fwd", "sla_fwd_ms"), ("dense fwd", "dense_fwd_ms"), ("SLA fwd+bwd", "sla_fwd_bwd_ms"),
+              ("dense fwd+bwd", "dense_fwd_bwd_ms")]
+    fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(results) + 2), 4))
+    width = 0.8 / len(series)
+    for i, (name, key) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(results))]
+        ax.bar(xs, [getattr(r, key) for r in results], width, label=name)
+    ax.set_xticks(range(len(results)), labels)
+    ax.set_ylabel("time (ms, lower is better)")
+    ax.set_title("slattn SLA vs dense attention (torch SDPA)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_bench(*, device: str = "auto", shapes=None, topk: float = 0.05, block_q: int = 64, block_k: int = 64,
+              dtype: str | None = None, repeats: int = 3, out_dir: str = "slattn-results", print_fn=print) -> dict:
+    dev = pick_device(device)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    shapes = shapes or DEFAULT_SHAPES[dev.type]
+    results = [run_case(s, dtype=torch_dtype, topk=topk, block_q=block_q, block_k=block_k, device=dev,
+                        repeats=repeats) for s in tqdm(shapes, desc="bench cases", disable=len(shapes) < 2)]
+    report = {"environment": environment(dev), "device": str(dev), "results": [asdict(r) for r in results]}
+
+    header = (f"{'shape (B,H,L,D)':20s}{'density':>8s}{'route':>9s}{'SLA fwd':>10s}{'dense fwd':>11s}"
+              f"{'SLA f+b':>10s}{'dense f+b':>11s}{'eff TF':>8s}{'comp TF':>9s}")
+    print_fn(f"slattn bench on {dev} ({report['environment']['processor']}, torch {torch.__version__}, "
+             f"{report['environment']['cpu_threads']} threads), {str(torch_dtype).replace('torch.', '')}, "
+             f"blocks {block_q}x{block_k}; times in ms, median of {repeats}")
+    print_fn(header)
+    for r in results:
+        print_fn(f"{str(r.shape):20s}{r.density:8.3f}{r.route_ms:9.1f}{r.sla_fwd_ms:10.1f}{r.dense_fwd_ms:11.1f}"
+                 f"{r.sla_fwd_bwd_ms:10.1f}{r.dense_fwd_bwd_ms:11.1f}{r.sla_fwd_effective_tflops:8.3f}"
+                 f"{r.sla_fwd_computed_tflops:9.4f}")
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "bench.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    png_path = os.path.join(out_dir, "bench.png")
+    if plot(results, png_path):
+        print_fn(f"wrote {json_path} and {png_path}")
+    else:
+        print_fn(f"wrote {json_path} (install matplotlib, or slattn[bench], for the plot)")
+    return report
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) != 4 or min(parts) < 1:
+        raise ValueError(f"a shape is B,H,L,D with positive integers, got {text!r}")
+    return parts
+
+
+def main(args) -> int:
+    shapes = [parse_shape(s) for s in args.shape] if args.shape else None
+    run_bench(device=args.device, shapes=shapes, topk=args.topk, block_q=args.block_q, block_k=args.block_k,
+              dtype=args.dtype, repeats=args.repeats, out_dir=args.out_dir)
+    return 0
