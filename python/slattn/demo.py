@@ -62,7 +62,7 @@ def run_demo(*, device: str = "auto", topk: float = 0.05, block_q: int = 64, blo
              "fine-tune, which is what brings a 95%-sparse layer to full-attention quality.")
     if dev.type == "cpu":
         print_fn("On the CPU slattn runs its reference path, written to follow SPEC.md exactly rather than for "
-                 "speed; SLA's speed comes from the GPU kernels.")
+                 "speed (the CUDA kernels are the next milestone).")
     return {"workload": workload.describe(), "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
             "block_q": block_q, "block_k": block_k, "dense_ms": 1e3 * t_dense, "runs": rows}
 

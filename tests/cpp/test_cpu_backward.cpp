@@ -123,16 +123,17 @@ TEST_P(BackwardFloat64, MatchesFiniteDifferencesWithProjection) {
   expect_gradients_match(p, reference_block_map(p, in.q, in.k), in, random_upstream(p, 67, false), layout);
 }
 
+std::string backward_name(const ::testing::TestParamInfo<BackwardParam>& info) {
+  const auto [map, scope, layout] = info.param;
+  return slattn::feature_map_name(map) + "_" + slattn::linear_scope_name(scope) + (layout == Layout::HND ? "_HND" : "_NHD");
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AllOptions, BackwardFloat64,
     ::testing::Combine(::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu),
                        ::testing::Values(LinearScope::marginal, LinearScope::all),
                        ::testing::Values(Layout::HND, Layout::NHD)),
-    [](const ::testing::TestParamInfo<BackwardParam>& info) {
-      const auto [map, scope, layout] = info.param;
-      return slattn::feature_map_name(map) + "_" + slattn::linear_scope_name(scope) +
-             (layout == Layout::HND ? "_HND" : "_NHD");
-    });
+    backward_name);
 
 // dOs = dout + dout_sparse and dOl = dout · W + dout_linear.
 class BackwardExtraGradients : public ::testing::TestWithParam<std::tuple<FeatureMap, LinearScope>> {};
@@ -185,7 +186,7 @@ TEST(BackwardHandWrittenMap, RowsWithoutCriticalOrLinearBlocks) {
   // all: their gradients must stay finite and match.
   for (const LinearScope scope : {LinearScope::marginal, LinearScope::all}) {
     SCOPED_TRACE(slattn::linear_scope_name(scope));
-    Problem p = ragged_problem(FeatureMap::softmax, scope, 1, 1);
+    const Problem p = ragged_problem(FeatureMap::softmax, scope, 1, 1);
     const std::vector<int8_t> map = {1, 0, -1, 0, 1,  0, 0, -1, 0, 0,  -1, -1, -1, -1, -1};
     const Inputs<double> in = random_inputs(p, 107, DType::float64, true, true, DType::float64);
     expect_gradients_match(p, map, in, random_upstream(p, 109, true));

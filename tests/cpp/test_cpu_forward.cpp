@@ -132,18 +132,20 @@ TEST_P(ForwardFloat64, MatchesReference) {
   expect_matches_reference(p, in, options);
 }
 
+std::string float64_name(const ::testing::TestParamInfo<Float64Param>& info) {
+  const auto [map, scope, projection, layout] = info.param;
+  const char* projection_names[] = {"NoProjection", "Weight", "WeightAndBias"};
+  return slattn::feature_map_name(map) + "_" + slattn::linear_scope_name(scope) + "_" +
+         projection_names[static_cast<int>(projection)] + (layout == Layout::HND ? "_HND" : "_NHD");
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AllOptions, ForwardFloat64,
     ::testing::Combine(::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu),
                        ::testing::Values(LinearScope::marginal, LinearScope::all),
                        ::testing::Values(Projection::none, Projection::weight, Projection::weight_and_bias),
                        ::testing::Values(Layout::HND, Layout::NHD)),
-    [](const ::testing::TestParamInfo<Float64Param>& info) {
-      const auto [map, scope, projection, layout] = info.param;
-      const char* projection_names[] = {"NoProjection", "Weight", "WeightAndBias"};
-      return slattn::feature_map_name(map) + "_" + slattn::linear_scope_name(scope) + "_" +
-             projection_names[static_cast<int>(projection)] + (layout == Layout::HND ? "_HND" : "_NHD");
-    });
+    float64_name);
 
 struct EdgeCase {
   std::string name;
@@ -266,7 +268,9 @@ TEST(ForwardHandWrittenMap, RowsWithoutCriticalOrLinearBlocks) {
       EXPECT_EQ(run.outputs.lse[i], -std::numeric_limits<double>::infinity()) << "row " << i;
       for (int64_t d = 0; d < p.dim; ++d) {
         EXPECT_EQ(run.outputs.out_sparse[i * p.dim + d], 0.0);
-        if (i >= 32) EXPECT_EQ(run.outputs.out_linear[i * p.dim + d], 0.0);
+        if (i >= 32) {
+          EXPECT_EQ(run.outputs.out_linear[i * p.dim + d], 0.0);
+        }
       }
     }
   }
@@ -334,15 +338,17 @@ TEST_P(ForwardReducedPrecision, WithinTwiceTheBaselineError) {
   expect_within_baseline(p, in, options, noise);
 }
 
+std::string reduced_name(const ::testing::TestParamInfo<ReducedParam>& info) {
+  const auto [dtype, map, scope] = info.param;
+  return slattn::dtype_name(dtype) + "_" + slattn::feature_map_name(map) + "_" + slattn::linear_scope_name(scope);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Dtypes, ForwardReducedPrecision,
     ::testing::Combine(::testing::Values(DType::float32, DType::bfloat16, DType::float16),
                        ::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu),
                        ::testing::Values(LinearScope::marginal, LinearScope::all)),
-    [](const ::testing::TestParamInfo<ReducedParam>& info) {
-      const auto [dtype, map, scope] = info.param;
-      return slattn::dtype_name(dtype) + "_" + slattn::feature_map_name(map) + "_" + slattn::linear_scope_name(scope);
-    });
+    reduced_name);
 
 }  // namespace
 }  // namespace slattn_test
