@@ -3,6 +3,9 @@
 #include <cmath>
 
 #include "cuda/device.h"
+#ifdef SLATTN_WITH_CUDA
+#include "cuda/sla_cuda.h"
+#endif
 #include "slattn/error.h"
 #include "slattn/route.h"
 #include "slattn/sla.h"
@@ -34,10 +37,17 @@ int64_t negligible_blocks_per_row(double topk, double negligible, int64_t k_bloc
   return std::min(floor_count, k_blocks - critical_blocks_per_row(topk, k_blocks));
 }
 
-void build_block_lists(const RoutingPlanView& plan) {
+void build_block_lists(const RoutingPlanView& plan, void* stream) {
   check_plan(plan, plan.shape);
-  if (cuda::is_device_pointer(plan.block_map))
-    throw Unsupported("build_block_lists: this build has no CUDA kernels yet; pass host (CPU) memory");
+  if (cuda::is_device_pointer(plan.block_map)) {
+#ifdef SLATTN_WITH_CUDA
+    cuda::build_block_lists(plan, static_cast<cudaStream_t>(stream));
+    return;
+#else
+    throw Unsupported("build_block_lists: this build has no CUDA kernels; pass host (CPU) memory");
+#endif
+  }
+  (void)stream;
   const PlanShape& s = plan.shape;
   const int64_t q_blocks = s.q_blocks();
   const int64_t k_blocks = s.k_blocks();

@@ -2,6 +2,8 @@
 // strides, shapes and options: no framework types. Zero-initialise, then fill.
 #pragma once
 
+#include <cstddef>
+
 #include "slattn/options.h"
 #include "slattn/tensor_view.h"
 
@@ -32,6 +34,13 @@ struct SlaForwardParams {
   LinearScope linear_scope = LinearScope::marginal;
 
   bool linear_branch() const { return proj_weight != nullptr || out_linear.defined(); }
+
+  // Device data only: the stream to run on (a cudaStream_t; null is the
+  // default stream) and scratch memory of at least the size returned by the
+  // matching *_workspace_bytes() function. Nothing else is allocated per call.
+  void* stream = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
 // Backward of SLA (SPEC section 5). Incoming gradients: dout on `out`, and
@@ -60,6 +69,13 @@ struct SlaBackwardParams {
   LinearScope linear_scope = LinearScope::marginal;
 
   bool linear_branch() const { return proj_weight != nullptr || dout_linear.defined(); }
+
+  // Device data only: the stream to run on (a cudaStream_t; null is the
+  // default stream) and scratch memory of at least the size returned by the
+  // matching *_workspace_bytes() function. Nothing else is allocated per call.
+  void* stream = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
 }  // namespace slattn

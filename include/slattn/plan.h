@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "slattn/macros.h"
+
 namespace slattn {
 
 // Block classes stored in the block map (SPEC section 1).
@@ -22,10 +24,10 @@ struct PlanShape {
   int64_t block_q = 64;
   int64_t block_k = 64;
 
-  int64_t q_blocks() const { return (q_len + block_q - 1) / block_q; }  // Mq
-  int64_t k_blocks() const { return (k_len + block_k - 1) / block_k; }  // Nk
-  int64_t rows() const { return batch * heads * q_blocks(); }           // query-block rows
-  int64_t cols() const { return batch * heads * k_blocks(); }           // key-block columns
+  SLATTN_HOST_DEVICE int64_t q_blocks() const { return (q_len + block_q - 1) / block_q; }  // Mq
+  SLATTN_HOST_DEVICE int64_t k_blocks() const { return (k_len + block_k - 1) / block_k; }  // Nk
+  SLATTN_HOST_DEVICE int64_t rows() const { return batch * heads * q_blocks(); }           // query-block rows
+  SLATTN_HOST_DEVICE int64_t cols() const { return batch * heads * k_blocks(); }           // key-block columns
 };
 
 // Views of the plan's buffers, for one (batch, head) pair laid out row-major:

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+#include "slattn/macros.h"
+
 namespace slattn {
 
 enum class DType : int { float32 = 0, float64 = 1, bfloat16 = 2, float16 = 3 };
@@ -25,12 +27,12 @@ struct TensorView {
   std::array<int64_t, 4> size{};    // (B, H, L, D)
   std::array<int64_t, 4> stride{};  // elements, same order as size
 
-  bool defined() const { return data != nullptr; }
-  int64_t batch() const { return size[kBatch]; }
-  int64_t heads() const { return size[kHeads]; }
-  int64_t length() const { return size[kLength]; }
-  int64_t head_dim() const { return size[kHeadDim]; }
-  int64_t offset(int64_t b, int64_t h, int64_t l, int64_t d) const {
+  SLATTN_HOST_DEVICE bool defined() const { return data != nullptr; }
+  SLATTN_HOST_DEVICE int64_t batch() const { return size[kBatch]; }
+  SLATTN_HOST_DEVICE int64_t heads() const { return size[kHeads]; }
+  SLATTN_HOST_DEVICE int64_t length() const { return size[kLength]; }
+  SLATTN_HOST_DEVICE int64_t head_dim() const { return size[kHeadDim]; }
+  SLATTN_HOST_DEVICE int64_t offset(int64_t b, int64_t h, int64_t l, int64_t d) const {
     return b * stride[kBatch] + h * stride[kHeads] + l * stride[kLength] + d * stride[kHeadDim];
   }
 };

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from . import _C
 from ._tensors import LAYOUTS, SUPPORTED_DTYPES, sequence_shape
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
@@ -48,12 +49,12 @@ def check_tensor(name: str, t) -> None:
 
 
 def check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cuda":
+    if t.device.type == "cuda" and not _C.built_with_cuda():
         raise NotImplementedError(
-            f"slattn: {name} is a CUDA tensor, but this build has no CUDA kernels yet; "
-            "move the tensors to the CPU (the CPU path serves every shape)")
-    if t.device.type not in ("cpu", "meta"):
-        raise ValueError(f"{name} must be on the CPU (or CUDA once the kernels land), got device {t.device}")
+            f"slattn: {name} is a CUDA tensor, but this build of slattn has no CUDA kernels "
+            "(it was built without nvcc); move the tensors to the CPU or rebuild with the CUDA toolkit")
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name} must be on the CPU or a CUDA GPU, got device {t.device}")
 
 
 def check_query_key(q, k, layout: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from . import _C
-from ._tensors import dtype_code, lse_dtype, pointer, sequence_shape, view
+from . import _C, _checks
+from ._tensors import Launch, dtype_code, lse_dtype, pointer, sequence_shape, view
 from .plan import _plan_view
 
 Tensor = torch.Tensor
@@ -21,9 +21,25 @@ def _empty() -> Tensor:
     return torch.empty(0)
 
 
+_PLAN_NAMES = ("block_map", "row_count", "row_index", "col_count", "col_index")
+
+
 def _plan(q: Tensor, k: Tensor, layout: str, block_q: int, block_k: int, plan_tensors) -> _C.RoutingPlanView:
-    """A core view of contiguous plan tensors; the caller keeps them alive while the core runs."""
+    """A core view of contiguous plan tensors; the caller keeps them alive while the core runs.
+
+    The core sees only their addresses, so their shapes and dtypes are checked
+    here against the inputs and block sizes (a mismatch would read out of bounds)."""
+    _checks.check_block_sizes(block_q, block_k)
     (b, h, lq, _), (_, _, lk, _) = sequence_shape(q, layout), sequence_shape(k, layout)
+    mq, nk = -(-lq // block_q), -(-lk // block_k)
+    shapes = ((b, h, mq, nk), (b, h, mq), (b, h, mq, nk), (b, h, nk), (b, h, nk, mq))
+    dtypes = (torch.int8,) + (torch.int32,) * 4
+    for name, t, shape, dtype in zip(_PLAN_NAMES, plan_tensors, shapes, dtypes):
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"plan tensor {name} must be {dtype} of shape {shape} for these inputs and blocks "
+                             f"{block_q}x{block_k}, got {t.dtype} of shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"plan tensor {name} is on {t.device} but q is on {q.device}")
     return _plan_view((b, h, lq, lk, block_q, block_k), plan_tensors)
 
 
@@ -50,9 +66,10 @@ def sla_forward_op(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor
     proj_dtype = dtype_code(proj_weight.dtype) if proj_weight is not None else 0
     weight = proj_weight.contiguous() if proj_weight is not None else None
     bias = proj_bias.contiguous() if proj_bias is not None else None
-    _C.sla_forward(view(q, layout), view(k, layout), view(v, layout), pointer(weight), pointer(bias), proj_dtype,
-                   view(out, layout), view(out_sparse, layout), view(out_linear, layout), lse.data_ptr(), scale,
-                   feature_map, linear_scope, plan)
+    with Launch(q.device) as launch:
+        _C.sla_forward(view(q, layout), view(k, layout), view(v, layout), pointer(weight), pointer(bias), proj_dtype,
+                       view(out, layout), view(out_sparse, layout), view(out_linear, layout), lse.data_ptr(), scale,
+                       feature_map, linear_scope, plan, launch.stream, launch.allocate)
     return out, out_sparse, out_linear, lse
 
 
@@ -85,11 +102,12 @@ def sla_backward_op(q: Tensor, k: Tensor, v: Tensor, out_sparse: Tensor, lse: Te
     dq, dk, dv, d_weight, d_bias = _backward_outputs(q, k, v, proj_weight, proj_bias)
     proj_dtype = dtype_code(proj_weight.dtype) if proj_weight is not None else 0
     weight = proj_weight.contiguous() if proj_weight is not None else None
-    _C.sla_backward(view(q, layout), view(k, layout), view(v, layout), view(out_sparse, layout),
-                    lse.data_ptr(), pointer(weight), proj_bias is not None, proj_dtype,
-                    view(dout, layout), view(dout_sparse, layout), view(dout_linear, layout), view(dq, layout),
-                    view(dk, layout), view(dv, layout), pointer(d_weight), pointer(d_bias), scale, feature_map,
-                    linear_scope, plan)
+    with Launch(q.device) as launch:
+        _C.sla_backward(view(q, layout), view(k, layout), view(v, layout), view(out_sparse, layout), lse.data_ptr(),
+                        pointer(weight), proj_bias is not None, proj_dtype, view(dout, layout),
+                        view(dout_sparse, layout), view(dout_linear, layout), view(dq, layout), view(dk, layout),
+                        view(dv, layout), pointer(d_weight), pointer(d_bias), scale, feature_map, linear_scope, plan,
+                        launch.stream, launch.allocate)
     return dq, dk, dv, d_weight, d_bias
 
 

@@ -30,6 +30,29 @@ def view(t: torch.Tensor | None, layout: str) -> _C.TensorView:
     return _C.TensorView(lt.data_ptr(), dtype_code(lt.dtype), tuple(lt.shape), tuple(lt.stride()))
 
 
+class Launch:
+    """Where the core runs for tensors on `device`: the current CUDA stream and
+    scratch memory from PyTorch's caching allocator (nothing for the CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        self.allocate = self._allocate if device.type == "cuda" else None
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def __enter__(self):
+        self._guard = torch.cuda.device(self.device) if self.device.type == "cuda" else None
+        if self._guard is not None:
+            self._guard.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._guard is not None:
+            self._guard.__exit__(*exc)
+
+
 def pointer(t: torch.Tensor | None) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 

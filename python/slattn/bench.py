@@ -24,8 +24,9 @@ from .metrics import computed_flops, dense_flops
 from .plan import route
 from .demo import pick_device
 
-# (B, H, L, D) per device: the CPU case is the foundation's "seconds on two cores" check.
-DEFAULT_SHAPES = {"cpu": [(1, 12, 4096, 128)]}
+# (B, H, L, D) per device: on the CPU the "seconds on two cores" check; on a GPU
+# Wan2.1-1.3B at 480p and Wan2.1-14B at 720p.
+DEFAULT_SHAPES = {"cpu": [(1, 12, 4096, 128)], "cuda": [(1, 12, 32760, 128), (1, 40, 75600, 128)]}
 
 
 @dataclass

@@ -17,6 +17,26 @@ namespace {
 
 void* as_pointer(uintptr_t address) { return reinterpret_cast<void*>(address); }
 
+// Device launches: the caller's stream, and scratch memory from the caller's
+// allocator. `allocate(nbytes)` returns an object with data_ptr() (a torch
+// tensor from the caching allocator) that is kept alive across the launch;
+// the allocator is stream-ordered, so releasing it afterwards is safe.
+struct Launch {
+  uintptr_t stream = 0;
+  nb::object allocate;
+  nb::object workspace;
+
+  template <typename Params>
+  void attach(Params& params, size_t bytes) {
+    params.stream = as_pointer(stream);
+    if (bytes == 0) return;
+    SLATTN_CHECK(!allocate.is_none(), "device data needs a workspace allocator");
+    workspace = allocate(bytes);
+    params.workspace = as_pointer(nb::cast<uintptr_t>(workspace.attr("data_ptr")()));
+    params.workspace_bytes = bytes;
+  }
+};
+
 slattn::TensorView make_view(uintptr_t data, int dtype, const std::array<int64_t, 4>& size,
                              const std::array<int64_t, 4>& stride) {
   SLATTN_CHECK(dtype >= 0 && dtype <= static_cast<int>(slattn::DType::float16), "unknown dtype code ", dtype);
@@ -41,26 +61,28 @@ slattn::RoutingPlanView make_plan(const std::array<int64_t, 6>& shape, const std
 }
 
 void route(const slattn::TensorView& q, const slattn::TensorView& k, double topk, double negligible,
-           const slattn::RoutingPlanView& plan) {
+           const slattn::RoutingPlanView& plan, uintptr_t stream, nb::object allocate) {
   slattn::RouteParams params;
   params.q = q;
   params.k = k;
   params.topk = topk;
   params.negligible = negligible;
+  Launch launch{stream, allocate, nb::none()};
+  launch.attach(params, slattn::route_workspace_bytes(params, plan));
   nb::gil_scoped_release release;
   slattn::route(params, plan);
 }
 
-void build_block_lists(const slattn::RoutingPlanView& plan) {
+void build_block_lists(const slattn::RoutingPlanView& plan, uintptr_t stream) {
   nb::gil_scoped_release release;
-  slattn::build_block_lists(plan);
+  slattn::build_block_lists(plan, as_pointer(stream));
 }
 
 void sla_forward(const slattn::TensorView& q, const slattn::TensorView& k, const slattn::TensorView& v,
                  uintptr_t proj_weight, uintptr_t proj_bias, int proj_dtype, const slattn::TensorView& out,
                  const slattn::TensorView& out_sparse, const slattn::TensorView& out_linear, uintptr_t lse,
                  double scale, const std::string& feature_map, const std::string& linear_scope,
-                 const slattn::RoutingPlanView& plan) {
+                 const slattn::RoutingPlanView& plan, uintptr_t stream, nb::object allocate) {
   slattn::SlaForwardParams params;
   params.q = q;
   params.k = k;
@@ -75,6 +97,8 @@ void sla_forward(const slattn::TensorView& q, const slattn::TensorView& k, const
   params.scale = scale;
   params.feature_map = slattn::parse_feature_map(feature_map);
   params.linear_scope = slattn::parse_linear_scope(linear_scope);
+  Launch launch{stream, allocate, nb::none()};
+  launch.attach(params, slattn::sla_forward_workspace_bytes(params, plan));
   nb::gil_scoped_release release;
   slattn::sla_forward(params, plan);
 }
@@ -85,7 +109,7 @@ void sla_backward(const slattn::TensorView& q, const slattn::TensorView& k, cons
                   const slattn::TensorView& dout_linear, const slattn::TensorView& dq, const slattn::TensorView& dk,
                   const slattn::TensorView& dv, uintptr_t d_proj_weight, uintptr_t d_proj_bias, double scale,
                   const std::string& feature_map, const std::string& linear_scope,
-                  const slattn::RoutingPlanView& plan) {
+                  const slattn::RoutingPlanView& plan, uintptr_t stream, nb::object allocate) {
   slattn::SlaBackwardParams params;
   params.q = q;
   params.k = k;
@@ -106,16 +130,10 @@ void sla_backward(const slattn::TensorView& q, const slattn::TensorView& k, cons
   params.scale = scale;
   params.feature_map = slattn::parse_feature_map(feature_map);
   params.linear_scope = slattn::parse_linear_scope(linear_scope);
+  Launch launch{stream, allocate, nb::none()};
+  launch.attach(params, slattn::sla_backward_workspace_bytes(params, plan));
   nb::gil_scoped_release release;
   slattn::sla_backward(params, plan);
-}
-
-bool built_with_cuda() {
-#ifdef SLATTN_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
 }
 
 }  // namespace
@@ -141,13 +159,20 @@ NB_MODULE(_C, m) {
              new (self) slattn::RoutingPlanView(make_plan(shape, buffers));
            },
            "shape"_a, "buffers"_a);
-  m.def("route", &route, "q"_a, "k"_a, "topk"_a, "negligible"_a, "plan"_a);
-  m.def("build_block_lists", &build_block_lists, "plan"_a);
-  m.def("sla_forward", &sla_forward);
-  m.def("sla_backward", &sla_backward);
+  m.def("route", &route, "q"_a, "k"_a, "topk"_a, "negligible"_a, "plan"_a, "stream"_a, "allocate"_a.none());
+  m.def("build_block_lists", &build_block_lists, "plan"_a, "stream"_a);
+  m.def("sla_forward", &sla_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("proj_weight"),
+        nb::arg("proj_bias"), nb::arg("proj_dtype"), nb::arg("out"), nb::arg("out_sparse"), nb::arg("out_linear"),
+        nb::arg("lse"), nb::arg("scale"), nb::arg("feature_map"), nb::arg("linear_scope"), nb::arg("plan"),
+        nb::arg("stream"), nb::arg("allocate").none());
+  m.def("sla_backward", &sla_backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out_sparse"),
+        nb::arg("lse"), nb::arg("proj_weight"), nb::arg("has_proj_bias"), nb::arg("proj_dtype"), nb::arg("dout"),
+        nb::arg("dout_sparse"), nb::arg("dout_linear"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
+        nb::arg("d_proj_weight"), nb::arg("d_proj_bias"), nb::arg("scale"), nb::arg("feature_map"),
+        nb::arg("linear_scope"), nb::arg("plan"), nb::arg("stream"), nb::arg("allocate").none());
   m.def("critical_blocks_per_row", &slattn::critical_blocks_per_row, "topk"_a, "k_blocks"_a);
   m.def("negligible_blocks_per_row", &slattn::negligible_blocks_per_row, "topk"_a, "negligible"_a, "k_blocks"_a);
   m.def("set_num_threads", &slattn::set_num_threads, "threads"_a);
   m.def("num_threads", &slattn::num_threads);
-  m.def("built_with_cuda", &built_with_cuda);
+  m.def("built_with_cuda", &slattn::built_with_cuda);
 }

@@ -121,7 +121,8 @@ std::vector<int8_t> reference_block_map(const Problem& p, const std::vector<doub
 std::vector<int8_t> expand_block_map(const Problem& p, const int8_t* head_map) {
   std::vector<int8_t> mask(static_cast<size_t>(p.q_len * p.k_len));
   for (int64_t i = 0; i < p.q_len; ++i)
-    for (int64_t j = 0; j < p.k_len; ++j) mask[i * p.k_len + j] = head_map[(i / p.block_q) * p.k_blocks() + j / p.block_k];
+    for (int64_t j = 0; j < p.k_len; ++j)
+      mask[i * p.k_len + j] = head_map[(i / p.block_q) * p.k_blocks() + j / p.block_k];
   return mask;
 }
 
@@ -141,7 +142,8 @@ Outputs<T> reference_forward(const Problem& p, const std::vector<int8_t>& block_
       const std::vector<int8_t> mask =
           expand_block_map(p, block_map.data() + (b * p.q_heads + h) * p.q_blocks() * p.k_blocks());
       std::vector<std::vector<T>> phi_k;
-      for (int64_t j = 0; j < p.k_len; ++j) phi_k.push_back(feature_map(p.feature_map, row_of(in.k, p.kv_heads, p.k_len, dim, b, kv, j), dim));
+      for (int64_t j = 0; j < p.k_len; ++j)
+        phi_k.push_back(feature_map(p.feature_map, row_of(in.k, p.kv_heads, p.k_len, dim, b, kv, j), dim));
 
       for (int64_t i = 0; i < p.q_len; ++i) {
         const int64_t row = (b * p.q_heads + h) * p.q_len + i;

@@ -39,7 +39,8 @@ Gradients run_backward(const Problem& p, const std::vector<int8_t>& map, const I
   HostTensor dout(up.dout, f64, q_size(p), layout);
   HostTensor dout_sparse(up.dout_sparse.empty() ? nan_q : up.dout_sparse, f64, q_size(p), layout);
   HostTensor dout_linear(up.dout_linear.empty() ? nan_q : up.dout_linear, f64, q_size(p), layout);
-  HostTensor dq(nan_q, f64, q_size(p), layout), dk(nan_kv, f64, kv_size(p), layout), dv(nan_kv, f64, kv_size(p), layout);
+  HostTensor dq(nan_q, f64, q_size(p), layout);
+  HostTensor dk(nan_kv, f64, kv_size(p), layout), dv(nan_kv, f64, kv_size(p), layout);
   Buffer weight(f64, in.proj_weight);
   Buffer d_weight(f64, std::vector<double>(in.proj_weight.size(), nan_q[0]));
   Buffer d_bias(f64, std::vector<double>(in.proj_bias.size(), nan_q[0]));
@@ -89,19 +90,8 @@ void expect_gradients_match(const Problem& p, const std::vector<int8_t>& map, co
 // Mq = 3 and Nk = 5, both with a partial last block: per row 2 critical,
 // 2 marginal and 1 negligible key block.
 Problem ragged_problem(FeatureMap map, LinearScope scope, int64_t q_heads = 2, int64_t kv_heads = 2) {
-  Problem p;
-  p.q_heads = q_heads;
-  p.kv_heads = kv_heads;
-  p.q_len = 21;
-  p.k_len = 19;
-  p.dim = 8;
-  p.block_q = 8;
-  p.block_k = 4;
-  p.topk = 0.4;
-  p.negligible = 0.2;
-  p.feature_map = map;
-  p.scope = scope;
-  return p;
+  return {.q_heads = q_heads, .kv_heads = kv_heads, .q_len = 21, .k_len = 19, .block_q = 8, .block_k = 4,
+          .topk = 0.4, .negligible = 0.2, .feature_map = map, .scope = scope};
 }
 
 Upstream random_upstream(const Problem& p, uint64_t seed, bool extras) {
@@ -125,7 +115,8 @@ TEST_P(BackwardFloat64, MatchesFiniteDifferencesWithProjection) {
 
 std::string backward_name(const ::testing::TestParamInfo<BackwardParam>& info) {
   const auto [map, scope, layout] = info.param;
-  return slattn::feature_map_name(map) + "_" + slattn::linear_scope_name(scope) + (layout == Layout::HND ? "_HND" : "_NHD");
+  return slattn::feature_map_name(map) + "_" + slattn::linear_scope_name(scope) +
+         (layout == Layout::HND ? "_HND" : "_NHD");
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -191,6 +182,27 @@ TEST(BackwardHandWrittenMap, RowsWithoutCriticalOrLinearBlocks) {
     const Inputs<double> in = random_inputs(p, 107, DType::float64, true, true, DType::float64);
     expect_gradients_match(p, map, in, random_upstream(p, 109, true));
   }
+}
+
+// Each task sums its share of d_proj_weight / d_proj_bias and the shares are
+// reduced in task order, so the thread count must not change a single bit.
+TEST(BackwardThreads, ResultsDoNotDependOnTheThreadCount) {
+  Problem p = ragged_problem(FeatureMap::softmax, LinearScope::all, 4, 2);
+  p.batch = 2;
+  const Inputs<double> in = random_inputs(p, 113, DType::float64, true, true, DType::float64);
+  const std::vector<int8_t> map = reference_block_map(p, in.q, in.k);
+  const Upstream up = random_upstream(p, 127, true);
+  const int threads_before = slattn::num_threads();
+  slattn::set_num_threads(1);
+  const Gradients serial = run_backward(p, map, in, up, Layout::HND);
+  slattn::set_num_threads(3);
+  const Gradients parallel = run_backward(p, map, in, up, Layout::HND);
+  slattn::set_num_threads(threads_before);
+  EXPECT_EQ(serial.dq, parallel.dq);
+  EXPECT_EQ(serial.dk, parallel.dk);
+  EXPECT_EQ(serial.dv, parallel.dv);
+  EXPECT_EQ(serial.d_proj_weight, parallel.d_proj_weight);
+  EXPECT_EQ(serial.d_proj_bias, parallel.d_proj_bias);
 }
 
 }  // namespace

@@ -92,29 +92,11 @@ void expect_matches_reference(const Problem& p, const Inputs<double>& in, const 
   EXPECT_TRUE(all_close(run.outputs.out_linear, expected.out_linear, kFloat64Tolerance)) << "out_linear";
 }
 
-Problem make_problem(int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t k_len, int64_t dim, int64_t block_q,
-                     int64_t block_k, double topk, double negligible, FeatureMap map, LinearScope scope) {
-  Problem p;
-  p.q_heads = q_heads;
-  p.kv_heads = kv_heads;
-  p.q_len = q_len;
-  p.k_len = k_len;
-  p.dim = dim;
-  p.block_q = block_q;
-  p.block_k = block_k;
-  p.topk = topk;
-  p.negligible = negligible;
-  p.feature_map = map;
-  p.scope = scope;
-  return p;
-}
-
 // Mq = 5, Nk = 4 (ragged on both sides): 2 critical, 1 marginal, 1 negligible
 // per row, so that the two scopes and the three classes all matter.
 Problem ragged_problem(FeatureMap map, LinearScope scope) {
-  Problem p = make_problem(2, 2, 70, 53, 16, 16, 16, 0.5, 0.25, map, scope);
-  p.batch = 2;
-  return p;
+  return {.batch = 2, .q_heads = 2, .kv_heads = 2, .q_len = 70, .k_len = 53, .dim = 16, .negligible = 0.25,
+          .feature_map = map, .scope = scope};
 }
 
 enum class Projection { none, weight, weight_and_bias };
@@ -149,8 +131,8 @@ INSTANTIATE_TEST_SUITE_P(
 
 struct EdgeCase {
   std::string name;
-  Problem problem;
   Layout layout;
+  Problem problem;  // its scope comes from the test parameter
 };
 
 class ForwardEdgeShapes : public ::testing::TestWithParam<std::tuple<EdgeCase, LinearScope>> {};
@@ -165,28 +147,37 @@ TEST_P(ForwardEdgeShapes, MatchesReference) {
   expect_matches_reference(p, in, options);
 }
 
-Problem with_scale(Problem p, double scale) {
-  p.scale = scale;
-  return p;
-}
+const EdgeCase kEdgeCases[] = {
+    {"SingleToken", Layout::HND, {.q_len = 1, .k_len = 1}},
+    {"Length70Block16", Layout::HND,
+     {.q_len = 70, .k_len = 70, .topk = 0.4, .negligible = 0.2, .feature_map = FeatureMap::elu}},
+    {"UnequalLengths", Layout::NHD,
+     {.q_heads = 2, .kv_heads = 2, .q_len = 37, .k_len = 90, .dim = 16, .block_q = 8, .topk = 0.3,
+      .negligible = 0.3, .feature_map = FeatureMap::relu}},
+    {"SingleBlock", Layout::HND, {.q_heads = 2, .kv_heads = 2, .q_len = 16, .k_len = 16, .dim = 16}},
+    {"BlocksOfOneRow", Layout::HND,
+     {.q_len = 9, .k_len = 12, .block_q = 1, .block_k = 1, .topk = 0.25, .negligible = 0.25,
+      .feature_map = FeatureMap::elu}},
+    {"OnePartialLargeBlock", Layout::HND,
+     {.q_len = 30, .k_len = 45, .block_q = 1024, .block_k = 1024, .feature_map = FeatureMap::relu}},
+    {"GqaFourOverTwo", Layout::NHD,
+     {.q_heads = 4, .kv_heads = 2, .q_len = 40, .k_len = 56, .dim = 16, .block_k = 8, .topk = 0.4,
+      .negligible = 0.2}},
+    {"GqaFourOverOne", Layout::HND,
+     {.q_heads = 4, .kv_heads = 1, .q_len = 40, .k_len = 56, .dim = 16, .block_k = 8, .topk = 0.4,
+      .negligible = 0.2, .feature_map = FeatureMap::elu}},
+    {"HeadDim24", Layout::NHD,
+     {.q_heads = 2, .kv_heads = 1, .q_len = 50, .k_len = 50, .dim = 24, .negligible = 0.25,
+      .feature_map = FeatureMap::relu}},
+    {"HeadDim64", Layout::HND, {.q_len = 40, .k_len = 64, .dim = 64, .negligible = 0.25}},
+    {"CustomScale", Layout::HND,
+     {.q_len = 48, .k_len = 48, .dim = 16, .topk = 0.34, .negligible = 0.34, .scale = 0.7,
+      .feature_map = FeatureMap::elu}},
+};
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, ForwardEdgeShapes,
-    ::testing::Combine(
-        ::testing::Values(
-            EdgeCase{"SingleToken", make_problem(1, 1, 1, 1, 8, 16, 16, 0.5, 0.0, FeatureMap::softmax, {}), Layout::HND},
-            EdgeCase{"Length70Block16", make_problem(1, 1, 70, 70, 8, 16, 16, 0.4, 0.2, FeatureMap::elu, {}), Layout::HND},
-            EdgeCase{"UnequalLengths", make_problem(2, 2, 37, 90, 16, 8, 16, 0.3, 0.3, FeatureMap::relu, {}), Layout::NHD},
-            EdgeCase{"SingleBlock", make_problem(2, 2, 16, 16, 16, 16, 16, 0.5, 0.0, FeatureMap::softmax, {}), Layout::HND},
-            EdgeCase{"BlocksOfOneRow", make_problem(1, 1, 9, 12, 8, 1, 1, 0.25, 0.25, FeatureMap::elu, {}), Layout::HND},
-            EdgeCase{"OnePartialLargeBlock", make_problem(1, 1, 30, 45, 8, 1024, 1024, 0.5, 0.0, FeatureMap::relu, {}), Layout::HND},
-            EdgeCase{"GqaFourOverTwo", make_problem(4, 2, 40, 56, 16, 16, 8, 0.4, 0.2, FeatureMap::softmax, {}), Layout::NHD},
-            EdgeCase{"GqaFourOverOne", make_problem(4, 1, 40, 56, 16, 16, 8, 0.4, 0.2, FeatureMap::elu, {}), Layout::HND},
-            EdgeCase{"HeadDim24", make_problem(2, 1, 50, 50, 24, 16, 16, 0.5, 0.25, FeatureMap::relu, {}), Layout::NHD},
-            EdgeCase{"HeadDim64", make_problem(1, 1, 40, 64, 64, 16, 16, 0.5, 0.25, FeatureMap::softmax, {}), Layout::HND},
-            EdgeCase{"CustomScale", with_scale(make_problem(1, 1, 48, 48, 16, 16, 16, 0.34, 0.34, FeatureMap::elu, {}), 0.7),
-                     Layout::HND}),
-        ::testing::Values(LinearScope::marginal, LinearScope::all)),
+    ::testing::Combine(::testing::ValuesIn(kEdgeCases), ::testing::Values(LinearScope::marginal, LinearScope::all)),
     [](const ::testing::TestParamInfo<std::tuple<EdgeCase, LinearScope>>& info) {
       return std::get<0>(info.param).name + "_" + slattn::linear_scope_name(std::get<1>(info.param));
     });
@@ -212,7 +203,8 @@ TEST(ForwardOutputs, WithoutLinearBranchOutIsTheSparseBranch) {
   EXPECT_TRUE(all_close(run.outputs.out, expected.out_sparse, kFloat64Tolerance));
 }
 
-// Plain softmax attention over every key, written without block maps.
+// Plain softmax attention over every key, written without block maps. The
+// logits are of order one here, so the exponentials need no max shift.
 Outputs<double> dense_attention(const Problem& p, const Inputs<double>& in) {
   Outputs<double> result;
   result.out.assign(static_cast<size_t>(p.q_count()), 0.0);
@@ -237,7 +229,7 @@ Outputs<double> dense_attention(const Problem& p, const Inputs<double>& in) {
 }
 
 TEST(ForwardDense, TopkOneEqualsDenseAttention) {
-  const Problem p = make_problem(4, 2, 45, 70, 16, 16, 16, 1.0, 0.0, FeatureMap::softmax, LinearScope::marginal);
+  const Problem p = {.q_heads = 4, .kv_heads = 2, .q_len = 45, .k_len = 70, .dim = 16, .topk = 1.0};
   const Inputs<double> in = random_inputs(p, 41, DType::float64, true, true, DType::float64);
   const ForwardRun run = run_forward(p, in, {});
   const Outputs<double> dense = dense_attention(p, in);
@@ -256,7 +248,7 @@ TEST(ForwardHandWrittenMap, RowsWithoutCriticalOrLinearBlocks) {
   // (Os = 0, LSE = -inf), block 2 has only negligible ones (Os = Ol = 0).
   for (const LinearScope scope : {LinearScope::marginal, LinearScope::all}) {
     SCOPED_TRACE(slattn::linear_scope_name(scope));
-    const Problem p = make_problem(1, 1, 40, 36, 8, 16, 12, 0.5, 0.0, FeatureMap::elu, scope);
+    const Problem p = {.q_len = 40, .k_len = 36, .block_k = 12, .feature_map = FeatureMap::elu, .scope = scope};
     const std::vector<int8_t> map = {1, 0, -1, 0, 0, -1, -1, -1, -1};
     const Inputs<double> in = random_inputs(p, 43, DType::float64, true, true, DType::float64);
     RunOptions options;
@@ -279,7 +271,7 @@ TEST(ForwardHandWrittenMap, RowsWithoutCriticalOrLinearBlocks) {
 TEST(ForwardNegligible, ScopeAllExcludesExactlyTheNegligibleBlocks) {
   // One query block, so a key block's class is the same for every query row:
   // 2 critical, 2 marginal and 4 negligible key blocks of 16 keys.
-  const Problem p = make_problem(1, 1, 16, 128, 16, 16, 16, 0.25, 0.5, FeatureMap::softmax, LinearScope::all);
+  const Problem p = {.q_len = 16, .k_len = 128, .dim = 16, .topk = 0.25, .negligible = 0.5, .scope = LinearScope::all};
   const Inputs<double> in = random_inputs(p, 47, DType::float64, true, true, DType::float64);
   const ForwardRun base = run_forward(p, in, {});
   int64_t negligible_block = -1, marginal_block = -1;
@@ -349,6 +341,41 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu),
                        ::testing::Values(LinearScope::marginal, LinearScope::all)),
     reduced_name);
+
+class ForwardStoreRounding : public ::testing::TestWithParam<DType> {};
+
+// One key and a zero projection weight make out = v + bias exactly in fp32
+// before the store, so each element must be the nearest 16-bit value (ties
+// to even) of v + bias: the baseline rule above cannot tell rounding from
+// truncation, whose errors are only twice as large.
+TEST_P(ForwardStoreRounding, OutputIsRoundedToNearestEven) {
+  const DType dtype = GetParam();
+  const Problem p = {.q_heads = 2, .kv_heads = 1, .q_len = 32, .k_len = 1, .dim = 16, .topk = 1.0,
+                     .scope = LinearScope::all};
+  Inputs<double> in = random_inputs(p, 59, dtype, true, true, DType::float32);
+  in.proj_weight.assign(in.proj_weight.size(), 0.0);
+  // Odd features: a bias that puts v + bias exactly halfway between two
+  // neighbours x and x + ulp, to check that ties go to even.
+  const int significant_bits = dtype == DType::bfloat16 ? kBfloat16Bits : kFloat16Bits;
+  const std::vector<double> anchors = round_to(dtype, random_normal(p.dim, 61));
+  for (int64_t d = 1; d < p.dim; d += 2) {
+    int exponent;
+    std::frexp(anchors[d], &exponent);
+    const double half_ulp = std::ldexp(1.0, exponent - significant_bits - 1);
+    in.proj_bias[d] = anchors[d] + half_ulp - in.v[d];
+    ASSERT_EQ(round_to(DType::float32, {in.proj_bias[d]})[0], in.proj_bias[d]) << "bias must be exact in fp32";
+  }
+  RunOptions options;
+  options.dtype = dtype;
+  options.proj_dtype = DType::float32;
+  const ForwardRun run = run_forward(p, in, options);
+  std::vector<double> expected(run.outputs.out.size());
+  for (size_t e = 0; e < expected.size(); ++e) expected[e] = in.v[e % p.dim] + in.proj_bias[e % p.dim];
+  EXPECT_EQ(run.outputs.out, round_to(dtype, expected));
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, ForwardStoreRounding, ::testing::Values(DType::bfloat16, DType::float16),
+                         [](const ::testing::TestParamInfo<DType>& info) { return slattn::dtype_name(info.param); });
 
 }  // namespace
 }  // namespace slattn_test

@@ -2,6 +2,7 @@
 // row/column block lists, class ordering, tie-breaking and GQA head mapping.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -67,22 +68,6 @@ struct RouteCase {
   Problem problem;
 };
 
-Problem make_problem(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t q_len, int64_t k_len, int64_t block_q,
-                     int64_t block_k, double topk, double negligible) {
-  Problem p;
-  p.batch = batch;
-  p.q_heads = q_heads;
-  p.kv_heads = kv_heads;
-  p.q_len = q_len;
-  p.k_len = k_len;
-  p.dim = 16;
-  p.block_q = block_q;
-  p.block_k = block_k;
-  p.topk = topk;
-  p.negligible = negligible;
-  return p;
-}
-
 class RouteMatchesReference : public ::testing::TestWithParam<RouteCase> {};
 
 TEST_P(RouteMatchesReference, InBothLayouts) {
@@ -98,17 +83,19 @@ TEST_P(RouteMatchesReference, InBothLayouts) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, RouteMatchesReference,
-    ::testing::Values(RouteCase{"Ragged", make_problem(2, 2, 2, 70, 53, 16, 16, 0.3, 0.0)},
-                      RouteCase{"SingleToken", make_problem(1, 1, 1, 1, 1, 16, 16, 0.5, 0.0)},
-                      RouteCase{"SingleBlock", make_problem(1, 2, 2, 16, 16, 16, 16, 0.5, 0.0)},
-                      RouteCase{"UnequalBlocks", make_problem(1, 2, 1, 45, 97, 8, 16, 0.25, 0.25)},
-                      RouteCase{"Negligible", make_problem(2, 1, 1, 64, 128, 16, 8, 0.2, 0.5)},
-                      RouteCase{"Dense", make_problem(1, 2, 2, 40, 40, 16, 16, 1.0, 0.0)},
-                      RouteCase{"GqaFourOverTwo", make_problem(1, 4, 2, 48, 80, 16, 16, 0.4, 0.2)},
-                      RouteCase{"GqaFourOverOne", make_problem(2, 4, 1, 33, 64, 16, 8, 0.3, 0.0)}),
-    [](const ::testing::TestParamInfo<RouteCase>& info) { return info.param.name; });
+const RouteCase kRouteCases[] = {
+    {"Ragged", {.batch = 2, .q_heads = 2, .kv_heads = 2, .q_len = 70, .k_len = 53, .topk = 0.3}},
+    {"SingleToken", {.q_len = 1, .k_len = 1}},
+    {"SingleBlock", {.q_heads = 2, .kv_heads = 2, .q_len = 16, .k_len = 16}},
+    {"UnequalBlocks", {.q_heads = 2, .q_len = 45, .k_len = 97, .block_q = 8, .topk = 0.25, .negligible = 0.25}},
+    {"Negligible", {.batch = 2, .q_len = 64, .k_len = 128, .block_k = 8, .topk = 0.2, .negligible = 0.5}},
+    {"Dense", {.q_heads = 2, .kv_heads = 2, .q_len = 40, .k_len = 40, .topk = 1.0}},
+    {"GqaFourOverTwo", {.q_heads = 4, .kv_heads = 2, .q_len = 48, .k_len = 80, .topk = 0.4, .negligible = 0.2}},
+    {"GqaFourOverOne", {.batch = 2, .q_heads = 4, .kv_heads = 1, .q_len = 33, .k_len = 64, .block_k = 8, .topk = 0.3}},
+};
+
+INSTANTIATE_TEST_SUITE_P(Shapes, RouteMatchesReference, ::testing::ValuesIn(kRouteCases),
+                         [](const ::testing::TestParamInfo<RouteCase>& info) { return info.param.name; });
 
 TEST(BuildBlockLists, FromAHandWrittenMap) {
   slattn::PlanShape shape;
@@ -138,7 +125,9 @@ TEST(BuildBlockLists, FromAHandWrittenMap) {
 }
 
 TEST(RouteClasses, NegligibleBlocksHaveTheLowestScores) {
-  const Problem p = make_problem(2, 2, 2, 64, 128, 16, 16, 0.25, 0.5);  // Nk = 8: 2 critical, 4 negligible
+  // Nk = 8: 2 critical, 2 marginal, 4 negligible per row.
+  const Problem p = {
+      .batch = 2, .q_heads = 2, .kv_heads = 2, .q_len = 64, .k_len = 128, .topk = 0.25, .negligible = 0.5};
   const Inputs<double> in = random_inputs(p, 202, DType::float64, false, false);
   HostTensor q(in.q, DType::float64, q_size(p), Layout::HND), k(in.k, DType::float64, kv_size(p), Layout::HND);
   const PlanStorage plan = route_plan(p, q.view(), k.view());
@@ -164,7 +153,8 @@ TEST(RouteClasses, NegligibleBlocksHaveTheLowestScores) {
 // rows each whose first feature is given: the block scores are exactly those
 // values (their mean is 0, so smoothing leaves them unchanged).
 std::vector<int8_t> route_first_feature(const std::vector<double>& block_values, double topk, double negligible) {
-  Problem p = make_problem(1, 1, 1, 4, 2 * static_cast<int64_t>(block_values.size()), 4, 2, topk, negligible);
+  const Problem p = {.q_len = 4, .k_len = 2 * static_cast<int64_t>(block_values.size()), .block_q = 4, .block_k = 2,
+                     .topk = topk, .negligible = negligible};
   std::vector<double> q(static_cast<size_t>(p.q_count()), 0.0), k(static_cast<size_t>(p.kv_count()), 0.0);
   for (int64_t i = 0; i < p.q_len; ++i) q[static_cast<size_t>(i * p.dim)] = 1.0;
   for (int64_t j = 0; j < p.k_len; ++j) k[static_cast<size_t>(j * p.dim)] = block_values[static_cast<size_t>(j / 2)];
@@ -181,7 +171,8 @@ TEST(RouteTies, GoToTheLowerBlockIndex) {
 
 TEST(RouteTies, IdenticalKeyBlocksKeepTheFirstOnes) {
   // Every key block is the same random block: all scores tie exactly.
-  const Problem p = make_problem(1, 2, 2, 32, 96, 16, 16, 0.34, 0.34);  // Nk = 6: 2 critical, 2 negligible
+  // Nk = 6: 2 critical, 2 marginal, 2 negligible per row.
+  const Problem p = {.q_heads = 2, .kv_heads = 2, .q_len = 32, .k_len = 96, .topk = 0.34, .negligible = 0.34};
   const std::vector<double> block = random_normal(p.block_k * p.dim, 303);
   std::vector<double> k;
   for (int64_t copy = 0; copy < p.kv_heads * p.k_blocks(); ++copy) k.insert(k.end(), block.begin(), block.end());
@@ -194,7 +185,7 @@ TEST(RouteTies, IdenticalKeyBlocksKeepTheFirstOnes) {
 }
 
 TEST(RouteGqa, EachQueryHeadUsesItsOwnKeyHead) {
-  const Problem p = make_problem(1, 4, 2, 64, 128, 16, 16, 0.25, 0.25);
+  const Problem p = {.q_heads = 4, .kv_heads = 2, .q_len = 64, .k_len = 128, .topk = 0.25, .negligible = 0.25};
   const Inputs<double> in = random_inputs(p, 404, DType::float64, false, false);
   HostTensor q(in.q, DType::float64, q_size(p), Layout::HND), k(in.k, DType::float64, kv_size(p), Layout::HND);
   const PlanStorage plan = route_plan(p, q.view(), k.view());

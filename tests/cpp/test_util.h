@@ -34,6 +34,11 @@ inline std::vector<double> random_normal(int64_t count, uint64_t seed, double st
 
 // ---- 16-bit floats, converted here independently of src/cpu/scalar.h ----
 
+// Significant bits (the implicit leading one included) and the exponent of
+// the smallest normal number of the 16-bit formats.
+constexpr int kBfloat16Bits = 8, kBfloat16MinExponent = -126;
+constexpr int kFloat16Bits = 11, kFloat16MinExponent = -14, kFloat16Bias = 15;
+
 // Rounds x to `bits` significant bits, ties to even; values below
 // 2^min_exponent keep the absolute quantum of that binade (subnormals).
 inline double round_significand(double x, int bits, int min_exponent) {
@@ -44,8 +49,9 @@ inline double round_significand(double x, int bits, int min_exponent) {
   return std::nearbyint(x / quantum) * quantum;
 }
 
+// bf16 is the upper half of an fp32 whose low 16 bits are zero.
 inline uint16_t encode_bfloat16(double x) {
-  const auto rounded = static_cast<float>(round_significand(x, 8, -126));  // exact in float
+  const auto rounded = static_cast<float>(round_significand(x, kBfloat16Bits, kBfloat16MinExponent));  // exact
   uint32_t bits;
   std::memcpy(&bits, &rounded, sizeof(bits));
   return static_cast<uint16_t>(bits >> 16);
@@ -58,31 +64,37 @@ inline double decode_bfloat16(uint16_t half) {
   return value;
 }
 
-// Test data stays far below the fp16 maximum, so overflow is not handled.
+// fp16: sign, 5 exponent bits (bias 15), 10 stored mantissa bits. Test data
+// stays far below the fp16 maximum, so overflow is not handled.
 inline uint16_t encode_float16(double x) {
+  constexpr int kMantissaBits = kFloat16Bits - 1;
   if (std::isnan(x)) return 0x7E00;
-  const double rounded = round_significand(x, 11, -14);
+  const double rounded = round_significand(x, kFloat16Bits, kFloat16MinExponent);
   const uint16_t sign = std::signbit(rounded) ? 0x8000 : 0;
   const double magnitude = std::fabs(rounded);
   if (magnitude == 0.0) return sign;
   int exponent;
   std::frexp(magnitude, &exponent);
   const int unbiased = exponent - 1;
-  if (unbiased < -14) return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::ldexp(magnitude, 24)));
-  const auto mantissa = static_cast<uint16_t>(std::ldexp(magnitude, 10 - unbiased) - 1024);
-  return static_cast<uint16_t>(sign | ((unbiased + 15) << 10) | mantissa);
+  if (unbiased < kFloat16MinExponent) {  // subnormal: a count of the smallest quantum
+    const auto units = static_cast<uint16_t>(std::ldexp(magnitude, kMantissaBits - kFloat16MinExponent));
+    return static_cast<uint16_t>(sign | units);
+  }
+  const auto mantissa = static_cast<uint16_t>(std::ldexp(magnitude, kMantissaBits - unbiased) - (1 << kMantissaBits));
+  return static_cast<uint16_t>(sign | ((unbiased + kFloat16Bias) << kMantissaBits) | mantissa);
 }
 
 inline double decode_float16(uint16_t half) {
-  const int exponent = (half >> 10) & 0x1F;
-  const int mantissa = half & 0x3FF;
+  constexpr int kMantissaBits = kFloat16Bits - 1;
+  const int exponent = (half >> kMantissaBits) & 0x1F;
+  const int mantissa = half & ((1 << kMantissaBits) - 1);
   double magnitude;
   if (exponent == 0x1F) {
     magnitude = mantissa ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
   } else if (exponent == 0) {
-    magnitude = std::ldexp(mantissa, -24);
+    magnitude = std::ldexp(mantissa, kFloat16MinExponent - kMantissaBits);
   } else {
-    magnitude = std::ldexp(mantissa + 1024, exponent - 25);
+    magnitude = std::ldexp(mantissa + (1 << kMantissaBits), exponent - kFloat16Bias - kMantissaBits);
   }
   return (half & 0x8000) ? -magnitude : magnitude;
 }
@@ -103,19 +115,19 @@ class Buffer {
   void set(int64_t i, double value) {
     unsigned char* at = bytes_.data() + static_cast<size_t>(i) * slattn::dtype_size(dtype_);
     switch (dtype_) {
-      case DType::float64: std::memcpy(at, &value, sizeof(double)); return;
-      case DType::float32: { const auto narrow = static_cast<float>(value); std::memcpy(at, &narrow, sizeof(float)); return; }
-      case DType::bfloat16: { const uint16_t bits = encode_bfloat16(value); std::memcpy(at, &bits, sizeof(bits)); return; }
-      case DType::float16: { const uint16_t bits = encode_float16(value); std::memcpy(at, &bits, sizeof(bits)); return; }
+      case DType::float64: return write(at, value);
+      case DType::float32: return write(at, static_cast<float>(value));
+      case DType::bfloat16: return write(at, encode_bfloat16(value));
+      case DType::float16: return write(at, encode_float16(value));
     }
   }
   double get(int64_t i) const {
     const unsigned char* at = bytes_.data() + static_cast<size_t>(i) * slattn::dtype_size(dtype_);
     switch (dtype_) {
-      case DType::float64: { double value; std::memcpy(&value, at, sizeof(value)); return value; }
-      case DType::float32: { float value; std::memcpy(&value, at, sizeof(value)); return value; }
-      case DType::bfloat16: { uint16_t bits; std::memcpy(&bits, at, sizeof(bits)); return decode_bfloat16(bits); }
-      case DType::float16: { uint16_t bits; std::memcpy(&bits, at, sizeof(bits)); return decode_float16(bits); }
+      case DType::float64: return read<double>(at);
+      case DType::float32: return read<float>(at);
+      case DType::bfloat16: return decode_bfloat16(read<uint16_t>(at));
+      case DType::float16: return decode_float16(read<uint16_t>(at));
     }
     return std::numeric_limits<double>::quiet_NaN();
   }
@@ -126,6 +138,18 @@ class Buffer {
   }
 
  private:
+  // memcpy: the bytes hold no object of the element type to point at.
+  template <typename T>
+  static void write(unsigned char* at, T value) {
+    std::memcpy(at, &value, sizeof(T));
+  }
+  template <typename T>
+  static T read(const unsigned char* at) {
+    T value;
+    std::memcpy(&value, at, sizeof(T));
+    return value;
+  }
+
   DType dtype_;
   int64_t count_;
   std::vector<unsigned char> bytes_;  // operator new's alignment suffices for double
@@ -294,8 +318,11 @@ inline ::testing::AssertionResult all_close(const std::vector<double>& actual, c
 // STYLE.md rule 7: the error of `actual` against the float64 `reference` is at
 // most twice that of the same math done in the input precision (`baseline`),
 // plus rounding noise of noise_relative · max|reference|.
-inline ::testing::AssertionResult within_baseline(const std::vector<double>& actual, const std::vector<double>& baseline,
+inline ::testing::AssertionResult within_baseline(const std::vector<double>& actual,
+                                                  const std::vector<double>& baseline,
                                                   const std::vector<double>& reference, double noise_relative) {
+  if (actual.size() != reference.size() || baseline.size() != reference.size())
+    return ::testing::AssertionFailure() << "sizes differ";
   size_t worst = 0;
   const double error = max_abs_error(actual, reference, &worst);
   const double baseline_error = max_abs_error(baseline, reference, nullptr);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import NamedTuple
 
@@ -34,8 +35,10 @@ class Inputs(NamedTuple):
 
 @pytest.fixture
 def rng(request) -> torch.Generator:
-    """A generator seeded from the test's id: every test (and parametrization) reproducible on its own."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    """A generator seeded from the test's file and name: every test (and parametrization) reproducible on
+    its own, wherever pytest runs from. SLATTN_TEST_SEED=n draws other data for every test."""
+    name = f"{request.node.path.name}::{request.node.name}"
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()) + int(os.environ.get("SLATTN_TEST_SEED", "0")))
 
 
 @pytest.fixture

@@ -108,17 +108,19 @@ def sparse_branch(q, k, v, critical: torch.Tensor, scale: float):
 def linear_branch(q, k, v, in_set: torch.Tensor, block_q: int, name: str) -> torch.Tensor:
     """Ol_i = φ(q_i) H_m / (φ(q_i) · Z_m + ε) with H_m, Z_m summed over the keys in U_m.
 
-    in_set: (B, H, Mq, Lk) bool, whether key j lies in a block of U_m."""
+    in_set: (B, H, Mq, Lk) bool, whether key j lies in a block of U_m. One
+    query block at a time, so memory stays O(L · d) per block."""
     phi_q, phi_k = feature_map(q, name), feature_map(k, name)
-    weight = in_set.to(phi_k.dtype)
-    h = torch.einsum("bhmj,bhjf,bhjd->bhmfd", weight, phi_k, v)  # H_m = Σ_j φ(k_j)ᵀ v_j
-    z = torch.einsum("bhmj,bhjf->bhmf", weight, phi_k)          # Z_m = Σ_j φ(k_j)
-    block_of_row = torch.arange(q.shape[2]) // block_q
-    h_rows, z_rows = h[:, :, block_of_row], z[:, :, block_of_row]
-    numerator = torch.einsum("bhif,bhifd->bhid", phi_q, h_rows)
-    denominator = (phi_q * z_rows).sum(dim=-1, keepdim=True) + LINEAR_EPSILON
-    empty = ~in_set.any(dim=-1)[:, :, block_of_row]
-    return (numerator / denominator).masked_fill(empty.unsqueeze(-1), 0.0)
+    outputs = []
+    for m, start in enumerate(range(0, q.shape[2], block_q)):
+        selected = phi_k * in_set[:, :, m].unsqueeze(-1).to(phi_k.dtype)  # φ(k_j), zero outside U_m
+        h = selected.transpose(-1, -2) @ v                                # H_m = Σ_j φ(k_j)ᵀ v_j   (B, H, F, D)
+        z = selected.sum(dim=2)                                           # Z_m = Σ_j φ(k_j)        (B, H, F)
+        phi = phi_q[:, :, start:start + block_q]
+        block_out = (phi @ h) / ((phi * z.unsqueeze(2)).sum(dim=-1, keepdim=True) + LINEAR_EPSILON)
+        empty = ~in_set[:, :, m].any(dim=-1)                              # U_m empty: Ol = 0
+        outputs.append(block_out.masked_fill(empty[:, :, None, None], 0.0))
+    return torch.cat(outputs, dim=2)
 
 
 # ---------------------------------------------------------------- the whole layer (SPEC 4)
@@ -151,7 +153,7 @@ def sla(q, k, v, proj_weight=None, proj_bias=None, *, topk=None, negligible=0.0,
 # ---------------------------------------------------------------- tolerance rule (STYLE.md rule 7)
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.to(torch.float64) - expected.to(torch.float64)).abs().max())
+    return float((actual.detach().to(torch.float64) - expected.detach().to(torch.float64)).abs().max())
 
 
 def assert_within_baseline(actual, exact, baseline, *, factor: float = 2.0, name: str = "output") -> None:

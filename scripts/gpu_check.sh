@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds slattn on a GPU machine (offline), runs the GPU tests, the
+# compute-sanitizer checks and the benchmark; logs go to $OUT (or ./gpu-logs).
+# Usage: bash scripts/gpu_check.sh [tests|sanitize|profile|bench|all]...   (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGS="${OUT:-gpu-logs}"
+mkdir -p "$LOGS"
+STEPS="${*:-all}"
+want() { [[ " $STEPS " == *" $1 "* || " $STEPS " == *" all "* ]]; }
+status=0
+
+echo "== build"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+start=$(date +%s)
+python3 -m pip install -q --no-build-isolation --no-index --no-deps . >"$LOGS/build.log" 2>&1 \
+  || { tail -40 "$LOGS/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - start )) s"
+
+if want tests; then
+  echo "== GPU tests"
+  (cd tests/python && timeout 420 python3 -m pytest -q -x -p no:cacheprovider test_cuda.py 2>&1 | tee "$LOGS/tests.log" | tail -25) \
+    || status=1
+fi
+if want sanitize; then
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer $tool"
+    timeout 300 compute-sanitizer --tool "$tool" --kernel-name kns=slattn --error-exitcode 3 \
+      python3 scripts/sanitize_cases.py >"$LOGS/sanitize-$tool.log" 2>&1
+    code=$?
+    tail -4 "$LOGS/sanitize-$tool.log"
+    [ "$code" -eq 0 ] || status=1
+  done
+fi
+if want profile; then
+  echo "== profile"
+  timeout 200 python3 scripts/profile_sla.py 2>&1 | tee "$LOGS/profile.log" | head -32 || status=1
+fi
+if want bench; then
+  echo "== bench"
+  timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --out-dir "$LOGS" --repeats 5 2>&1 | tail -8 || status=1
+fi
+exit $status

@@ -1,0 +1,80 @@
+// Shared device helpers of the CUDA path: error checks, element conversions,
+// strided addressing of TensorViews, warp reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "slattn/error.h"
+#include "slattn/tensor_view.h"
+
+namespace slattn::cuda {
+
+// Throws slattn::Unsupported with the CUDA error text; used after every API call and launch.
+void check(cudaError_t status, const char* what);
+#define SLATTN_CUDA_CHECK(call) ::slattn::cuda::check((call), #call)
+#define SLATTN_LAUNCH_CHECK(name) ::slattn::cuda::check(cudaGetLastError(), name)
+
+inline constexpr int kWarpSize = 32;
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename Element>
+__device__ __forceinline__ float to_float(Element x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+
+template <typename Element>
+__device__ __forceinline__ Element from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// A TensorView reduced to what kernels need: base pointer and element strides.
+template <typename Element>
+struct DeviceView {
+  Element* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_l = 0, stride_d = 0;
+
+  __host__ __device__ static DeviceView of(const TensorView& view) {
+    DeviceView result;
+    result.data = static_cast<Element*>(view.data);
+    result.stride_b = view.stride[kBatch];
+    result.stride_h = view.stride[kHeads];
+    result.stride_l = view.stride[kLength];
+    result.stride_d = view.stride[kHeadDim];
+    return result;
+  }
+  __device__ __forceinline__ Element& at(int64_t b, int64_t h, int64_t l, int64_t d) const {
+    return data[b * stride_b + h * stride_h + l * stride_l + d * stride_d];
+  }
+  __device__ __forceinline__ float load(int64_t b, int64_t h, int64_t l, int64_t d) const {
+    return to_float(at(b, h, l, d));
+  }
+  __device__ __forceinline__ void store(int64_t b, int64_t h, int64_t l, int64_t d, float value) const {
+    at(b, h, l, d) = from_float<Element>(value);
+  }
+  __host__ __device__ bool defined() const { return data != nullptr; }
+};
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+}  // namespace slattn::cuda

@@ -1,0 +1,32 @@
+// Forward pieces of the linear branch shared by the CUDA forward and backward:
+// key-block states, their totals, the per-query-block states and Ol.
+#pragma once
+
+#include "cuda/geometry.h"
+#include "cuda/linear_kernels.h"
+#include "cuda/workspace.h"
+#include "slattn/params.h"
+
+namespace slattn::cuda {
+
+struct LinearBuffers {
+  float* phi_k;    // (kv pairs, k_rows, F)
+  float* v_rows;   // (kv pairs, k_rows, D)
+  float* key_h;    // (kv pairs * Nk, F, D)
+  float* key_z;    // (kv pairs * Nk, F)
+  float* total_h;  // (kv pairs, F, D)
+  float* total_z;  // (kv pairs, F)
+  float* phi_q;    // (q pairs, q_rows, F)
+  QueryStates query;
+  float* ol;       // (q pairs, q_rows, D)
+
+  static LinearBuffers carve(WorkspaceCarver& carver, const Geometry& g);
+};
+
+// Fills every buffer; ol ends as the linear-branch output (0 where U_m is
+// empty, and on pad rows); out_linear is written when defined.
+void linear_forward(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
+                    const TensorView& v, FeatureMap feature_map, LinearScope scope, const LinearBuffers& buffers,
+                    const TensorView& out_linear, cudaStream_t stream);
+
+}  // namespace slattn::cuda

@@ -1,0 +1,171 @@
+// Backward of SLA on CUDA (SPEC section 5): the sparse gradients over the row
+// and column lists, then the linear branch's, the projection's, and the cast
+// of the fp32 accumulators into the gradient tensors.
+#include "cuda/common.cuh"
+#include "cuda/gemm.cuh"
+#include "cuda/linear_states.h"
+#include "cuda/sla_cuda.h"
+#include "cuda/sparse_kernels.h"
+
+namespace slattn::cuda {
+namespace {
+
+struct BackwardBuffers {
+  float *dos_rows, *dout_rows = nullptr, *delta, *dq_rows, *dk_rows, *dv_rows;
+  LinearBuffers linear{};
+  float *dol = nullptr, *grad_g = nullptr, *grad_c = nullptr, *dqphi = nullptr;
+  float *dh_query = nullptr, *dz_query = nullptr, *dh_total = nullptr, *dz_total = nullptr;
+  float *dh_key = nullptr, *dz_key = nullptr, *dkphi = nullptr;
+  float *dw_partial = nullptr, *db_partial = nullptr;
+
+  static BackwardBuffers carve(WorkspaceCarver& c, const SlaBackwardParams& p, const Geometry& g) {
+    const int64_t q_rows = g.q_pairs() * g.q_rows(), k_rows = g.kv_pairs() * g.k_rows();
+    const int64_t state = g.features * g.dim;
+    BackwardBuffers b{};
+    b.dos_rows = c.take<float>(q_rows * g.dim);
+    if (p.proj_weight) b.dout_rows = c.take<float>(q_rows * g.dim);
+    b.delta = c.take<float>(q_rows);
+    b.dq_rows = c.take<float>(q_rows * g.dim);
+    b.dk_rows = c.take<float>(k_rows * g.dim);
+    b.dv_rows = c.take<float>(k_rows * g.dim);
+    if (p.linear_branch()) {
+      b.linear = LinearBuffers::carve(c, g);
+      if (p.proj_weight) b.dol = c.take<float>(q_rows * g.dim);
+      b.grad_g = c.take<float>(q_rows * g.dim);
+      b.grad_c = c.take<float>(q_rows);
+      b.dqphi = c.take<float>(q_rows * g.features);
+      b.dh_query = c.take<float>(g.q_pairs() * g.q_blocks * state);
+      b.dz_query = c.take<float>(g.q_pairs() * g.q_blocks * g.features);
+      b.dh_total = c.take<float>(g.q_pairs() * state);
+      b.dz_total = c.take<float>(g.q_pairs() * g.features);
+      b.dh_key = c.take<float>(g.kv_pairs() * g.k_blocks * state);
+      b.dz_key = c.take<float>(g.kv_pairs() * g.k_blocks * g.features);
+      b.dkphi = c.take<float>(k_rows * g.features);
+    }
+    if (p.proj_weight) b.dw_partial = c.take<float>(g.q_pairs() * g.dim * g.dim);
+    if (p.has_proj_bias) b.db_partial = c.take<float>(g.q_pairs() * g.dim);
+    return b;
+  }
+};
+
+void linear_backward(const SlaBackwardParams& p, const Geometry& g, const RoutingPlanView& plan,
+                     const BackwardBuffers& buf, cudaStream_t stream) {
+  const LinearBuffers& lin = buf.linear;
+  const int64_t state = g.features * g.dim;
+  linear_forward(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, lin, TensorView{}, stream);
+  if (p.proj_weight) {  // dOl = dO · W
+    GemmArgs dol;
+    dol.m = g.q_pairs() * g.q_rows();
+    dol.n = g.dim;
+    dol.k = g.dim;
+    dol.a = dense(buf.dout_rows, dol.m, g.dim);
+    dol.b = dense(static_cast<const float*>(p.proj_weight), g.dim, g.dim);
+    dol.c = dense_out(buf.dol, dol.m, g.dim);
+    gemm(dol, stream);
+  }
+  linear_row_grads(g, lin.phi_q, lin.query, lin.ol, buf.dol, p.dout_linear, buf.grad_g, buf.grad_c, stream);
+
+  // dQφ = G H_mᵀ (the - c Z_m term is added with the chain rule).
+  GemmArgs dqphi;
+  dqphi.m = g.block_q;
+  dqphi.n = g.features;
+  dqphi.k = g.dim;
+  dqphi.batches = g.q_pairs() * g.q_blocks;
+  dqphi.a = dense(buf.grad_g, g.block_q, g.dim);
+  dqphi.b = dense(lin.query.h, g.features, g.dim, /*transposed=*/true);
+  dqphi.c = dense_out(buf.dqphi, g.block_q, g.features);
+  gemm(dqphi, stream);
+  linear_query_grad(g, p.q, p.feature_map, lin.phi_q, buf.dqphi, buf.grad_c, lin.query, buf.dq_rows, stream);
+
+  // dH_m = φ(Q_m)ᵀ G_m, dZ_m = -Σ c φ(q), and their totals over m.
+  GemmArgs dh;
+  dh.m = g.features;
+  dh.n = g.dim;
+  dh.k = g.block_q;
+  dh.batches = g.q_pairs() * g.q_blocks;
+  dh.a = dense(lin.phi_q, g.block_q, g.features, /*transposed=*/true);
+  dh.b = dense(buf.grad_g, g.block_q, g.dim);
+  dh.c = dense_out(buf.dh_query, g.features, g.dim);
+  gemm(dh, stream);
+  query_z_grads(g, lin.phi_q, buf.grad_c, buf.dz_query, stream);
+  column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, 1.0f, stream);
+  column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, 1.0f, stream);
+  key_state_grads(g, plan, p.linear_scope, buf.dh_query, buf.dz_query, buf.dh_total, buf.dz_total, buf.dh_key,
+                  buf.dz_key, stream);
+
+  // dKφ = V_n dh_nᵀ (+ dz_n in the chain rule); dV += φ(K_n) dh_n.
+  GemmArgs dkphi;
+  dkphi.m = g.block_k;
+  dkphi.n = g.features;
+  dkphi.k = g.dim;
+  dkphi.batches = g.kv_pairs() * g.k_blocks;
+  dkphi.a = dense(lin.v_rows, g.block_k, g.dim);
+  dkphi.b = dense(buf.dh_key, g.features, g.dim, /*transposed=*/true);
+  dkphi.c = dense_out(buf.dkphi, g.block_k, g.features);
+  gemm(dkphi, stream);
+  linear_key_grad(g, p.k, p.feature_map, lin.phi_k, buf.dkphi, buf.dz_key, buf.dk_rows, stream);
+  GemmArgs dv;
+  dv.m = g.block_k;
+  dv.n = g.dim;
+  dv.k = g.features;
+  dv.batches = g.kv_pairs() * g.k_blocks;
+  dv.a = dense(lin.phi_k, g.block_k, g.features);
+  dv.b = dense(buf.dh_key, g.features, g.dim);
+  dv.c = dense_out(buf.dv_rows, g.block_k, g.dim);
+  dv.beta = 1.0f;
+  gemm(dv, stream);
+}
+
+void projection_backward(const SlaBackwardParams& p, const Geometry& g, const BackwardBuffers& buf,
+                         cudaStream_t stream) {
+  // dW = Σ dOᵀ Ol: one partial product per (batch, head), then their sum in order.
+  GemmArgs dw;
+  dw.m = g.dim;
+  dw.n = g.dim;
+  dw.k = g.q_rows();
+  dw.batches = g.q_pairs();
+  dw.a = dense(buf.dout_rows, g.q_rows(), g.dim, /*transposed=*/true);
+  dw.b = dense(buf.linear.ol, g.q_rows(), g.dim);
+  dw.c = dense_out(buf.dw_partial, g.dim, g.dim);
+  gemm(dw, stream);
+  column_sums(buf.dw_partial, 1, g.q_pairs(), g.dim * g.dim, static_cast<float*>(p.d_proj_weight), 1.0f, stream);
+  if (p.has_proj_bias) {
+    column_sums(buf.dout_rows, g.q_pairs(), g.q_rows(), g.dim, buf.db_partial, 1.0f, stream);
+    column_sums(buf.db_partial, 1, g.q_pairs(), g.dim, static_cast<float*>(p.d_proj_bias), 1.0f, stream);
+  }
+}
+
+}  // namespace
+
+size_t sla_backward_workspace_bytes(const SlaBackwardParams& params, const RoutingPlanView& plan) {
+  WorkspaceCarver carver(nullptr, 0);
+  BackwardBuffers::carve(carver, params, Geometry::of(params.q, params.k, plan.shape));
+  return carver.bytes();
+}
+
+void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
+  const Geometry g = Geometry::of(p.q, p.k, plan.shape);
+  check_sparse_support(g);
+  SLATTN_CHECK(p.proj_weight == nullptr || p.proj_dtype == DType::float32,
+               "the CUDA path takes float32 projection weights");
+  auto stream = static_cast<cudaStream_t>(p.stream);
+  WorkspaceCarver carver(p.workspace, p.workspace_bytes);
+  const BackwardBuffers buf = BackwardBuffers::carve(carver, p, g);
+  const int64_t q_rows = g.q_pairs() * g.q_rows(), k_rows = g.kv_pairs() * g.k_rows();
+  // Pad rows are read by the batched products: start every accumulator at zero.
+  SLATTN_CUDA_CHECK(cudaMemsetAsync(buf.dq_rows, 0, q_rows * g.dim * sizeof(float), stream));
+  SLATTN_CUDA_CHECK(cudaMemsetAsync(buf.dk_rows, 0, k_rows * g.dim * sizeof(float), stream));
+  SLATTN_CUDA_CHECK(cudaMemsetAsync(buf.dv_rows, 0, k_rows * g.dim * sizeof(float), stream));
+
+  SparseBackwardArgs sparse{p.q, p.k, p.v, p.out_sparse, p.dout, p.dout_sparse, static_cast<const float*>(p.lse),
+                            static_cast<float>(p.scale), buf.dos_rows, buf.dout_rows, buf.delta, buf.dq_rows,
+                            buf.dk_rows, buf.dv_rows};
+  sparse_backward(g, plan, sparse, stream);
+  if (p.linear_branch()) linear_backward(p, g, plan, buf, stream);
+  if (p.proj_weight) projection_backward(p, g, buf, stream);
+  store_rows(buf.dq_rows, g.q_rows(), p.dq, stream);
+  store_rows(buf.dk_rows, g.k_rows(), p.dk, stream);
+  store_rows(buf.dv_rows, g.k_rows(), p.dv, stream);
+}
+
+}  // namespace slattn::cuda

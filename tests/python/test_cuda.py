@@ -1,0 +1,205 @@
+"""The CUDA path against the float64 composite of SPEC.md, with FlashAttention's
+tolerance rule (error <= 2x that of the same math run in the input dtype,
+plus rounding noise); routing bit-identical to the CPU router. GPU only."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import reference
+import slattn
+
+pytestmark = pytest.mark.gpu
+
+FEATURE_MAPS = ("softmax", "elu", "relu")
+SCOPES = ("marginal", "all")
+
+
+def draw(rng, shape, dtype):
+    return torch.randn(shape, dtype=torch.float64, generator=rng).to(dtype)
+
+
+def layer(rng, *, batch=1, heads=2, kv_heads=None, q_len=300, k_len=300, dim=64, dtype=torch.bfloat16):
+    kv_heads = heads if kv_heads is None else kv_heads
+    q = draw(rng, (batch, heads, q_len, dim), dtype)
+    k = draw(rng, (batch, kv_heads, k_len, dim), dtype)
+    v = draw(rng, (batch, kv_heads, k_len, dim), dtype)
+    weight = 0.3 * draw(rng, (dim, dim), torch.float32)
+    bias = 0.3 * draw(rng, (dim,), torch.float32)
+    return q, k, v, weight, bias
+
+
+def assert_within_baseline(actual, exact, baseline, name="output"):
+    """The tolerance rule of reference.py, with a floor at fp32 rounding: where
+    the exact value is 0 in every element (a gradient through a one-key
+    softmax), both the baseline error and the rounding noise are 0 too."""
+    floor = 4 * torch.finfo(torch.float32).eps * max(1.0, float(exact.detach().abs().max()))
+    if reference.max_error(actual, exact) <= floor:
+        return
+    reference.assert_within_baseline(actual, exact, baseline, name=name)
+
+
+def cuda_leaf(t):
+    return t.cuda().requires_grad_()
+
+
+def check_against_composite(q, k, v, weight, bias, *, topk, negligible=0.0, block_q=64, block_k=64,
+                            feature_map="softmax", linear_scope="marginal", grads=True):
+    """Runs slattn on the GPU and the composite (float64 and input dtype) on the
+    CPU with the same block map; asserts the tolerance rule on every output
+    and gradient."""
+    cq, ck, cv = (cuda_leaf(t) for t in (q, k, v))
+    cw = cuda_leaf(weight) if weight is not None else None
+    cb = cuda_leaf(bias) if bias is not None else None
+    plan = slattn.route(cq, ck, topk=topk, negligible=negligible, block_q=block_q, block_k=block_k)
+    out, lse = slattn.sparse_linear_attention(cq, ck, cv, cw, cb, feature_map=feature_map, linear_scope=linear_scope,
+                                              plan=plan, return_lse=True)
+    block_map = plan.block_map.cpu()
+    options = dict(block_q=block_q, block_k=block_k, feature_map=feature_map, linear_scope=linear_scope,
+                   block_map=block_map)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    params64 = [t.double().requires_grad_() if t is not None else None for t in (weight, bias)]
+    exact = reference.sla(*leaves64, *params64, **options)
+    leaves_low = [t.clone().requires_grad_() for t in (q, k, v)]
+    params_low = [t.clone().requires_grad_() if t is not None else None for t in (weight, bias)]
+    baseline = reference.sla(*leaves_low, *params_low, **options)
+
+    assert_within_baseline(out.cpu(), exact.out, baseline.out, name="out")
+    finite = torch.isfinite(exact.lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert reference.max_error(lse.cpu()[finite], exact.lse[finite]) < 2e-2
+    if not grads:
+        return
+    grad = torch.randn(out.shape, dtype=torch.float64).to(q.dtype)
+    out.backward(grad.cuda())
+    exact.out.backward(grad.double())
+    baseline.out.backward(grad)
+    names = ("dq", "dk", "dv")
+    for name, actual, ref, low in zip(names, (cq, ck, cv), leaves64, leaves_low):
+        assert_within_baseline(actual.grad.cpu(), ref.grad, low.grad, name=name)
+    for name, actual, ref, low in zip(("d_proj_weight", "d_proj_bias"), (cw, cb), params64, params_low):
+        if actual is not None:
+            assert_within_baseline(actual.grad.cpu(), ref.grad, low.grad, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [dict(q_len=300, k_len=300), dict(q_len=1, k_len=1), dict(q_len=130, k_len=515),
+                                   dict(heads=4, kv_heads=2, q_len=200, k_len=190), dict(heads=4, kv_heads=1)])
+def test_routing_matches_the_cpu_router_bit_for_bit(rng, dtype, shape):
+    q, k, _, _, _ = layer(rng, dtype=dtype, **shape)
+    for topk, negligible, block in ((0.25, 0.0, 64), (0.1, 0.3, 64), (0.5, 0.2, 128), (1.0, 0.0, 64)):
+        gpu = slattn.route(q.cuda(), k.cuda(), topk=topk, negligible=negligible, block_q=block, block_k=block)
+        cpu = slattn.route(q, k, topk=topk, negligible=negligible, block_q=block, block_k=block)
+        for name, g, c in zip(("block_map", "row_count", "row_index", "col_count", "col_index"), gpu.tensors,
+                              cpu.tensors):
+            assert torch.equal(g.cpu(), c), f"{name} differs (topk={topk}, negligible={negligible}, block={block})"
+
+
+@pytest.mark.parametrize("feature_map,linear_scope", list(itertools.product(FEATURE_MAPS, SCOPES)))
+def test_forward_and_backward_every_feature_map_and_scope(rng, feature_map, linear_scope):
+    q, k, v, w, b = layer(rng, heads=2, q_len=200, k_len=260, dim=64)
+    check_against_composite(q, k, v, w, b, topk=0.3, negligible=0.2, feature_map=feature_map,
+                            linear_scope=linear_scope)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("blocks", [(64, 64), (128, 128), (64, 128), (128, 64)])
+def test_head_dims_block_sizes_and_dtypes(rng, dtype, dim, blocks):
+    q, k, v, w, b = layer(rng, heads=2, q_len=333, k_len=290, dim=dim, dtype=dtype)
+    check_against_composite(q, k, v, w, b, topk=0.4, block_q=blocks[0], block_k=blocks[1])
+
+
+@pytest.mark.parametrize("shape", [dict(q_len=1, k_len=1), dict(q_len=1, k_len=200), dict(q_len=65, k_len=63),
+                                   dict(heads=4, kv_heads=2), dict(heads=6, kv_heads=1, q_len=150, k_len=100),
+                                   dict(batch=2, heads=2, q_len=64, k_len=64)])
+def test_edge_shapes(rng, shape):
+    q, k, v, w, b = layer(rng, **shape)
+    check_against_composite(q, k, v, w, b, topk=0.5)
+
+
+def test_no_projection_and_sparse_only(rng):
+    q, k, v, _, _ = layer(rng, q_len=250, k_len=250)
+    check_against_composite(q, k, v, None, None, topk=0.3)
+
+
+def test_topk_one_is_dense_attention(rng):
+    q, k, v, _, _ = layer(rng, heads=2, q_len=333, k_len=200, dim=128)
+    cq, ck, cv = q.cuda(), k.cuda(), v.cuda()
+    os_, ol, _ = slattn.sparse_linear_attention(cq, ck, cv, topk=1.0, return_branches=True)
+    dense64 = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    dense_low = torch.nn.functional.scaled_dot_product_attention(cq, ck, cv).cpu()
+    assert_within_baseline(os_.cpu(), dense64, dense_low, name="topk=1 output")
+    assert torch.count_nonzero(ol) == 0  # every block is critical: the marginal set is empty
+
+
+def test_long_sequence_many_tiles(rng):
+    q, k, v, w, b = layer(rng, heads=1, q_len=8192, k_len=8192, dim=64)
+    check_against_composite(q, k, v, w, b, topk=0.05)
+
+
+def test_nhd_layout_and_non_contiguous_inputs(rng):
+    q, k, v, w, b = (t.cuda() for t in layer(rng, heads=2, q_len=200, k_len=170, dim=64))
+    plan = slattn.route(q, k, topk=0.3)
+    hnd = slattn.sparse_linear_attention(q, k, v, w, b, plan=plan)
+    nhd = slattn.sparse_linear_attention(*(t.transpose(1, 2) for t in (q, k, v)), w, b, plan=plan, layout="NHD")
+    assert torch.equal(nhd.transpose(1, 2), hnd)
+
+
+def test_plan_from_block_map_on_the_gpu(rng):
+    q, k, v, w, b = layer(rng, heads=2, q_len=256, k_len=256)
+    block_map = torch.randint(-1, 2, (1, 2, 4, 4), generator=rng, dtype=torch.int8)
+    block_map[..., 0] = 1  # every row keeps one critical block
+    plan_gpu = slattn.plan_from_block_map(block_map.cuda())
+    plan_cpu = slattn.plan_from_block_map(block_map)
+    for g, c in zip(plan_gpu.tensors, plan_cpu.tensors):
+        assert torch.equal(g.cpu(), c)
+    out_gpu = slattn.sparse_linear_attention(q.cuda(), k.cuda(), v.cuda(), w.cuda(), b.cuda(), plan=plan_gpu)
+    exact = reference.sla(q.double(), k.double(), v.double(), w.double(), b.double(), block_map=block_map)
+    baseline = reference.sla(q, k, v, w, b, block_map=block_map)
+    assert_within_baseline(out_gpu.cpu(), exact.out, baseline.out)
+
+
+def test_cuda_graph_capture_of_forward_and_backward(rng):
+    q, k, v, w, b = (cuda_leaf(t) for t in layer(rng, heads=2, q_len=256, k_len=256))
+    plan = slattn.route(q, k, topk=0.25)
+    grad = torch.randn_like(q)
+
+    def step():
+        for t in (q, k, v, w, b):
+            t.grad = None
+        out = slattn.sparse_linear_attention(q, k, v, w, b, plan=plan)
+        out.backward(grad)
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = step().detach().clone()
+        eager_dq = q.grad.clone()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    assert torch.equal(q.grad, eager_dq)
+
+
+def test_unsupported_cuda_inputs_are_refused_clearly(rng):
+    q, k, v, _, _ = layer(rng, dim=64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bfloat16 and float16"):
+        slattn.sparse_linear_attention(q.cuda(), k.cuda(), v.cuda(), topk=0.5)
+    q, k, v, _, _ = layer(rng, dim=96)
+    with pytest.raises(ValueError, match="head_dim 64 and 128"):
+        slattn.sparse_linear_attention(q.cuda(), k.cuda(), v.cuda(), topk=0.5)
+    q, k, v, _, _ = layer(rng, dim=64)
+    with pytest.raises(ValueError, match="block_q 64 and 128"):
+        slattn.sparse_linear_attention(q.cuda(), k.cuda(), v.cuda(), topk=0.5, block_q=32)
+    bad = torch.full((1, 2, 5, 5), 3, dtype=torch.int8, device="cuda")
+    with pytest.raises(ValueError, match="-1"):
+        slattn.plan_from_block_map(bad)
