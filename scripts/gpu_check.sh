@@ -18,8 +18,8 @@ python3 -m pip install -q --no-build-isolation --no-index --no-deps . >"$LOGS/bu
 echo "built in $(( $(date +%s) - start )) s"
 
 if want tests; then
-  echo "== GPU tests"
-  (cd tests/python && timeout 420 python3 -m pytest -q -x -p no:cacheprovider test_cuda.py 2>&1 | tee "$LOGS/tests.log" | tail -25) \
+  echo "== Python tests (GPU and CPU)"
+  (cd tests/python && timeout 420 python3 -m pytest -q -p no:cacheprovider . 2>&1 | tee "$LOGS/tests.log" | tail -25) \
     || status=1
 fi
 if want sanitize; then

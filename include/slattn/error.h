@@ -6,9 +6,11 @@
 // to ValueError) surface it as a bad-argument error, never as a crash.
 #pragma once
 
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 namespace slattn {
 
@@ -24,12 +26,36 @@ class Unsupported : public std::runtime_error {
 };
 
 namespace detail {
+
+// Message building without iostreams: formatting through std::ostream was
+// seen to crash in extensions linked against a static libstdc++ beside
+// PyTorch's, and an error path must never crash.
+inline void append(std::string& out, std::string_view text) { out.append(text); }
+inline void append(std::string& out, const char* text) { out.append(text); }
+inline void append(std::string& out, char c) { out.push_back(c); }
+template <typename Number, std::enable_if_t<std::is_arithmetic_v<Number>, int> = 0>
+void append(std::string& out, Number value) {
+  char buffer[64];
+  if constexpr (std::is_same_v<Number, bool>) {
+    out.append(value ? "true" : "false");
+    return;
+  } else if constexpr (std::is_floating_point_v<Number>) {
+    std::snprintf(buffer, sizeof(buffer), "%.6g", static_cast<double>(value));
+  } else if constexpr (std::is_signed_v<Number>) {
+    std::snprintf(buffer, sizeof(buffer), "%lld", static_cast<long long>(value));
+  } else {
+    std::snprintf(buffer, sizeof(buffer), "%llu", static_cast<unsigned long long>(value));
+  }
+  out.append(buffer);
+}
+
 template <typename... Parts>
 std::string concat(const Parts&... parts) {
-  std::ostringstream stream;
-  (stream << ... << parts);
-  return stream.str();
+  std::string out;
+  (append(out, parts), ...);
+  return out;
 }
+
 }  // namespace detail
 
 }  // namespace slattn
