@@ -11,7 +11,7 @@ from .plan import RoutingPlan, route
 
 def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor | None = None,
                             proj_bias: torch.Tensor | None = None, *, topk: float | None = None,
-                            negligible: float = 0.0, block_q: int = 64, block_k: int = 64,
+                            negligible: float | None = None, block_q: int | None = None, block_k: int | None = None,
                             feature_map: str = "softmax", linear_scope: str = "marginal", scale: float | None = None,
                             layout: str = "HND", plan: RoutingPlan | None = None, return_lse: bool = False,
                             return_branches: bool = False):
@@ -25,8 +25,10 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
     q is (B, Hq, Lq, D) for layout "HND" or (B, Lq, Hq, D) for "NHD"; k and v
     likewise with Hkv heads (Hq a multiple of Hkv: grouped-query attention).
-    Either `topk` (routing runs here) or a `plan` from slattn.route() or
-    slattn.plan_from_block_map() (reused as is) must be given.
+    Either `topk` (routing runs here, with `negligible` (default 0) and
+    blocks `block_q` x `block_k` (default 64 x 64)) or a `plan` from
+    slattn.route() or slattn.plan_from_block_map() (reused as is; routing
+    options given with it must agree with it) must be given.
 
     Returns out; (out, lse) with return_lse; (Os, Ol, lse) with
     return_branches. lse is (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
@@ -39,12 +41,17 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if plan is None:
         if topk is None:
             raise ValueError("give topk (the fraction of key blocks computed exactly) or a plan")
-        plan = route(q, k, topk=topk, negligible=negligible, block_q=block_q, block_k=block_k, layout=layout)
-    elif topk is not None:
-        raise ValueError("give either topk or a plan, not both: a plan fixes the routing")
+        plan = route(q, k, topk=topk, negligible=0.0 if negligible is None else negligible,
+                     block_q=64 if block_q is None else block_q, block_k=64 if block_k is None else block_k,
+                     layout=layout)
+    elif topk is not None or negligible is not None:
+        raise ValueError("give either topk/negligible or a plan, not both: a plan fixes the routing")
     elif not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a slattn.RoutingPlan, got {type(plan).__name__}")
     else:
+        for name, given, planned in (("block_q", block_q, plan.block_q), ("block_k", block_k, plan.block_k)):
+            if given is not None and given != planned:
+                raise ValueError(f"{name}={given} disagrees with the plan's blocks of {planned}")
         plan.check_matches(qs, ks)
         if plan.block_map.device != q.device:
             raise ValueError(f"plan is on {plan.block_map.device} but q is on {q.device}; use plan.to(device)")

@@ -35,7 +35,10 @@ class SparseLinearAttention(nn.Module):
             raise ValueError(f"head_dim must be a multiple of {_checks.HEAD_DIM_MULTIPLE} in "
                              f"[{_checks.HEAD_DIM_MULTIPLE}, {_checks.MAX_HEAD_DIM}], got {head_dim}")
         _checks.check_fractions(topk, negligible)
-        _checks.check_block_sizes(BLKQ, BLKK)
+        for name, value in (("BLKQ", BLKQ), ("BLKK", BLKK)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _checks.MAX_BLOCK_SIZE:
+                raise ValueError(f"{name} must be an integer in [1, {_checks.MAX_BLOCK_SIZE}] (64 or 128 on CUDA), "
+                                 f"got {value!r}")
         _checks.check_choice("feature_map", feature_map, _checks.FEATURE_MAPS)
         _checks.check_choice("linear_scope", linear_scope, _checks.LINEAR_SCOPES)
         _checks.check_choice("layout", layout, ("HND", "NHD"))
@@ -64,6 +67,10 @@ class SparseLinearAttention(nn.Module):
                 f"BLKQ={self.BLKQ}, BLKK={self.BLKK}, dtype={self.dtype}, layout={self.layout!r}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] != self.head_dim:
+                raise ValueError(f"{name} has head dim {t.shape[-1]}, but this layer was built with "
+                                 f"head_dim={self.head_dim}")
         input_dtype = q.dtype
         q, k, v = (t.to(self.dtype) for t in (q, k, v))
         plan = route(q, k, topk=self.topk, negligible=self.negligible, block_q=self.BLKQ, block_k=self.BLKK,

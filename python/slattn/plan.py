@@ -81,6 +81,7 @@ def _empty_plan_tensors(b: int, h: int, mq: int, nk: int, device) -> tuple[torch
 @torch.library.custom_op("slattn::route", mutates_args=())
 def _route_op(q: torch.Tensor, k: torch.Tensor, topk: float, negligible: float, block_q: int, block_k: int,
               layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _checks.check_block_sizes(block_q, block_k)
     (b, h, lq, _), (_, _, lk, _) = sequence_shape(q, layout), sequence_shape(k, layout)
     tensors = _empty_plan_tensors(b, h, -(-lq // block_q), -(-lk // block_k), q.device)
     with Launch(q.device) as launch:

@@ -77,7 +77,13 @@ CASES = [  # id, thunk, exception, message pattern (names the argument)
     ("linear-scope", lambda: call(linear_scope="critical"), ValueError, r"linear_scope must be one of"),
     ("layout", lambda: call(layout="BHLD"), ValueError, r"layout must be one of .*'BHLD'"),
     ("plan-and-topk", lambda: call(plan=slattn.route(*good()[:2], topk=0.5, block_q=4, block_k=4)), ValueError,
-     r"either topk or a plan"),
+     r"either topk/negligible or a plan"),
+    ("plan-and-negligible", lambda: call(topk=None, negligible=0.1, plan=slattn.route(*good()[:2], topk=0.5,
+                                                                                    block_q=4, block_k=4)),
+     ValueError, r"either topk/negligible or a plan"),
+    ("plan-and-other-block", lambda: call(topk=None, block_q=8, plan=slattn.route(*good()[:2], topk=0.5, block_q=4,
+                                                                                block_k=4)),
+     ValueError, r"block_q=8 disagrees with the plan's blocks of 4"),
     ("neither-plan-nor-topk", lambda: call(topk=None), ValueError, r"give topk .* or a plan"),
     ("plan-other-shapes", lambda: call(topk=None, plan=other_plan()), ValueError, r"plan was made for q_len=5"),
     ("plan-other-heads", lambda: call(topk=None, plan=slattn.route(*(t[:, :1] for t in good()[:2]), topk=0.5,
@@ -156,7 +162,8 @@ def test_op_rejects_plan_tensors_of_wrong_dtype():
     pytest.param(dict(head_dim=64.0), r"head_dim must be an integer", id="head-dim-float"),
     pytest.param(dict(topk=0.0), r"topk must be", id="topk"),
     pytest.param(dict(feature_map="gelu"), r"feature_map must be one of", id="feature-map"),
-    pytest.param(dict(BLKQ=0), r"block_q|BLKQ", id="BLKQ"),
+    pytest.param(dict(BLKQ=0), r"BLKQ must be", id="BLKQ"),
+    pytest.param(dict(BLKK=4096), r"BLKK must be", id="BLKK"),
     pytest.param(dict(linear_scope="x"), r"linear_scope must be one of", id="linear-scope"),
     pytest.param(dict(layout="x"), r"layout must be one of", id="layout"),
     pytest.param(dict(scale=0.0), r"scale must be", id="scale"),
@@ -172,8 +179,7 @@ def test_module_forward_checks():
     q, k, v = good()
     with pytest.raises(ValueError, match=r"v must have the shape of k"):
         module(q, k, v[:, :, :3])
-    # The module was made for head_dim 8; its (8, 8) projection does not fit.
-    with pytest.raises(ValueError, match=r"head_dim|proj_weight must have shape \(16, 16\)"):
+    with pytest.raises(ValueError, match=r"q has head dim 16, but this layer was built with head_dim=8"):
         module(*(tensor(B, H, LQ, 16) for _ in range(3)))
 
 
