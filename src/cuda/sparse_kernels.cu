@@ -14,12 +14,12 @@ constexpr int kKeyTile = 64;       // key rows per block of the dK/dV kernel
 template <int kHeadDim>
 constexpr int kPerLane = kHeadDim / kWarpSize;
 
-// Shared-memory layout of the forward and dQ kernels. Rows read by lanes at
-// the same column are padded by one float to avoid bank conflicts.
-template <int kHeadDim, int kBlockQ, bool kBackward>
+// Shared-memory layout of the dQ kernel. Rows read by lanes at the same
+// column are padded by one float to avoid bank conflicts.
+template <int kHeadDim, int kBlockQ>
 struct QueryBlockShared {
   float q[kBlockQ][kHeadDim];
-  float dout[kBackward ? kBlockQ : 1][kHeadDim];
+  float dout[kBlockQ][kHeadDim];
   float k[kChunk][kHeadDim + 1];
   float v[kChunk][kHeadDim + 1];
   float lse[kBlockQ];
@@ -37,89 +37,6 @@ __device__ void load_key_chunk(const DeviceView<const Element>& k, const DeviceV
     const bool valid = first + j < end;
     k_s[j][d] = valid ? k.load(b, kv, first + j, d) : 0.0f;
     v_s[j][d] = valid ? v.load(b, kv, first + j, d) : 0.0f;
-  }
-}
-
-template <typename Element, int kHeadDim, int kBlockQ>
-__global__ void __launch_bounds__(kThreads) sparse_forward_kernel(Geometry g, RoutingPlanView plan,
-                                                                  SparseForwardArgs a) {
-  using Shared = QueryBlockShared<kHeadDim, kBlockQ, false>;
-  extern __shared__ __align__(16) unsigned char raw[];
-  Shared& s = *reinterpret_cast<Shared*>(raw);
-  constexpr int kRows = kBlockQ / kWarps;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t kv = h / g.group();
-  const int64_t pair = b * g.heads + h;
-  const int64_t row0 = m * kBlockQ;
-  const auto q = DeviceView<const Element>::of(a.q);
-  const auto k = DeviceView<const Element>::of(a.k);
-  const auto v = DeviceView<const Element>::of(a.v);
-
-  for (int idx = threadIdx.x; idx < kBlockQ * kHeadDim; idx += kThreads) {
-    const int r = idx / kHeadDim, d = idx % kHeadDim;
-    s.q[r][d] = row0 + r < g.q_len ? a.scale * q.load(b, h, row0 + r, d) : 0.0f;
-  }
-  float row_max[kRows], row_sum[kRows], acc[kRows][kPerLane<kHeadDim>];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.0f;
-#pragma unroll
-    for (int t = 0; t < kPerLane<kHeadDim>; ++t) acc[r][t] = 0.0f;
-  }
-
-  const int64_t plan_row = pair * g.q_blocks + m;
-  const int32_t count = plan.row_count[plan_row];
-  for (int32_t i = 0; i < count; ++i) {
-    const int64_t n = plan.row_index[plan_row * g.k_blocks + i];
-    const int64_t end = min(g.k_len, (n + 1) * g.block_k);
-    for (int64_t first = n * g.block_k; first < end; first += kChunk) {
-      __syncthreads();  // the previous chunk is consumed (and, first time, q is stored)
-      load_key_chunk<Element, kHeadDim>(k, v, b, kv, first, end, s.k, s.v);
-      __syncthreads();
-      const bool valid = first + lane < end;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int local = warp + r * kWarps;
-        float score = 0.0f;
-#pragma unroll 8
-        for (int d = 0; d < kHeadDim; ++d) score += s.q[local][d] * s.k[lane][d];
-        score = valid ? score : -INFINITY;
-        const float new_max = fmaxf(row_max[r], warp_max(score));  // finite: lane 0's key is valid
-        const float p = valid ? __expf(score - new_max) : 0.0f;
-        const float correction = __expf(row_max[r] - new_max);
-        row_sum[r] = row_sum[r] * correction + warp_sum(p);
-        row_max[r] = new_max;
-#pragma unroll
-        for (int t = 0; t < kPerLane<kHeadDim>; ++t) acc[r][t] *= correction;
-#pragma unroll 4
-        for (int j = 0; j < kChunk; ++j) {
-          const float pj = __shfl_sync(0xffffffffu, p, j);
-#pragma unroll
-          for (int t = 0; t < kPerLane<kHeadDim>; ++t) acc[r][t] += pj * s.v[j][lane + t * kWarpSize];
-        }
-      }
-    }
-  }
-
-  const auto out = DeviceView<Element>::of(a.out);
-  const auto out_sparse = DeviceView<Element>::of(a.out_sparse);
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int64_t row = row0 + warp + r * kWarps;
-    if (row >= g.q_len) continue;
-    const bool any = row_sum[r] > 0.0f;
-    const float inverse = any ? 1.0f / row_sum[r] : 0.0f;
-#pragma unroll
-    for (int t = 0; t < kPerLane<kHeadDim>; ++t) {
-      const int d = lane + t * kWarpSize;
-      const float value = acc[r][t] * inverse;
-      if (out.defined()) out.store(b, h, row, d, value);
-      if (out_sparse.defined()) out_sparse.store(b, h, row, d, value);
-      if (a.os_rows) a.os_rows[(pair * g.q_rows() + row) * kHeadDim + d] = value;
-    }
-    if (lane == 0) a.lse[pair * g.q_len + row] = any ? row_max[r] + __logf(row_sum[r]) : -INFINITY;
   }
 }
 
@@ -150,7 +67,7 @@ __global__ void sparse_delta_kernel(Geometry g, SparseBackwardArgs a) {
 
 template <typename Element, int kHeadDim, int kBlockQ>
 __global__ void __launch_bounds__(kThreads) sparse_dq_kernel(Geometry g, RoutingPlanView plan, SparseBackwardArgs a) {
-  using Shared = QueryBlockShared<kHeadDim, kBlockQ, true>;
+  using Shared = QueryBlockShared<kHeadDim, kBlockQ>;
   extern __shared__ __align__(16) unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(raw);
   constexpr int kRows = kBlockQ / kWarps;
@@ -317,17 +234,6 @@ void set_shared(Kernel kernel, size_t bytes) {
   SLATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-// Calls fn(std::integral_constant<int, D>{}, std::integral_constant<int, BQ>{}).
-template <typename Fn>
-void dispatch_shape(const Geometry& g, Fn&& fn) {
-  auto by_block = [&](auto head_dim) {
-    if (g.block_q == 64) return fn(head_dim, std::integral_constant<int, 64>{});
-    return fn(head_dim, std::integral_constant<int, 128>{});
-  };
-  if (g.dim == 64) return by_block(std::integral_constant<int, 64>{});
-  return by_block(std::integral_constant<int, 128>{});
-}
-
 }  // namespace
 
 void check_sparse_support(const Geometry& g) {
@@ -335,23 +241,6 @@ void check_sparse_support(const Geometry& g) {
                " (the CPU path serves every multiple of 8 up to 256)");
   SLATTN_CHECK(g.block_q == 64 || g.block_q == 128, "the CUDA kernels support block_q 64 and 128, got ", g.block_q);
   SLATTN_CHECK(g.block_k == 64 || g.block_k == 128, "the CUDA kernels support block_k 64 and 128, got ", g.block_k);
-}
-
-void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                    cudaStream_t stream) {
-  check_sparse_support(g);
-  const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
-  dispatch_element(args.q.dtype, [&](auto tag) {
-    using Element = decltype(tag);
-    dispatch_shape(g, [&](auto head_dim, auto block_q) {
-      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      auto kernel = sparse_forward_kernel<Element, D, BQ>;
-      const size_t shared = sizeof(QueryBlockShared<D, BQ, false>);
-      set_shared(kernel, shared);
-      kernel<<<grid, kThreads, shared, stream>>>(g, plan, args);
-    });
-  });
-  SLATTN_LAUNCH_CHECK("sparse_forward_kernel");
 }
 
 void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
@@ -362,10 +251,10 @@ void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const Spars
     const auto rows = g.q_pairs() * g.q_rows();
     sparse_delta_kernel<Element><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(g, args);
     SLATTN_LAUNCH_CHECK("sparse_delta_kernel");
-    dispatch_shape(g, [&](auto head_dim, auto block_q) {
+    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
       constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
       auto dq_kernel = sparse_dq_kernel<Element, D, BQ>;
-      const size_t dq_shared = sizeof(QueryBlockShared<D, BQ, true>);
+      const size_t dq_shared = sizeof(QueryBlockShared<D, BQ>);
       set_shared(dq_kernel, dq_shared);
       dq_kernel<<<dim3(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
                        static_cast<unsigned>(g.batch)),

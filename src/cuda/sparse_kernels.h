@@ -1,9 +1,12 @@
 // The sparse branch on CUDA (SPEC sections 2 and 5): exact softmax attention
-// over the critical key blocks, FlashAttention-style online softmax, on CUDA
-// cores. Head dims 64 and 128; block sizes 64 and 128.
+// over the critical key blocks with a FlashAttention-style online softmax.
+// The forward runs on tensor cores (sparse_forward_mma.cu), the backward on
+// CUDA cores (sparse_kernels.cu). Head dims 64 and 128; block sizes 64 and 128.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "cuda/geometry.h"
 #include "slattn/plan.h"
@@ -42,5 +45,17 @@ void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const Spars
 
 // The head dims and block sizes the sparse kernels are built for.
 void check_sparse_support(const Geometry& g);
+
+// Calls fn(std::integral_constant<int, D>{}, std::integral_constant<int, BQ>{})
+// for the head dim and query block size of g (after check_sparse_support).
+template <typename Fn>
+void dispatch_sparse_shape(const Geometry& g, Fn&& fn) {
+  auto by_block = [&](auto head_dim) {
+    if (g.block_q == 64) return fn(head_dim, std::integral_constant<int, 64>{});
+    return fn(head_dim, std::integral_constant<int, 128>{});
+  };
+  if (g.dim == 64) return by_block(std::integral_constant<int, 64>{});
+  return by_block(std::integral_constant<int, 128>{});
+}
 
 }  // namespace slattn::cuda

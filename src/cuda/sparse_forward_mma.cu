@@ -1,0 +1,206 @@
+// Forward of the sparse branch on tensor cores (mma.sync m16n8k16, sm_80+):
+// FlashAttention-2 style. A thread block owns one query block; each warp owns
+// 16 of its rows, keeps Q as A fragments in registers, and walks the critical
+// key blocks of its row list in tiles of kKeyTile keys staged in shared
+// memory, with the online softmax in registers.
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/sla_cuda.h"
+#include "cuda/sparse_kernels.h"
+
+namespace slattn::cuda {
+namespace {
+
+constexpr int kKeyTile = 64;      // keys per shared-memory tile
+constexpr int kRowsPerWarp = 16;  // the M of one mma
+constexpr int kPad = 8;           // elements of padding per shared row: ldmatrix rows on distinct banks
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename Element, int kHeadDim, int kBlockQ>
+struct ForwardShared {
+  Element q[kBlockQ][kHeadDim + kPad];
+  Element k[kKeyTile][kHeadDim + kPad];
+  Element v[kKeyTile][kHeadDim + kPad];
+};
+
+// Copies rows [first, first + rows) of the (b, h) slice of x into tile[0..rows),
+// zero rows from `valid` on. 16-byte vectors when the head dim is contiguous
+// and aligned, scalar loads otherwise.
+template <typename Element, int kHeadDim, int kThreads>
+__device__ void load_tile(const DeviceView<const Element>& x, int64_t b, int64_t h, int64_t first, int rows,
+                          int64_t valid, Element (*tile)[kHeadDim + kPad]) {
+  constexpr int kVector = 16 / sizeof(Element);
+  const bool vectorised = x.stride_d == 1 && x.stride_l % kVector == 0 &&
+                          reinterpret_cast<uintptr_t>(x.data) % 16 == 0 &&
+                          (x.stride_b % kVector == 0) && (x.stride_h % kVector == 0);
+  if (vectorised) {
+    for (int i = threadIdx.x; i < rows * (kHeadDim / kVector); i += kThreads) {
+      const int r = i / (kHeadDim / kVector), d = (i % (kHeadDim / kVector)) * kVector;
+      uint4 value = make_uint4(0, 0, 0, 0);
+      if (first + r < valid) value = *reinterpret_cast<const uint4*>(&x.at(b, h, first + r, d));
+      *reinterpret_cast<uint4*>(&tile[r][d]) = value;
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * kHeadDim; i += kThreads) {
+      const int r = i / kHeadDim, d = i % kHeadDim;
+      tile[r][d] = first + r < valid ? x.at(b, h, first + r, d) : from_float<Element>(0.0f);
+    }
+  }
+}
+
+template <typename Element, int kHeadDim, int kBlockQ>
+__global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
+    sparse_forward_mma_kernel(Geometry g, RoutingPlanView plan, SparseForwardArgs a) {
+  constexpr int kThreads = kBlockQ / kRowsPerWarp * kWarpSize;
+  constexpr int kSteps = kHeadDim / 16;      // k-steps of Q Kᵀ
+  constexpr int kKeyTiles8 = kKeyTile / 8;   // n-tiles of S
+  constexpr int kDimTiles8 = kHeadDim / 8;   // n-tiles of O
+  using Shared = ForwardShared<Element, kHeadDim, kBlockQ>;
+  extern __shared__ __align__(16) unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(raw);
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int group = lane / 4, quad = lane % 4;  // accumulator rows group and group + 8, columns 2 quad + {0, 1}
+  const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t kv = h / g.group();
+  const int64_t pair = b * g.heads + h;
+  const int64_t row0 = m * kBlockQ;
+  const auto q = DeviceView<const Element>::of(a.q);
+  const auto k = DeviceView<const Element>::of(a.k);
+  const auto v = DeviceView<const Element>::of(a.v);
+
+  load_tile<Element, kHeadDim, kThreads>(q, b, h, row0, kBlockQ, g.q_len, s.q);
+  __syncthreads();
+  uint32_t q_frag[kSteps][4];
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step)
+    ldmatrix_x4(q_frag[step], &s.q[warp * kRowsPerWarp + lane % 16][step * 16 + (lane / 16) * 8]);
+
+  const float scale_log2 = a.scale * kLog2e;  // scores in log2 units: exp2 is one instruction
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  float out[kDimTiles8][4] = {};
+
+  const int64_t plan_row = pair * g.q_blocks + m;
+  const int32_t count = plan.row_count[plan_row];
+  for (int32_t i = 0; i < count; ++i) {
+    const int64_t n = plan.row_index[plan_row * g.k_blocks + i];
+    const int64_t end = min(g.k_len, (n + 1) * g.block_k);
+    for (int64_t first = n * g.block_k; first < end; first += kKeyTile) {
+      __syncthreads();  // every warp is done with the previous tile
+      load_tile<Element, kHeadDim, kThreads>(k, b, kv, first, kKeyTile, end, s.k);
+      load_tile<Element, kHeadDim, kThreads>(v, b, kv, first, kKeyTile, end, s.v);
+      __syncthreads();
+
+      float score[kKeyTiles8][4] = {};
+#pragma unroll
+      for (int step = 0; step < kSteps; ++step) {
+#pragma unroll
+        for (int pair16 = 0; pair16 < kKeyTiles8 / 2; ++pair16) {
+          uint32_t kf[4];
+          ldmatrix_x4(kf, &s.k[pair16 * 16 + (lane & 7) + ((lane >> 4) << 3)][step * 16 + ((lane >> 3) & 1) * 8]);
+          mma_16816<Element>(score[2 * pair16], q_frag[step], kf[0], kf[1]);
+          mma_16816<Element>(score[2 * pair16 + 1], q_frag[step], kf[2], kf[3]);
+        }
+      }
+
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < kKeyTiles8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t key = first + j * 8 + 2 * quad + (e & 1);
+          score[j][e] = key < end ? score[j][e] * scale_log2 : -INFINITY;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
+        }
+      }
+      float correction[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: the tile's first key is valid
+        correction[r] = exp2f(row_max[r] - new_max);
+        row_max[r] = new_max;
+        row_sum[r] *= correction[r];
+      }
+#pragma unroll
+      for (int j = 0; j < kKeyTiles8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          score[j][e] = exp2f(score[j][e] - row_max[e / 2]);
+          row_sum[e / 2] += score[j][e];  // this thread's share; summed over the quad at the end
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kDimTiles8; ++j) {
+        out[j][0] *= correction[0];
+        out[j][1] *= correction[0];
+        out[j][2] *= correction[1];
+        out[j][3] *= correction[1];
+      }
+
+      // O += P V: the accumulators of two adjacent key n-tiles form one A fragment.
+#pragma unroll
+      for (int step = 0; step < kKeyTile / 16; ++step) {
+        const uint32_t p_frag[4] = {pack2<Element>(score[2 * step][0], score[2 * step][1]),
+                                    pack2<Element>(score[2 * step][2], score[2 * step][3]),
+                                    pack2<Element>(score[2 * step + 1][0], score[2 * step + 1][1]),
+                                    pack2<Element>(score[2 * step + 1][2], score[2 * step + 1][3])};
+#pragma unroll
+        for (int d16 = 0; d16 < kHeadDim / 16; ++d16) {
+          uint32_t vf[4];
+          ldmatrix_x4_trans(vf, &s.v[step * 16 + (lane & 7) + (((lane >> 3) & 1) << 3)][d16 * 16 + (lane >> 4) * 8]);
+          mma_16816<Element>(out[2 * d16], p_frag, vf[0], vf[1]);
+          mma_16816<Element>(out[2 * d16 + 1], p_frag, vf[2], vf[3]);
+        }
+      }
+    }
+  }
+
+  const auto out_view = DeviceView<Element>::of(a.out);
+  const auto sparse_view = DeviceView<Element>::of(a.out_sparse);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    const int64_t row = row0 + warp * kRowsPerWarp + group + 8 * r;
+    if (row >= g.q_len) continue;
+    const bool any = row_sum[r] > 0.0f;
+    const float inverse = any ? 1.0f / row_sum[r] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kDimTiles8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = j * 8 + 2 * quad + e;
+        const float value = out[j][2 * r + e] * inverse;
+        if (out_view.defined()) out_view.store(b, h, row, d, value);
+        if (sparse_view.defined()) sparse_view.store(b, h, row, d, value);
+        if (a.os_rows) a.os_rows[(pair * g.q_rows() + row) * kHeadDim + d] = value;
+      }
+    }
+    if (quad == 0) a.lse[pair * g.q_len + row] = any ? (row_max[r] + __log2f(row_sum[r])) * kLn2 : -INFINITY;
+  }
+}
+
+}  // namespace
+
+void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                    cudaStream_t stream) {
+  check_sparse_support(g);
+  const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
+  dispatch_element(args.q.dtype, [&](auto tag) {
+    using Element = decltype(tag);
+    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
+      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+      auto kernel = sparse_forward_mma_kernel<Element, D, BQ>;
+      const size_t shared = sizeof(ForwardShared<Element, D, BQ>);
+      SLATTN_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+      kernel<<<grid, BQ / kRowsPerWarp * kWarpSize, shared, stream>>>(g, plan, args);
+    });
+  });
+  SLATTN_LAUNCH_CHECK("sparse_forward_mma_kernel");
+}
+
+}  // namespace slattn::cuda
