@@ -88,9 +88,19 @@ __global__ void __launch_bounds__(kClassifyThreads) classify_kernel(ClassifyArgs
   __syncthreads();
   int8_t* map = a.block_map + row * k_blocks;
   for (int64_t n = threadIdx.x; n < k_blocks; n += blockDim.x) {
-    int64_t rank = 0;
-    for (int64_t other = 0; other < k_blocks; ++other) rank += rm::outranks(keys[other], other, keys[n], n) ? 1 : 0;
-    const int8_t cls = rank < a.n_crit ? kCritical : rank >= k_blocks - a.n_negl ? kNegligible : kMarginal;
+    // Block n is critical when fewer than n_crit blocks outrank it, and
+    // negligible when it outranks fewer than n_negl; the counts stop as soon as
+    // both answers are known (most blocks are marginal and stop early).
+    int64_t above = 0, below = 0;
+    for (int64_t other = 0; other < k_blocks && (above < a.n_crit || below < a.n_negl); ++other) {
+      if (other == n) continue;
+      if (rm::outranks(keys[other], other, keys[n], n)) {
+        ++above;
+      } else {
+        ++below;
+      }
+    }
+    const int8_t cls = above < a.n_crit ? kCritical : below < a.n_negl ? kNegligible : kMarginal;
     classes[n] = cls;
     map[n] = cls;
   }
