@@ -29,6 +29,10 @@ from .demo import pick_device
 DEFAULT_SHAPES = {"cpu": [(1, 12, 4096, 128)], "cuda": [(1, 12, 32760, 128), (1, 40, 75600, 128)]}
 
 
+# Backward FLOPs are 2.5x the forward's (FlashAttention's convention), so fwd+bwd is 3.5x.
+FWD_BWD_FLOPS_FACTOR = 3.5
+
+
 @dataclass
 class CaseResult:
     shape: tuple[int, int, int, int]
@@ -40,12 +44,48 @@ class CaseResult:
     route_ms: float
     sla_fwd_ms: float
     sla_fwd_bwd_ms: float
-    dense_fwd_ms: float
+    dense_fwd_ms: float  # the fastest dense backend that ran
     dense_fwd_bwd_ms: float
     sla_fwd_effective_tflops: float
     sla_fwd_computed_tflops: float
     sla_fwd_bwd_effective_tflops: float
+    sla_fwd_bwd_computed_tflops: float
     dense_fwd_tflops: float
+    dense_backends: dict  # backend -> {"fwd_ms", "fwd_bwd_ms"} or {"unavailable": reason}
+
+
+def dense_backends(device: torch.device) -> dict:
+    """SDPA backends to compare with: flash and cuDNN on a GPU, the default elsewhere."""
+    if device.type != "cuda":
+        return {"sdpa": None}
+    from torch.nn.attention import SDPBackend
+    return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def time_dense(q, k, v, grad, backend, device, repeats) -> dict:
+    """Forward and forward+backward times of SDPA on one backend, or why it could not run."""
+    import contextlib
+
+    def context():
+        if backend is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+        return sdpa_kernel(backend)
+
+    def forward():
+        with context():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def forward_backward():
+        forward().backward(grad)
+
+    try:
+        with torch.no_grad():
+            t_fwd = median_seconds(forward, device, repeats=repeats)
+        t_fwd_bwd = median_seconds(forward_backward, device, repeats=repeats)
+    except RuntimeError as error:
+        return {"unavailable": str(error).splitlines()[0]}
+    return {"fwd_ms": 1e3 * t_fwd, "fwd_bwd_ms": 1e3 * t_fwd_bwd}
 
 
 def _inputs(shape, dtype, device, requires_grad):
@@ -68,20 +108,19 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats) -> CaseRe
     def sla_fwd_bwd():
         sla().backward(grad)
 
-    def dense():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    def dense_fwd_bwd():
-        dense().backward(grad)
-
     plan = route(q, k, topk=topk, block_q=block_q, block_k=block_k)
     with torch.no_grad():
         t_route = median_seconds(lambda: route(q, k, topk=topk, block_q=block_q, block_k=block_k), device,
                                  repeats=repeats)
         t_fwd = median_seconds(sla, device, repeats=repeats)
-        t_dense = median_seconds(dense, device, repeats=repeats)
     t_fwd_bwd = median_seconds(sla_fwd_bwd, device, repeats=repeats)
-    t_dense_fwd_bwd = median_seconds(dense_fwd_bwd, device, repeats=repeats)
+    dense = {name: time_dense(q, k, v, grad, backend, device, repeats)
+             for name, backend in dense_backends(torch.device(device)).items()}
+    ran = [timing for timing in dense.values() if "fwd_ms" in timing]
+    if not ran:
+        raise RuntimeError(f"no dense attention backend ran: {dense}")
+    t_dense = min(timing["fwd_ms"] for timing in ran) / 1e3
+    t_dense_fwd_bwd = min(timing["fwd_bwd_ms"] for timing in ran) / 1e3
     full = dense_flops(b, h, length, length, d)
     sparse = computed_flops(plan, d)
     return CaseResult(shape=tuple(shape), dtype=str(dtype).replace("torch.", ""), topk=topk, block_q=block_q,
@@ -89,8 +128,9 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats) -> CaseRe
                       sla_fwd_bwd_ms=1e3 * t_fwd_bwd, dense_fwd_ms=1e3 * t_dense,
                       dense_fwd_bwd_ms=1e3 * t_dense_fwd_bwd, sla_fwd_effective_tflops=full / t_fwd / 1e12,
                       sla_fwd_computed_tflops=sparse / t_fwd / 1e12,
-                      sla_fwd_bwd_effective_tflops=2.5 * full / t_fwd_bwd / 1e12,
-                      dense_fwd_tflops=full / t_dense / 1e12)
+                      sla_fwd_bwd_effective_tflops=FWD_BWD_FLOPS_FACTOR * full / t_fwd_bwd / 1e12,
+                      sla_fwd_bwd_computed_tflops=FWD_BWD_FLOPS_FACTOR * sparse / t_fwd_bwd / 1e12,
+                      dense_fwd_tflops=full / t_dense / 1e12, dense_backends=dense)
 
 
 def environment(device: torch.device) -> dict:
@@ -143,8 +183,14 @@ def run_bench(*, device: str = "auto", shapes=None, topk: float = 0.05, block_q:
     print_fn(header)
     for r in results:
         print_fn(f"{str(r.shape):20s}{r.density:8.3f}{r.route_ms:9.1f}{r.sla_fwd_ms:10.1f}{r.dense_fwd_ms:11.1f}"
-                 f"{r.sla_fwd_bwd_ms:10.1f}{r.dense_fwd_bwd_ms:11.1f}{r.sla_fwd_effective_tflops:8.3f}"
-                 f"{r.sla_fwd_computed_tflops:9.4f}")
+                 f"{r.sla_fwd_bwd_ms:10.1f}{r.dense_fwd_bwd_ms:11.1f}{r.sla_fwd_effective_tflops:8.1f}"
+                 f"{r.sla_fwd_computed_tflops:9.2f}")
+        for name, timing in r.dense_backends.items():
+            detail = (f"fwd {timing['fwd_ms']:.2f} ms, fwd+bwd {timing['fwd_bwd_ms']:.2f} ms" if "fwd_ms" in timing
+                      else f"unavailable: {timing['unavailable']}")
+            print_fn(f"    dense {name}: {detail}")
+    print_fn("dense columns: the fastest dense backend; eff TF = 4·B·H·L²·D / SLA fwd time; "
+             "comp TF = FLOPs of the critical blocks / SLA fwd time (routing and linear branch included)")
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "bench.json")
     with open(json_path, "w") as f:

@@ -25,13 +25,15 @@ def pick_device(requested: str) -> torch.device:
 
 
 def run_demo(*, device: str = "auto", topk: float = 0.05, block_q: int = 64, block_k: int = 64,
-             full_size: bool = False, print_fn=print) -> dict:
+             full_size: bool = False, workload: Workload | None = None, print_fn=print) -> dict:
     """Routes, runs SLA at `topk` (and at 2x and 4x topk, to show the trade)
-    and dense attention; reports density, error against dense and time."""
+    and dense attention; reports density, error against dense and time.
+    `workload` replaces the default layer (the Wan2.1-1.3B 480p grid, or its
+    scaled-down version on the CPU)."""
     _checks.check_fractions(topk, 0.0)
     dev = pick_device(device)
-    grid = WAN_1_3B_480P if full_size or dev.type == "cuda" else CPU_GRID
-    workload = Workload(grid)
+    if workload is None:
+        workload = Workload(WAN_1_3B_480P if full_size or dev.type == "cuda" else CPU_GRID)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     repeats = 5 if dev.type == "cuda" else 1
     q, k, v = make_qkv(workload, dtype=dtype, device=dev)
