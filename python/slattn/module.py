@@ -66,7 +66,10 @@ class SparseLinearAttention(nn.Module):
                 f"feature_map={self.feature_map!r}, linear_scope={self.linear_scope!r}, "
                 f"BLKQ={self.BLKQ}, BLKK={self.BLKK}, dtype={self.dtype}, layout={self.layout!r}")
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False, *,
+                scale: float | None = None):
+        """`scale` overrides the layer's softmax scale for this call (SDPA's
+        per-call argument); None keeps the one given at construction."""
         for name, t in (("q", q), ("k", k), ("v", v)):
             if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] != self.head_dim:
                 raise ValueError(f"{name} has head dim {t.shape[-1]}, but this layer was built with "
@@ -76,7 +79,8 @@ class SparseLinearAttention(nn.Module):
         plan = route(q, k, topk=self.topk, negligible=self.negligible, block_q=self.BLKQ, block_k=self.BLKK,
                      layout=self.layout)
         out = sparse_linear_attention(q, k, v, self.proj_l.weight, self.proj_l.bias, feature_map=self.feature_map,
-                                      linear_scope=self.linear_scope, scale=self.scale, layout=self.layout, plan=plan)
+                                      linear_scope=self.linear_scope, scale=self.scale if scale is None else scale,
+                                      layout=self.layout, plan=plan)
         out = out.to(input_dtype)
         if not return_sparsity:
             return out

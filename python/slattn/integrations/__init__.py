@@ -1,0 +1,1 @@
+"""Integrations of slattn with training and inference frameworks: the SDPA patch and its config."""
