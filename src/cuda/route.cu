@@ -170,9 +170,7 @@ void launch_column_lists(const RoutingPlanView& plan, cudaStream_t stream) {
 }  // namespace
 
 size_t route_workspace_bytes(const RouteParams& params, const RoutingPlanView& plan) {
-  WorkspaceCarver carver(nullptr, 0);
-  RouteBuffers::carve(carver, params, plan.shape);
-  return carver.bytes();
+  return WorkspaceCarver::bytes_for<RouteBuffers>(params, plan.shape);
 }
 
 void route(const RouteParams& p, const RoutingPlanView& plan, void* workspace, size_t workspace_bytes,

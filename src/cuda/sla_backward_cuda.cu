@@ -138,16 +138,12 @@ void projection_backward(const SlaBackwardParams& p, const Geometry& g, const Ba
 }  // namespace
 
 size_t sla_backward_workspace_bytes(const SlaBackwardParams& params, const RoutingPlanView& plan) {
-  WorkspaceCarver carver(nullptr, 0);
-  BackwardBuffers::carve(carver, params, Geometry::of(params.q, params.k, plan.shape));
-  return carver.bytes();
+  return WorkspaceCarver::bytes_for<BackwardBuffers>(params, Geometry::of(params.q, params.k, plan.shape));
 }
 
 void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
   const Geometry g = Geometry::of(p.q, p.k, plan.shape);
-  check_sparse_support(g);
-  SLATTN_CHECK(p.proj_weight == nullptr || p.proj_dtype == DType::float32,
-               "the CUDA path takes float32 projection weights");
+  check_cuda_support(g, p.proj_weight, p.proj_dtype);
   auto stream = static_cast<cudaStream_t>(p.stream);
   WorkspaceCarver carver(p.workspace, p.workspace_bytes);
   const BackwardBuffers buf = BackwardBuffers::carve(carver, p, g);

@@ -24,16 +24,12 @@ struct ForwardBuffers {
 }  // namespace
 
 size_t sla_forward_workspace_bytes(const SlaForwardParams& params, const RoutingPlanView& plan) {
-  WorkspaceCarver carver(nullptr, 0);
-  ForwardBuffers::carve(carver, params, Geometry::of(params.q, params.k, plan.shape));
-  return carver.bytes();
+  return WorkspaceCarver::bytes_for<ForwardBuffers>(params, Geometry::of(params.q, params.k, plan.shape));
 }
 
 void sla_forward(const SlaForwardParams& p, const RoutingPlanView& plan) {
   const Geometry g = Geometry::of(p.q, p.k, plan.shape);
-  check_sparse_support(g);
-  SLATTN_CHECK(p.proj_weight == nullptr || p.proj_dtype == DType::float32,
-               "the CUDA path takes float32 projection weights");
+  check_cuda_support(g, p.proj_weight, p.proj_dtype);
   auto stream = static_cast<cudaStream_t>(p.stream);
   WorkspaceCarver carver(p.workspace, p.workspace_bytes);
   const ForwardBuffers buf = ForwardBuffers::carve(carver, p, g);

@@ -243,6 +243,12 @@ void check_sparse_support(const Geometry& g) {
   SLATTN_CHECK(g.block_k == 64 || g.block_k == 128, "the CUDA kernels support block_k 64 and 128, got ", g.block_k);
 }
 
+void check_cuda_support(const Geometry& g, const void* proj_weight, DType proj_dtype) {
+  check_sparse_support(g);
+  SLATTN_CHECK(proj_weight == nullptr || proj_dtype == DType::float32,
+               "the CUDA path takes float32 projection weights, got ", dtype_name(proj_dtype));
+}
+
 void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                      cudaStream_t stream) {
   check_sparse_support(g);

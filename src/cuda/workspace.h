@@ -26,6 +26,14 @@ class WorkspaceCarver {
   }
   size_t bytes() const { return offset_; }
 
+  // Bytes a Buffers layout (a struct with static carve(carver, params, geometry)) takes.
+  template <typename Buffers, typename Params, typename Geometry>
+  static size_t bytes_for(const Params& params, const Geometry& geometry) {
+    WorkspaceCarver sizer(nullptr, 0);
+    Buffers::carve(sizer, params, geometry);
+    return sizer.bytes();
+  }
+
  private:
   char* base_;
   size_t capacity_;
