@@ -18,6 +18,7 @@ live in `controller.layers`. `share="head_dim"` keeps one state per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from typing import Callable
@@ -45,7 +46,9 @@ class SLAController:
     Use as a context manager (`with slattn.patch_sdpa(cfg): ...`) or keep it
     and call `unpatch()`."""
 
-    def __init__(self, config=None, checkpoint=None):
+    def __init__(self, config=None, checkpoint=None, *, activate: bool = True):
+        """activate=False builds the controller without patching SDPA (for
+        `pinned()` use by attention processors)."""
         self.config = SLAConfig.parse(config)
         self.layers = nn.ModuleDict()  # states not owned by an attached model
         self._owners: dict[str, nn.Module] = {}
@@ -59,7 +62,9 @@ class SLAController:
         self._fallbacks: Counter = Counter()
         self._checkpoint = checkpoint
         self._loaded: dict | None = load_state(checkpoint, self.config.to_dict()) if checkpoint is not None else None
-        self.patch()
+        self._pinned: SparseLinearAttention | None = None
+        if activate:
+            self.patch()
 
     # ------------------------------------------------------------ patching
     def patch(self) -> "SLAController":
@@ -80,6 +85,25 @@ class SLAController:
 
     def __enter__(self) -> "SLAController":
         return self.patch()
+
+    @contextlib.contextmanager
+    def pinned(self, state: SparseLinearAttention):
+        """SDPA calls inside run SLA with `state` (where SLA can serve), with
+        SDPA patched only for the duration. Yields the number of SLA calls made
+        so far, as a list whose one element updates on exit."""
+        was_patched = self._original is not None
+        previous, self._pinned = self._pinned, state
+        before = self._stats["sla"]
+        served = [0]
+        self.patch()
+        try:
+            yield served
+        finally:
+            self._pinned = previous
+            served[0] = self._stats["sla"] - before
+            if not was_patched:
+                torch.nn.functional.scaled_dot_product_attention = self._original
+                self._original = None
 
     def __exit__(self, *exc) -> None:
         self.unpatch()
@@ -142,12 +166,15 @@ class SLAController:
         # ModuleDict names cannot hold ':' or '.'; checkpoints use "<head_dim>:<dtype>" in shared mode.
         return name.replace("__", ":")
 
-    def _new_state(self, head_dim: int) -> SparseLinearAttention:
+    def new_state(self, head_dim: int) -> SparseLinearAttention:
+        """A fresh SLA state (zero projection) with this controller's settings."""
         c = self.config
         return SparseLinearAttention(head_dim, c.topk, c.feature_map, c.blkq, c.blkk, c.use_bf16, c.tie_feature_map_qk,
                                      negligible=c.negligible, linear_scope=c.linear_scope)
 
     def _state_for(self, q: torch.Tensor) -> SparseLinearAttention:
+        if self._pinned is not None:
+            return self._pinned
         head_dim = q.shape[-1]
         if self.config.share == "head_dim":
             name = f"{head_dim}__{_DTYPE_NAMES[q.dtype]}"
@@ -165,7 +192,7 @@ class SLAController:
             holder, key = self.layers, name
         state = getattr(holder, name, None) if isinstance(holder, nn.Module) else None
         if state is None:
-            state = self._new_state(head_dim).to(q.device)
+            state = self.new_state(head_dim).to(q.device)
             if self._loaded is not None and key in self._loaded:
                 state.load_state_dict(self._loaded[key])
             holder.add_module(name, state)
