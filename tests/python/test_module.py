@@ -182,3 +182,25 @@ def test_reference_signature_and_repr():
     assert module.tie_feature_map_qk is False and module.dtype == torch.float16
     assert module.scale == pytest.approx(64 ** -0.5)
     assert "feature_map='elu'" in repr(module) and "BLKQ=128" in repr(module)
+
+
+def test_a_block_using_the_module_compiles_with_fullgraph():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(128, 384)
+            self.attn = slattn.SparseLinearAttention(64, 0.25, use_bf16=False)
+            self.out = torch.nn.Linear(128, 128)
+
+        def forward(self, x):
+            b, length, dim = x.shape
+            q, k, v = self.qkv(x).view(b, length, 3, 2, 64).permute(2, 0, 3, 1, 4)
+            return self.out(self.attn(q, k, v).transpose(1, 2).reshape(b, length, dim))
+
+    torch.manual_seed(0)
+    block, x = Block(), torch.randn(1, 200, 128)
+    eager = block(x)
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
+    compiled(x).sum().backward()
+    assert block.attn.proj_l.weight.grad.abs().sum() > 0

@@ -198,3 +198,15 @@ def test_config_strings_are_accepted_and_bad_configs_refused_at_patch_time():
     with pytest.raises(ValueError, match="bogus"):
         slattn.patch_sdpa({"bogus": 1})
     assert F.scaled_dot_product_attention is original  # a refused config patches nothing
+
+
+def test_patched_model_compiles_with_fullgraph_after_a_warm_up():
+    model = Block()
+    x = tokens()
+    with slattn.patch_sdpa(CONFIG) as controller:
+        controller.attach(model)
+        eager = model(x)  # creates the layer's SLA state; compiled code then finds it in place
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager)
+        compiled(x).sum().backward()
+    assert model.sla_attention.proj_l.weight.grad.abs().sum() > 0
