@@ -210,3 +210,24 @@ def test_patched_model_compiles_with_fullgraph_after_a_warm_up():
         torch.testing.assert_close(compiled(x), eager)
         compiled(x).sum().backward()
     assert model.sla_attention.proj_l.weight.grad.abs().sum() > 0
+
+
+def test_ddp_and_autocast_keep_fp32_master_weights_with_gradients(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = Block()
+        with slattn.patch_sdpa({"topk": 0.25}) as controller:
+            controller.attach(model)
+            model(tokens())  # the SLA state exists before DDP collects the parameters
+            ddp = nn.parallel.DistributedDataParallel(model)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = ddp(tokens(1))
+            out.float().sum().backward()
+        weight = model.sla_attention.proj_l.weight
+        assert out.dtype == torch.bfloat16
+        assert weight.dtype == weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
+        assert any(p is weight for p in ddp.parameters())
+    finally:
+        dist.destroy_process_group()
