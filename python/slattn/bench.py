@@ -52,6 +52,7 @@ class CaseResult:
     sla_fwd_bwd_computed_tflops: float
     dense_fwd_tflops: float
     dense_backends: dict  # backend -> {"fwd_ms", "fwd_bwd_ms"} or {"unavailable": reason}
+    flex: dict  # FlexAttention on the same plan, sparse branch only: as above, or {"skipped": why}
 
 
 def dense_backends(device: torch.device) -> dict:
@@ -94,7 +95,35 @@ def _inputs(shape, dtype, device, requires_grad):
             for _ in range(3)]
 
 
-def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats) -> CaseResult:
+def time_flex(q, k, v, grad, plan, device, repeats) -> dict:
+    """FlexAttention given the same block map (sparse branch only), compiled.
+    Its backward is timed on a GPU; PyTorch has none on the CPU, where it is
+    reported as such rather than attempted (a refused call inside the compiled
+    function was seen to leave later compiled calls in the process wrong)."""
+    from .flex import flex_sparse_attention
+
+    def first_line(error: Exception) -> str:
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+    detached = [t.detach() for t in (q, k, v)]
+    try:
+        with torch.no_grad():
+            result = {"fwd_ms": 1e3 * median_seconds(lambda: flex_sparse_attention(*detached, plan), device,
+                                                     repeats=repeats)}
+    except (RuntimeError, ImportError) as error:
+        return {"unavailable": first_line(error)}
+    if torch.device(device).type == "cpu":
+        result["fwd_bwd_unavailable"] = "FlexAttention has no backward on the CPU"
+        return result
+    try:
+        result["fwd_bwd_ms"] = 1e3 * median_seconds(lambda: flex_sparse_attention(q, k, v, plan).backward(grad),
+                                                    device, repeats=repeats)
+    except RuntimeError as error:
+        result["fwd_bwd_unavailable"] = first_line(error)
+    return result
+
+
+def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=False) -> CaseResult:
     b, h, length, d = shape
     q, k, v = _inputs(shape, dtype, device, requires_grad=True)
     gen = torch.Generator().manual_seed(1)
@@ -116,6 +145,8 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats) -> CaseRe
     t_fwd_bwd = median_seconds(sla_fwd_bwd, device, repeats=repeats)
     dense = {name: time_dense(q, k, v, grad, backend, device, repeats)
              for name, backend in dense_backends(torch.device(device)).items()}
+    flex_result = (time_flex(q, k, v, grad, plan, device, repeats) if flex
+                   else {"skipped": "not asked for (--flex; on by default on a GPU)"})
     ran = [timing for timing in dense.values() if "fwd_ms" in timing]
     if not ran:
         raise RuntimeError(f"no dense attention backend ran: {dense}")
@@ -130,7 +161,7 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats) -> CaseRe
                       sla_fwd_computed_tflops=sparse / t_fwd / 1e12,
                       sla_fwd_bwd_effective_tflops=FWD_BWD_FLOPS_FACTOR * full / t_fwd_bwd / 1e12,
                       sla_fwd_bwd_computed_tflops=FWD_BWD_FLOPS_FACTOR * sparse / t_fwd_bwd / 1e12,
-                      dense_fwd_tflops=full / t_dense / 1e12, dense_backends=dense)
+                      dense_fwd_tflops=full / t_dense / 1e12, dense_backends=dense, flex=flex_result)
 
 
 def environment(device: torch.device) -> dict:
@@ -167,12 +198,14 @@ def plot(results: list[CaseResult], path: str) -> bool:
 
 
 def run_bench(*, device: str = "auto", shapes=None, topk: float = 0.05, block_q: int = 64, block_k: int = 64,
-              dtype: str | None = None, repeats: int = 3, out_dir: str = "slattn-results", print_fn=print) -> dict:
+              dtype: str | None = None, repeats: int = 3, out_dir: str = "slattn-results", flex: bool | None = None,
+              print_fn=print) -> dict:
     dev = pick_device(device)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     shapes = shapes or DEFAULT_SHAPES[dev.type]
+    flex = dev.type == "cuda" if flex is None else flex
     results = [run_case(s, dtype=torch_dtype, topk=topk, block_q=block_q, block_k=block_k, device=dev,
-                        repeats=repeats) for s in tqdm(shapes, desc="bench cases", disable=len(shapes) < 2)]
+                        repeats=repeats, flex=flex) for s in tqdm(shapes, desc="bench cases", disable=len(shapes) < 2)]
     report = {"environment": environment(dev), "device": str(dev), "results": [asdict(r) for r in results]}
 
     header = (f"{'shape (B,H,L,D)':20s}{'density':>8s}{'route':>9s}{'SLA fwd':>10s}{'dense fwd':>11s}"
@@ -189,6 +222,12 @@ def run_bench(*, device: str = "auto", shapes=None, topk: float = 0.05, block_q:
             detail = (f"fwd {timing['fwd_ms']:.2f} ms, fwd+bwd {timing['fwd_bwd_ms']:.2f} ms" if "fwd_ms" in timing
                       else f"unavailable: {timing['unavailable']}")
             print_fn(f"    dense {name}: {detail}")
+        if "fwd_ms" in r.flex:
+            backward = (f"fwd+bwd {r.flex['fwd_bwd_ms']:.2f} ms" if "fwd_bwd_ms" in r.flex
+                        else f"fwd+bwd unavailable: {r.flex['fwd_bwd_unavailable']}")
+            print_fn(f"    FlexAttention, same block map, sparse branch only: fwd {r.flex['fwd_ms']:.2f} ms, {backward}")
+        elif "unavailable" in r.flex:
+            print_fn(f"    FlexAttention: unavailable: {r.flex['unavailable']}")
     print_fn("dense columns: the fastest dense backend; eff TF = 4·B·H·L²·D / SLA fwd time; "
              "comp TF = FLOPs of the critical blocks / SLA fwd time (routing and linear branch included)")
     os.makedirs(out_dir, exist_ok=True)
@@ -213,5 +252,5 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 def main(args) -> int:
     shapes = [parse_shape(s) for s in args.shape] if args.shape else None
     run_bench(device=args.device, shapes=shapes, topk=args.topk, block_q=args.block_q, block_k=args.block_k,
-              dtype=args.dtype, repeats=args.repeats, out_dir=args.out_dir)
+              dtype=args.dtype, repeats=args.repeats, out_dir=args.out_dir, flex=args.flex)
     return 0

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="input dtype")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     bench.add_argument("--out-dir", default="slattn-results", help="folder for bench.json and bench.png")
+    bench.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
+                       help="also time FlexAttention on the same block map (default: on a GPU only)")
     return parser
 
 

@@ -29,7 +29,7 @@ def test_demo_reports_the_sparsity_error_trade(capsys):
 
 def test_bench_writes_json_and_a_plot(tmp_path):
     report = run_bench(device="cpu", shapes=[(1, 2, 200, 64)], topk=0.3, block_q=32, block_k=32, repeats=1,
-                       out_dir=str(tmp_path))
+                       out_dir=str(tmp_path), flex=True)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved == json.loads(json.dumps(report))
     (result,) = saved["results"]
@@ -38,6 +38,8 @@ def test_bench_writes_json_and_a_plot(tmp_path):
     for key in ("route_ms", "sla_fwd_ms", "sla_fwd_bwd_ms", "dense_fwd_ms", "dense_fwd_bwd_ms"):
         assert result[key] > 0, key
     assert result["dense_backends"]["sdpa"]["fwd_ms"] == result["dense_fwd_ms"]
+    assert result["flex"]["fwd_ms"] > 0  # FlexAttention has no backward on the CPU: reported, not hidden
+    assert result["flex"].get("fwd_bwd_ms", 0) > 0 or "backward" in result["flex"]["fwd_bwd_unavailable"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
