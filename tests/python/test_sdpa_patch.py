@@ -231,3 +231,22 @@ def test_ddp_and_autocast_keep_fp32_master_weights_with_gradients(tmp_path):
         assert any(p is weight for p in ddp.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def test_patches_unwind_in_order_and_an_out_of_order_unpatch_is_refused():
+    original = F.scaled_dot_product_attention
+    outer = slattn.patch_sdpa(CONFIG)
+    inner = slattn.patch_sdpa(CONFIG)
+    with pytest.raises(RuntimeError, match="patched again"):
+        outer.unpatch()
+    inner.unpatch()
+    outer.unpatch()
+    assert F.scaled_dot_product_attention is original
+
+
+def test_the_sdpa_scale_argument_is_honoured():
+    q, k, v = qkv()
+    with slattn.patch_sdpa(CONFIG):
+        patched = F.scaled_dot_product_attention(q, k, v, scale=0.05)
+    expected = slattn.sparse_linear_attention(*(t.half() for t in (q, k, v)), topk=0.25, scale=0.05).float()
+    assert torch.equal(patched, expected)

@@ -77,11 +77,18 @@ class SLAController:
     def unpatch(self) -> None:
         """Restores the original SDPA and removes the hooks of attach()."""
         if self._original is not None:
-            torch.nn.functional.scaled_dot_product_attention = self._original
-            self._original = None
+            self._restore_sdpa()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+
+    def _restore_sdpa(self) -> None:
+        """Restores the SDPA this controller replaced, keeping attach()'s hooks."""
+        if torch.nn.functional.scaled_dot_product_attention != self._attention:
+            raise RuntimeError("scaled_dot_product_attention was patched again after this controller; "
+                               "unpatch the later patch first")
+        torch.nn.functional.scaled_dot_product_attention = self._original
+        self._original = None
 
     def __enter__(self) -> "SLAController":
         return self.patch()
@@ -102,8 +109,7 @@ class SLAController:
             self._pinned = previous
             served[0] = self._stats["sla"] - before
             if not was_patched:
-                torch.nn.functional.scaled_dot_product_attention = self._original
-                self._original = None
+                self._restore_sdpa()
 
     def __exit__(self, *exc) -> None:
         self.unpatch()
