@@ -60,7 +60,6 @@ class SLAController:
         self._logged: set[str] = set()
         self._stats = Counter()
         self._fallbacks: Counter = Counter()
-        self._checkpoint = checkpoint
         self._loaded: dict | None = load_state(checkpoint, self.config.to_dict()) if checkpoint is not None else None
         self._pinned: SparseLinearAttention | None = None
         if activate:
@@ -95,9 +94,9 @@ class SLAController:
 
     @contextlib.contextmanager
     def pinned(self, state: SparseLinearAttention):
-        """SDPA calls inside run SLA with `state` (where SLA can serve), with
-        SDPA patched only for the duration. Yields the number of SLA calls made
-        so far, as a list whose one element updates on exit."""
+        """SDPA calls inside run SLA with `state` (where SLA can serve), SDPA
+        being patched for the duration if it was not already. Yields a
+        one-element list that holds, on exit, how many calls SLA served."""
         was_patched = self._original is not None
         previous, self._pinned = self._pinned, state
         before = self._stats["sla"]
