@@ -76,7 +76,7 @@ void route(const RouteParams& params, const RoutingPlanView& plan) {
   validate(params, plan);
   if (on_device(params.q.data, "route")) {
 #ifdef SLATTN_WITH_CUDA
-    check_workspace(params.workspace, params.workspace_bytes, route_workspace_bytes(params, plan), "route");
+    check_workspace(params.workspace, params.workspace_bytes, cuda::route_workspace_bytes(params, plan), "route");
     cuda::route(params, plan, params.workspace, params.workspace_bytes, static_cast<cudaStream_t>(params.stream));
 #endif
     return;
@@ -89,7 +89,7 @@ void sla_forward(const SlaForwardParams& params, const RoutingPlanView& plan) {
   validate(params, plan);
   if (on_device(params.q.data, "sla_forward")) {
 #ifdef SLATTN_WITH_CUDA
-    check_workspace(params.workspace, params.workspace_bytes, sla_forward_workspace_bytes(params, plan),
+    check_workspace(params.workspace, params.workspace_bytes, cuda::sla_forward_workspace_bytes(params, plan),
                     "sla_forward");
     cuda::sla_forward(params, plan);
 #endif
@@ -102,7 +102,7 @@ void sla_backward(const SlaBackwardParams& params, const RoutingPlanView& plan) 
   validate(params, plan);
   if (on_device(params.q.data, "sla_backward")) {
 #ifdef SLATTN_WITH_CUDA
-    check_workspace(params.workspace, params.workspace_bytes, sla_backward_workspace_bytes(params, plan),
+    check_workspace(params.workspace, params.workspace_bytes, cuda::sla_backward_workspace_bytes(params, plan),
                     "sla_backward");
     cuda::sla_backward(params, plan);
 #endif

@@ -31,8 +31,8 @@ def check_fractions(topk, negligible) -> None:
         raise ValueError(f"topk + negligible must be <= 1, got {topk} + {negligible}")
 
 
-def check_block_sizes(block_q, block_k) -> None:
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
+def check_block_sizes(block_q, block_k, names=("block_q", "block_k")) -> None:
+    for name, value in zip(names, (block_q, block_k)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BLOCK_SIZE:
             raise ValueError(f"{name} must be an integer in [1, {MAX_BLOCK_SIZE}] (64 or 128 on CUDA), got {value!r}")
 

@@ -17,10 +17,6 @@ from .plan import _plan_view
 Tensor = torch.Tensor
 
 
-def _empty() -> Tensor:
-    return torch.empty(0)
-
-
 _PLAN_NAMES = ("block_map", "row_count", "row_index", "col_count", "col_index")
 
 

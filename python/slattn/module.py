@@ -35,10 +35,7 @@ class SparseLinearAttention(nn.Module):
             raise ValueError(f"head_dim must be a multiple of {_checks.HEAD_DIM_MULTIPLE} in "
                              f"[{_checks.HEAD_DIM_MULTIPLE}, {_checks.MAX_HEAD_DIM}], got {head_dim}")
         _checks.check_fractions(topk, negligible)
-        for name, value in (("BLKQ", BLKQ), ("BLKK", BLKK)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _checks.MAX_BLOCK_SIZE:
-                raise ValueError(f"{name} must be an integer in [1, {_checks.MAX_BLOCK_SIZE}] (64 or 128 on CUDA), "
-                                 f"got {value!r}")
+        _checks.check_block_sizes(BLKQ, BLKK, names=("BLKQ", "BLKK"))
         _checks.check_choice("feature_map", feature_map, _checks.FEATURE_MAPS)
         _checks.check_choice("linear_scope", linear_scope, _checks.LINEAR_SCOPES)
         _checks.check_choice("layout", layout, ("HND", "NHD"))

@@ -122,9 +122,12 @@ struct KeyStateGrads {
 };
 
 // Accumulates dq and the key-state gradients for one query head, given dOl.
+// Writes the Ol it recomputes on the way into `ol` (rows, D; zero where U_m is
+// empty), for the projection's gradient.
 template <typename T>
 void linear_backward(const HeadPlan& plan, LinearScope scope, FeatureMap feature_map, const Matrix<T>& q,
-                     const KeyStates<T>& states, const Matrix<T>& dol, Matrix<T>& dq, KeyStateGrads<T>& grads) {
+                     const KeyStates<T>& states, const Matrix<T>& dol, Matrix<T>& dq, KeyStateGrads<T>& grads,
+                     Matrix<T>& ol) {
   const int64_t features = states.features;
   const int64_t dim = states.dim;
   const Matrix<T> phi_q = apply_feature_map(feature_map, q);
@@ -132,15 +135,15 @@ void linear_backward(const HeadPlan& plan, LinearScope scope, FeatureMap feature
   Matrix<T> dh_m(plan.q_blocks(), features * dim);  // dH_m
   Matrix<T> dz_m(plan.q_blocks(), features);        // dZ_m
   std::vector<T> h_m(static_cast<size_t>(features * dim)), z_m(static_cast<size_t>(features));
-  std::vector<T> ol(static_cast<size_t>(dim)), g(static_cast<size_t>(dim));
+  std::vector<T> g(static_cast<size_t>(dim));
   for (int64_t m = 0; m < plan.q_blocks(); ++m) {
     if (!query_block_state(plan, scope, states, m, h_m.data(), z_m.data())) continue;  // Ol = 0: no gradient
     for (int64_t i = plan.q_begin(m); i < plan.q_end(m); ++i) {
       const T* phi = phi_q.row(i);
       T denominator;
-      linear_row(phi, h_m.data(), z_m.data(), features, dim, ol.data(), denominator);
+      linear_row(phi, h_m.data(), z_m.data(), features, dim, ol.row(i), denominator);
       for (int64_t c = 0; c < dim; ++c) g[c] = dol.row(i)[c] / denominator;
-      const T c_i = dot(dol.row(i), ol.data(), dim) / denominator;
+      const T c_i = dot(dol.row(i), ol.row(i), dim) / denominator;
       T* dphi = dphi_q.row(i);
       for (int64_t f = 0; f < features; ++f) dphi[f] = dot(h_m.data() + f * dim, g.data(), dim) - c_i * z_m[f];
       for (int64_t f = 0; f < features; ++f) axpy(phi[f], g.data(), dh_m.row(m) + f * dim, dim);

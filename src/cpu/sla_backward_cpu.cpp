@@ -60,17 +60,15 @@ void backward_kv_head(const SlaBackwardParams& p, const RoutingPlanView& plan, i
     if (linear) {
       // dOl = dO · W + (extra gradient on Ol)
       Matrix<T> dol = load_optional<T>(p.dout_linear, b, h, q.rows, dim);
-      if (p.proj_weight) {
+      if (p.proj_weight)
         for (int64_t i = 0; i < q.rows; ++i)
           for (int64_t r = 0; r < dim; ++r) axpy(dout.row(i)[r], w.data() + r * dim, dol.row(i), dim);
-        // dW = Σ dOᵀ Ol needs Ol itself.
-        Matrix<T> ol(q.rows, dim);
-        linear_forward(head_plan, p.linear_scope, p.feature_map, q, states, ol);
+      Matrix<T> ol(q.rows, dim);
+      linear_backward(head_plan, p.linear_scope, p.feature_map, q, states, dol, dq, state_grads, ol);
+      if (p.proj_weight)  // dW = Σ dOᵀ Ol
         for (int64_t i = 0; i < q.rows; ++i)
           for (int64_t r = 0; r < dim; ++r)
             for (int64_t c = 0; c < dim; ++c) proj.weight[r * dim + c] += double(dout.row(i)[r]) * double(ol.row(i)[c]);
-      }
-      linear_backward(head_plan, p.linear_scope, p.feature_map, q, states, dol, dq, state_grads);
     }
     if (p.has_proj_bias)
       for (int64_t i = 0; i < q.rows; ++i)

@@ -4,6 +4,14 @@
 namespace slattn::cuda {
 namespace {
 
+// The kernel's view of one launch.
+struct GemmArgs {
+  int64_t m, n, k, batches;
+  GemmOperand a, b;
+  GemmOutput c;
+  float beta;  // 0: C is not read
+};
+
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 constexpr int kTileK = 16;
@@ -56,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs g) {
         const int64_t col = col0 + tc + j * (kTileN / kPatch);
         if (row < g.m && col < g.n) {
           float* out = c + row * g.c.row_stride + col;
-          *out = g.alpha * acc[i][j] + (g.beta != 0.0f ? g.beta * *out : 0.0f);
+          *out = acc[i][j] + (g.beta != 0.0f ? g.beta * *out : 0.0f);
         }
       }
     }
@@ -65,7 +73,11 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs g) {
 
 }  // namespace
 
-void gemm(const GemmArgs& args, cudaStream_t stream) {
+void gemm(int64_t batches, const GemmOperand& a, const GemmOperand& b, const GemmOutput& c, cudaStream_t stream,
+          float beta) {
+  SLATTN_CHECK(a.cols == b.rows && c.rows == a.rows && c.cols == b.cols, "gemm: operand sizes (", a.rows, "x",
+               a.cols, ") (", b.rows, "x", b.cols, ") -> (", c.rows, "x", c.cols, ") do not agree");
+  const GemmArgs args{a.rows, b.cols, a.cols, batches, a, b, c, beta};
   if (args.m == 0 || args.n == 0 || args.batches == 0) return;
   constexpr int64_t kMaxGridZ = 65535;
   const dim3 grid(static_cast<unsigned>(ceil_div(args.n, kTileN)), static_cast<unsigned>(ceil_div(args.m, kTileM)),

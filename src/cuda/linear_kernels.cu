@@ -36,15 +36,14 @@ __global__ void feature_rows_kernel(DeviceView<const Element> x, int64_t heads, 
   }
 }
 
-__global__ void column_sums_kernel(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst,
-                                   float alpha) {
+__global__ void column_sums_kernel(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst) {
   const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (index >= batches * width) return;
   const int64_t batch = index / width, col = index % width;
   const float* column = src + batch * rows * width + col;
   float sum = 0.0f;
   for (int64_t r = 0; r < rows; ++r) sum += column[r * width];
-  dst[index] = alpha * sum;
+  dst[index] = sum;
 }
 
 __device__ __forceinline__ bool in_linear_set(int8_t cls, LinearScope scope) {
@@ -270,11 +269,10 @@ void feature_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_m
   SLATTN_LAUNCH_CHECK("feature_rows_kernel");
 }
 
-void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst, float alpha,
-                 cudaStream_t stream) {
+void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst, cudaStream_t stream) {
   constexpr int kThreads = 256;
   column_sums_kernel<<<static_cast<unsigned>(ceil_div(batches * width, kThreads)), kThreads, 0, stream>>>(
-      src, batches, rows, width, dst, alpha);
+      src, batches, rows, width, dst);
   SLATTN_LAUNCH_CHECK("column_sums_kernel");
 }
 

@@ -29,31 +29,17 @@ void linear_forward(const Geometry& g, const RoutingPlanView& plan, const Tensor
   feature_rows(v, g.k_rows(), feature_map, nullptr, buf.v_rows, stream);
 
   // h_n = φ(K_n)ᵀ V_n for every key block n, as one batched product.
-  GemmArgs states;
-  states.m = g.features;
-  states.n = g.dim;
-  states.k = g.block_k;
-  states.batches = g.kv_pairs() * g.k_blocks;
-  states.a = dense(buf.phi_k, g.block_k, g.features, /*transposed=*/true);
-  states.b = dense(buf.v_rows, g.block_k, g.dim);
-  states.c = dense_out(buf.key_h, g.features, g.dim);
-  gemm(states, stream);
-  column_sums(buf.phi_k, g.kv_pairs() * g.k_blocks, g.block_k, g.features, buf.key_z, 1.0f, stream);
-  column_sums(buf.key_h, g.kv_pairs(), g.k_blocks, state, buf.total_h, 1.0f, stream);
-  column_sums(buf.key_z, g.kv_pairs(), g.k_blocks, g.features, buf.total_z, 1.0f, stream);
+  gemm(g.kv_pairs() * g.k_blocks, dense(buf.phi_k, g.block_k, g.features, /*transposed=*/true),
+       dense(buf.v_rows, g.block_k, g.dim), dense_out(buf.key_h, g.features, g.dim), stream);
+  column_sums(buf.phi_k, g.kv_pairs() * g.k_blocks, g.block_k, g.features, buf.key_z, stream);
+  column_sums(buf.key_h, g.kv_pairs(), g.k_blocks, state, buf.total_h, stream);
+  column_sums(buf.key_z, g.kv_pairs(), g.k_blocks, g.features, buf.total_z, stream);
   assemble_query_states(g, plan, scope, buf.key_h, buf.key_z, buf.total_h, buf.total_z, buf.query, stream);
 
   // Numerators φ(Q_m) H_m for every query block m; then the division.
   feature_rows(q, g.q_rows(), feature_map, buf.phi_q, nullptr, stream);
-  GemmArgs numerators;
-  numerators.m = g.block_q;
-  numerators.n = g.dim;
-  numerators.k = g.features;
-  numerators.batches = g.q_pairs() * g.q_blocks;
-  numerators.a = dense(buf.phi_q, g.block_q, g.features);
-  numerators.b = dense(buf.query.h, g.features, g.dim);
-  numerators.c = dense_out(buf.ol, g.block_q, g.dim);
-  gemm(numerators, stream);
+  gemm(g.q_pairs() * g.q_blocks, dense(buf.phi_q, g.block_q, g.features), dense(buf.query.h, g.features, g.dim),
+       dense_out(buf.ol, g.block_q, g.dim), stream);
   linear_output(g, buf.phi_q, buf.query, buf.ol, out_linear, stream);
 }
 

@@ -54,84 +54,43 @@ void linear_backward(const SlaBackwardParams& p, const Geometry& g, const Routin
   const int64_t state = g.features * g.dim;
   linear_forward(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, lin, TensorView{}, stream);
   if (p.proj_weight) {  // dOl = dO · W
-    GemmArgs dol;
-    dol.m = g.q_pairs() * g.q_rows();
-    dol.n = g.dim;
-    dol.k = g.dim;
-    dol.a = dense(buf.dout_rows, dol.m, g.dim);
-    dol.b = dense(static_cast<const float*>(p.proj_weight), g.dim, g.dim);
-    dol.c = dense_out(buf.dol, dol.m, g.dim);
-    gemm(dol, stream);
+    const int64_t rows = g.q_pairs() * g.q_rows();
+    gemm(1, dense(buf.dout_rows, rows, g.dim), dense(static_cast<const float*>(p.proj_weight), g.dim, g.dim),
+         dense_out(buf.dol, rows, g.dim), stream);
   }
   linear_row_grads(g, lin.phi_q, lin.query, lin.ol, buf.dol, p.dout_linear, buf.grad_g, buf.grad_c, stream);
 
   // dQφ = G H_mᵀ (the - c Z_m term is added with the chain rule).
-  GemmArgs dqphi;
-  dqphi.m = g.block_q;
-  dqphi.n = g.features;
-  dqphi.k = g.dim;
-  dqphi.batches = g.q_pairs() * g.q_blocks;
-  dqphi.a = dense(buf.grad_g, g.block_q, g.dim);
-  dqphi.b = dense(lin.query.h, g.features, g.dim, /*transposed=*/true);
-  dqphi.c = dense_out(buf.dqphi, g.block_q, g.features);
-  gemm(dqphi, stream);
+  gemm(g.q_pairs() * g.q_blocks, dense(buf.grad_g, g.block_q, g.dim),
+       dense(lin.query.h, g.features, g.dim, /*transposed=*/true), dense_out(buf.dqphi, g.block_q, g.features), stream);
   linear_query_grad(g, p.q, p.feature_map, lin.phi_q, buf.dqphi, buf.grad_c, lin.query, buf.dq_rows, stream);
 
   // dH_m = φ(Q_m)ᵀ G_m, dZ_m = -Σ c φ(q), and their totals over m.
-  GemmArgs dh;
-  dh.m = g.features;
-  dh.n = g.dim;
-  dh.k = g.block_q;
-  dh.batches = g.q_pairs() * g.q_blocks;
-  dh.a = dense(lin.phi_q, g.block_q, g.features, /*transposed=*/true);
-  dh.b = dense(buf.grad_g, g.block_q, g.dim);
-  dh.c = dense_out(buf.dh_query, g.features, g.dim);
-  gemm(dh, stream);
+  gemm(g.q_pairs() * g.q_blocks, dense(lin.phi_q, g.block_q, g.features, /*transposed=*/true),
+       dense(buf.grad_g, g.block_q, g.dim), dense_out(buf.dh_query, g.features, g.dim), stream);
   query_z_grads(g, lin.phi_q, buf.grad_c, buf.dz_query, stream);
-  column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, 1.0f, stream);
-  column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, 1.0f, stream);
+  column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
+  column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);
   key_state_grads(g, plan, p.linear_scope, buf.dh_query, buf.dz_query, buf.dh_total, buf.dz_total, buf.dh_key,
                   buf.dz_key, stream);
 
   // dKφ = V_n dh_nᵀ (+ dz_n in the chain rule); dV += φ(K_n) dh_n.
-  GemmArgs dkphi;
-  dkphi.m = g.block_k;
-  dkphi.n = g.features;
-  dkphi.k = g.dim;
-  dkphi.batches = g.kv_pairs() * g.k_blocks;
-  dkphi.a = dense(lin.v_rows, g.block_k, g.dim);
-  dkphi.b = dense(buf.dh_key, g.features, g.dim, /*transposed=*/true);
-  dkphi.c = dense_out(buf.dkphi, g.block_k, g.features);
-  gemm(dkphi, stream);
+  gemm(g.kv_pairs() * g.k_blocks, dense(lin.v_rows, g.block_k, g.dim),
+       dense(buf.dh_key, g.features, g.dim, /*transposed=*/true), dense_out(buf.dkphi, g.block_k, g.features), stream);
   linear_key_grad(g, p.k, p.feature_map, lin.phi_k, buf.dkphi, buf.dz_key, buf.dk_rows, stream);
-  GemmArgs dv;
-  dv.m = g.block_k;
-  dv.n = g.dim;
-  dv.k = g.features;
-  dv.batches = g.kv_pairs() * g.k_blocks;
-  dv.a = dense(lin.phi_k, g.block_k, g.features);
-  dv.b = dense(buf.dh_key, g.features, g.dim);
-  dv.c = dense_out(buf.dv_rows, g.block_k, g.dim);
-  dv.beta = 1.0f;
-  gemm(dv, stream);
+  gemm(g.kv_pairs() * g.k_blocks, dense(lin.phi_k, g.block_k, g.features), dense(buf.dh_key, g.features, g.dim),
+       dense_out(buf.dv_rows, g.block_k, g.dim), stream, /*beta=*/1.0f);
 }
 
 void projection_backward(const SlaBackwardParams& p, const Geometry& g, const BackwardBuffers& buf,
                          cudaStream_t stream) {
   // dW = Σ dOᵀ Ol: one partial product per (batch, head), then their sum in order.
-  GemmArgs dw;
-  dw.m = g.dim;
-  dw.n = g.dim;
-  dw.k = g.q_rows();
-  dw.batches = g.q_pairs();
-  dw.a = dense(buf.dout_rows, g.q_rows(), g.dim, /*transposed=*/true);
-  dw.b = dense(buf.linear.ol, g.q_rows(), g.dim);
-  dw.c = dense_out(buf.dw_partial, g.dim, g.dim);
-  gemm(dw, stream);
-  column_sums(buf.dw_partial, 1, g.q_pairs(), g.dim * g.dim, static_cast<float*>(p.d_proj_weight), 1.0f, stream);
+  gemm(g.q_pairs(), dense(buf.dout_rows, g.q_rows(), g.dim, /*transposed=*/true),
+       dense(buf.linear.ol, g.q_rows(), g.dim), dense_out(buf.dw_partial, g.dim, g.dim), stream);
+  column_sums(buf.dw_partial, 1, g.q_pairs(), g.dim * g.dim, static_cast<float*>(p.d_proj_weight), stream);
   if (p.has_proj_bias) {
-    column_sums(buf.dout_rows, g.q_pairs(), g.q_rows(), g.dim, buf.db_partial, 1.0f, stream);
-    column_sums(buf.db_partial, 1, g.q_pairs(), g.dim, static_cast<float*>(p.d_proj_bias), 1.0f, stream);
+    column_sums(buf.dout_rows, g.q_pairs(), g.q_rows(), g.dim, buf.db_partial, stream);
+    column_sums(buf.db_partial, 1, g.q_pairs(), g.dim, static_cast<float*>(p.d_proj_bias), stream);
   }
 }
 

@@ -42,15 +42,10 @@ void sla_forward(const SlaForwardParams& p, const RoutingPlanView& plan) {
   if (!p.proj_weight) return;
 
   // Os rows += Ol Wᵀ (W is (out, in) row-major, so Wᵀ is W with swapped strides).
-  GemmArgs projection;
-  projection.m = g.q_pairs() * g.q_rows();
-  projection.n = g.dim;
-  projection.k = g.dim;
-  projection.a = dense(buf.linear.ol, projection.m, g.dim);
-  projection.b = dense(static_cast<const float*>(p.proj_weight), g.dim, g.dim, /*transposed=*/true);
-  projection.c = dense_out(buf.os_rows, projection.m, g.dim);
-  projection.beta = 1.0f;
-  gemm(projection, stream);
+  const int64_t rows = g.q_pairs() * g.q_rows();
+  gemm(1, dense(buf.linear.ol, rows, g.dim),
+       dense(static_cast<const float*>(p.proj_weight), g.dim, g.dim, /*transposed=*/true),
+       dense_out(buf.os_rows, rows, g.dim), stream, /*beta=*/1.0f);
   combine_output(g, buf.os_rows, static_cast<const float*>(p.proj_bias), p.out, stream);
 }
 

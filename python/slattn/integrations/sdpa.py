@@ -195,7 +195,7 @@ class SLAController:
             name = f"call{self._call_index}"
             self._call_index += 1
             holder, key = self.layers, name
-        state = getattr(holder, name, None) if isinstance(holder, nn.Module) else None
+        state = getattr(holder, name, None)
         if state is None:
             state = self.new_state(head_dim).to(q.device)
             if self._loaded is not None and key in self._loaded:
