@@ -11,7 +11,8 @@ namespace slattn::cuda {
 namespace {
 
 struct BackwardBuffers {
-  float *dos_rows, *dout_rows = nullptr, *delta, *dq_rows, *dk_rows, *dv_rows;
+  void* dos_rows;  // 16-bit elements of the input dtype
+  float *dout_rows = nullptr, *delta, *dq_rows, *dk_rows, *dv_rows;
   LinearBuffers linear{};
   float *dol = nullptr, *grad_g = nullptr, *grad_c = nullptr, *dqphi = nullptr;
   float *dh_query = nullptr, *dz_query = nullptr, *dh_total = nullptr, *dz_total = nullptr;
@@ -22,7 +23,7 @@ struct BackwardBuffers {
     const int64_t q_rows = g.q_pairs() * g.q_rows(), k_rows = g.kv_pairs() * g.k_rows();
     const int64_t state = g.features * g.dim;
     BackwardBuffers b{};
-    b.dos_rows = c.take<float>(q_rows * g.dim);
+    b.dos_rows = c.take<uint16_t>(q_rows * g.dim);
     if (p.proj_weight) b.dout_rows = c.take<float>(q_rows * g.dim);
     b.delta = c.take<float>(q_rows);
     b.dq_rows = c.take<float>(q_rows * g.dim);

@@ -1,59 +1,29 @@
 // Forward of the sparse branch on tensor cores (mma.sync m16n8k16, sm_80+):
 // FlashAttention-2 style. A thread block owns one query block; each warp owns
-// 16 of its rows, keeps Q as A fragments in registers, and walks the critical
-// key blocks of its row list in tiles of kKeyTile keys staged in shared
-// memory, with the online softmax in registers.
+// 16 of its rows and walks the critical key blocks of its row list in tiles
+// of kKeyTile keys staged in shared memory, with the online softmax in
+// registers.
 #include "cuda/common.cuh"
-#include "cuda/mma.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
+#include "cuda/tile_mma.cuh"
 
 namespace slattn::cuda {
 namespace {
 
-constexpr int kKeyTile = 64;      // keys per shared-memory tile
-constexpr int kRowsPerWarp = 16;  // the M of one mma
-constexpr int kPad = 8;           // elements of padding per shared row: ldmatrix rows on distinct banks
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kKeyTile = 64;  // keys per shared-memory tile
 
 template <typename Element, int kHeadDim, int kBlockQ>
 struct ForwardShared {
-  Element q[kBlockQ][kHeadDim + kPad];
-  Element k[kKeyTile][kHeadDim + kPad];
-  Element v[kKeyTile][kHeadDim + kPad];
+  TileRow<Element, kHeadDim> q[kBlockQ];
+  TileRow<Element, kHeadDim> k[kKeyTile];
+  TileRow<Element, kHeadDim> v[kKeyTile];
 };
-
-// Copies rows [first, first + rows) of the (b, h) slice of x into tile[0..rows),
-// zero rows from `valid` on. 16-byte vectors when the head dim is contiguous
-// and aligned, scalar loads otherwise.
-template <typename Element, int kHeadDim, int kThreads>
-__device__ void load_tile(const DeviceView<const Element>& x, int64_t b, int64_t h, int64_t first, int rows,
-                          int64_t valid, Element (*tile)[kHeadDim + kPad]) {
-  constexpr int kVector = 16 / sizeof(Element);
-  const bool vectorised = x.stride_d == 1 && x.stride_l % kVector == 0 &&
-                          reinterpret_cast<uintptr_t>(x.data) % 16 == 0 &&
-                          (x.stride_b % kVector == 0) && (x.stride_h % kVector == 0);
-  if (vectorised) {
-    for (int i = threadIdx.x; i < rows * (kHeadDim / kVector); i += kThreads) {
-      const int r = i / (kHeadDim / kVector), d = (i % (kHeadDim / kVector)) * kVector;
-      uint4 value = make_uint4(0, 0, 0, 0);
-      if (first + r < valid) value = *reinterpret_cast<const uint4*>(&x.at(b, h, first + r, d));
-      *reinterpret_cast<uint4*>(&tile[r][d]) = value;
-    }
-  } else {
-    for (int i = threadIdx.x; i < rows * kHeadDim; i += kThreads) {
-      const int r = i / kHeadDim, d = i % kHeadDim;
-      tile[r][d] = first + r < valid ? x.at(b, h, first + r, d) : from_float<Element>(0.0f);
-    }
-  }
-}
 
 template <typename Element, int kHeadDim, int kBlockQ>
 __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
     sparse_forward_mma_kernel(Geometry g, RoutingPlanView plan, SparseForwardArgs a) {
   constexpr int kThreads = kBlockQ / kRowsPerWarp * kWarpSize;
-  constexpr int kSteps = kHeadDim / 16;      // k-steps of Q Kᵀ
   constexpr int kKeyTiles8 = kKeyTile / 8;   // n-tiles of S
   constexpr int kDimTiles8 = kHeadDim / 8;   // n-tiles of O
   using Shared = ForwardShared<Element, kHeadDim, kBlockQ>;
@@ -71,11 +41,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
   const auto v = DeviceView<const Element>::of(a.v);
 
   load_tile<Element, kHeadDim, kThreads>(q, b, h, row0, kBlockQ, g.q_len, s.q);
-  __syncthreads();
-  uint32_t q_frag[kSteps][4];
-#pragma unroll
-  for (int step = 0; step < kSteps; ++step)
-    ldmatrix_x4(q_frag[step], &s.q[warp * kRowsPerWarp + lane % 16][step * 16 + (lane / 16) * 8]);
+  const TileRow<Element, kHeadDim>* q_rows = &s.q[warp * kRowsPerWarp];
 
   const float scale_log2 = a.scale * kLog2e;  // scores in log2 units: exp2 is one instruction
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
@@ -93,16 +59,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
       __syncthreads();
 
       float score[kKeyTiles8][4] = {};
-#pragma unroll
-      for (int step = 0; step < kSteps; ++step) {
-#pragma unroll
-        for (int pair16 = 0; pair16 < kKeyTiles8 / 2; ++pair16) {
-          uint32_t kf[4];
-          ldmatrix_x4(kf, &s.k[pair16 * 16 + (lane & 7) + ((lane >> 4) << 3)][step * 16 + ((lane >> 3) & 1) * 8]);
-          mma_16816<Element>(score[2 * pair16], q_frag[step], kf[0], kf[1]);
-          mma_16816<Element>(score[2 * pair16 + 1], q_frag[step], kf[2], kf[3]);
-        }
-      }
+      mma_a_bt<Element, kHeadDim, kKeyTile>(score, q_rows, s.k);
 
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -140,21 +97,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
         out[j][3] *= correction[1];
       }
 
-      // O += P V: the accumulators of two adjacent key n-tiles form one A fragment.
-#pragma unroll
-      for (int step = 0; step < kKeyTile / 16; ++step) {
-        const uint32_t p_frag[4] = {pack2<Element>(score[2 * step][0], score[2 * step][1]),
-                                    pack2<Element>(score[2 * step][2], score[2 * step][3]),
-                                    pack2<Element>(score[2 * step + 1][0], score[2 * step + 1][1]),
-                                    pack2<Element>(score[2 * step + 1][2], score[2 * step + 1][3])};
-#pragma unroll
-        for (int d16 = 0; d16 < kHeadDim / 16; ++d16) {
-          uint32_t vf[4];
-          ldmatrix_x4_trans(vf, &s.v[step * 16 + (lane & 7) + (((lane >> 3) & 1) << 3)][d16 * 16 + (lane >> 4) * 8]);
-          mma_16816<Element>(out[2 * d16], p_frag, vf[0], vf[1]);
-          mma_16816<Element>(out[2 * d16 + 1], p_frag, vf[2], vf[3]);
-        }
-      }
+      mma_p_b<Element, kHeadDim, kKeyTile>(out, score, s.v);  // O += P V
     }
   }
 

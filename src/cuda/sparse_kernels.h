@@ -1,7 +1,7 @@
 // The sparse branch on CUDA (SPEC sections 2 and 5): exact softmax attention
-// over the critical key blocks with a FlashAttention-style online softmax.
-// The forward runs on tensor cores (sparse_forward_mma.cu), the backward on
-// CUDA cores (sparse_kernels.cu). Head dims 64 and 128; block sizes 64 and 128.
+// over the critical key blocks with a FlashAttention-style online softmax, on
+// tensor cores (sparse_forward_mma.cu, sparse_backward_mma.cu). Head dims 64
+// and 128; block sizes 64 and 128.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,8 +32,8 @@ struct SparseBackwardArgs {
   TensorView dout_sparse;  // optional
   const float* lse;
   float scale;
-  // Workspace, padded fp32 rows.
-  float* dos_rows;   // dOs = dout + dout_sparse (written)
+  // Workspace, padded rows: dOs in the input dtype (the products' operand), the rest fp32.
+  void* dos_rows;    // dOs = dout + dout_sparse (written)
   float* dout_rows;  // dout alone (written when not null)
   float* delta;      // D_i per padded query row (written)
   float* dq_rows;    // (written)
@@ -42,6 +42,9 @@ struct SparseBackwardArgs {
 };
 void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                      cudaStream_t stream);
+
+// The first step of sparse_backward: dos_rows, dout_rows and delta.
+void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream);
 
 // The head dims and block sizes the sparse kernels are built for.
 void check_sparse_support(const Geometry& g);

@@ -1,0 +1,226 @@
+// Backward of the sparse branch on tensor cores (mma.sync m16n8k16, sm_80+),
+// FlashAttention-2 style, in two deterministic kernels (no atomics):
+//   dQ:    a thread block per query block walks its row list; each warp owns
+//          16 query rows: S = Q Kᵀ, dP = dOs Vᵀ, dS = P (dP - D), dQ += dS K.
+//   dK/dV: a thread block per 64 keys walks the column list of their key block
+//          (for every query head of the GQA group); each warp owns 16 keys:
+//          Sᵀ = K Qᵀ, dPᵀ = V dOsᵀ, dV += Pᵀ dOs, dK += dSᵀ Q.
+// P comes back from the forward's LSE, so no softmax state is carried. P and
+// dS enter the second product rounded to the input dtype, as in FlashAttention.
+#include "cuda/common.cuh"
+#include "cuda/sla_cuda.h"
+#include "cuda/sparse_kernels.h"
+#include "cuda/tile_mma.cuh"
+
+namespace slattn::cuda {
+namespace {
+
+constexpr int kTile = 64;  // keys per tile in the dQ kernel, keys and queries per tile in the dK/dV kernel
+constexpr int kTiles8 = kTile / 8;
+
+template <typename Element, int kHeadDim, int kBlockQ>
+struct QueryBlockShared {
+  TileRow<Element, kHeadDim> q[kBlockQ];
+  TileRow<Element, kHeadDim> dos[kBlockQ];
+  TileRow<Element, kHeadDim> k[kTile];
+  TileRow<Element, kHeadDim> v[kTile];
+};
+
+template <typename Element, int kHeadDim>
+struct KeyTileShared {
+  TileRow<Element, kHeadDim> k[kTile];
+  TileRow<Element, kHeadDim> v[kTile];
+  TileRow<Element, kHeadDim> q[kTile];
+  TileRow<Element, kHeadDim> dos[kTile];
+  float lse_log2[kTile];  // +inf past the sequence: P = 0 there
+  float delta[kTile];
+};
+
+// The padded dOs rows of the workspace, seen as a (B, H, q_rows, D) tensor.
+template <typename Element>
+DeviceView<const Element> dos_view(const Geometry& g, const void* dos_rows) {
+  DeviceView<const Element> view;
+  view.data = static_cast<const Element*>(dos_rows);
+  view.stride_d = 1;
+  view.stride_l = g.dim;
+  view.stride_h = g.q_rows() * g.dim;
+  view.stride_b = g.heads * view.stride_h;
+  return view;
+}
+
+template <typename Element, int kHeadDim, int kBlockQ>
+__global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
+    sparse_dq_kernel(Geometry g, RoutingPlanView plan, SparseBackwardArgs a, DeviceView<const Element> dos) {
+  constexpr int kThreads = kBlockQ / kRowsPerWarp * kWarpSize;
+  constexpr int kDimTiles8 = kHeadDim / 8;
+  using Shared = QueryBlockShared<Element, kHeadDim, kBlockQ>;
+  extern __shared__ __align__(16) unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(raw);
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t kv = h / g.group();
+  const int64_t pair = b * g.heads + h;
+  const int64_t row0 = m * kBlockQ;
+  const int64_t padded0 = pair * g.q_rows() + row0;
+  const auto k = DeviceView<const Element>::of(a.k);
+  const auto v = DeviceView<const Element>::of(a.v);
+
+  load_tile<Element, kHeadDim, kThreads>(DeviceView<const Element>::of(a.q), b, h, row0, kBlockQ, g.q_len, s.q);
+  load_tile<Element, kHeadDim, kThreads>(dos, b, h, row0, kBlockQ, g.q_rows(), s.dos);
+  const int local0 = warp * kRowsPerWarp;
+  float lse_log2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + local0 + accumulator_row(2 * r);
+    lse_log2[r] = row < g.q_len ? a.lse[pair * g.q_len + row] * kLog2e : INFINITY;
+    delta[r] = a.delta[padded0 + local0 + accumulator_row(2 * r)];
+  }
+  const float scale_log2 = a.scale * kLog2e;
+  float dq[kDimTiles8][4] = {};
+
+  const int64_t plan_row = pair * g.q_blocks + m;
+  const int32_t count = plan.row_count[plan_row];
+  for (int32_t i = 0; i < count; ++i) {
+    const int64_t n = plan.row_index[plan_row * g.k_blocks + i];
+    const int64_t end = min(g.k_len, (n + 1) * g.block_k);
+    for (int64_t first = n * g.block_k; first < end; first += kTile) {
+      __syncthreads();  // every warp is done with the previous tile
+      load_tile<Element, kHeadDim, kThreads>(k, b, kv, first, kTile, end, s.k);
+      load_tile<Element, kHeadDim, kThreads>(v, b, kv, first, kTile, end, s.v);
+      __syncthreads();
+
+      float p[kTiles8][4] = {}, ds[kTiles8][4] = {};
+      mma_a_bt<Element, kHeadDim, kTile>(p, &s.q[local0], s.k);     // S
+      mma_a_bt<Element, kHeadDim, kTile>(ds, &s.dos[local0], s.v);  // dP
+#pragma unroll
+      for (int j = 0; j < kTiles8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool valid = first + accumulator_col(j, e) < end;
+          p[j][e] = valid ? exp2f(p[j][e] * scale_log2 - lse_log2[e / 2]) : 0.0f;
+          ds[j][e] = p[j][e] * (ds[j][e] - delta[e / 2]);
+        }
+      }
+      mma_p_b<Element, kHeadDim, kTile>(dq, ds, s.k);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kDimTiles8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t padded = padded0 + local0 + accumulator_row(e);
+      a.dq_rows[padded * kHeadDim + accumulator_col(j, e)] = a.scale * dq[j][e];
+    }
+  }
+}
+
+// grid (Nk * tiles, Hkv, B): dK and dV of kTile keys.
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
+    sparse_dkv_kernel(Geometry g, RoutingPlanView plan, SparseBackwardArgs a, DeviceView<const Element> dos) {
+  constexpr int kThreads = kTile / kRowsPerWarp * kWarpSize;
+  constexpr int kDimTiles8 = kHeadDim / 8;
+  using Shared = KeyTileShared<Element, kHeadDim>;
+  extern __shared__ __align__(16) unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(raw);
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t tiles = ceil_div(g.block_k, kTile);
+  const int64_t n = blockIdx.x / tiles, kv = blockIdx.y, b = blockIdx.z;
+  const int64_t key0 = n * g.block_k + (blockIdx.x % tiles) * kTile;
+  const int64_t key_end = min(min(g.k_len, (n + 1) * g.block_k), key0 + kTile);
+  if (key0 >= key_end) return;
+  const auto q = DeviceView<const Element>::of(a.q);
+  load_tile<Element, kHeadDim, kThreads>(DeviceView<const Element>::of(a.k), b, kv, key0, kTile, key_end, s.k);
+  load_tile<Element, kHeadDim, kThreads>(DeviceView<const Element>::of(a.v), b, kv, key0, kTile, key_end, s.v);
+  const int local0 = warp * kRowsPerWarp;
+  const float scale_log2 = a.scale * kLog2e;
+  float dk[kDimTiles8][4] = {}, dv[kDimTiles8][4] = {};
+
+  for (int64_t member = 0; member < g.group(); ++member) {
+    const int64_t h = kv * g.group() + member;
+    const int64_t pair = b * g.heads + h;
+    const int64_t column = pair * g.k_blocks + n;
+    const int32_t count = plan.col_count[column];
+    for (int32_t i = 0; i < count; ++i) {
+      const int64_t m = plan.col_index[column * g.q_blocks + i];
+      const int64_t end = min(g.q_len, (m + 1) * g.block_q);
+      for (int64_t first = m * g.block_q; first < end; first += kTile) {
+        __syncthreads();  // every warp is done with the previous tile
+        load_tile<Element, kHeadDim, kThreads>(q, b, h, first, kTile, end, s.q);
+        load_tile<Element, kHeadDim, kThreads>(dos, b, h, first, kTile, end, s.dos);
+        for (int r = threadIdx.x; r < kTile; r += kThreads) {
+          const bool valid = first + r < end;
+          s.lse_log2[r] = valid ? a.lse[pair * g.q_len + first + r] * kLog2e : INFINITY;
+          s.delta[r] = valid ? a.delta[pair * g.q_rows() + first + r] : 0.0f;
+        }
+        __syncthreads();
+
+        float pt[kTiles8][4] = {}, dst[kTiles8][4] = {};
+        mma_a_bt<Element, kHeadDim, kTile>(pt, &s.k[local0], s.q);     // Sᵀ
+        mma_a_bt<Element, kHeadDim, kTile>(dst, &s.v[local0], s.dos);  // dPᵀ
+#pragma unroll
+        for (int j = 0; j < kTiles8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int query = accumulator_col(j, e);
+            pt[j][e] = exp2f(pt[j][e] * scale_log2 - s.lse_log2[query]);
+            dst[j][e] = pt[j][e] * (dst[j][e] - s.delta[query]);
+          }
+        }
+        mma_p_b<Element, kHeadDim, kTile>(dv, pt, s.dos);
+        mma_p_b<Element, kHeadDim, kTile>(dk, dst, s.q);
+      }
+    }
+  }
+  const int64_t kv_pair = b * g.kv_heads + kv;
+#pragma unroll
+  for (int j = 0; j < kDimTiles8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t key = key0 + local0 + accumulator_row(e);
+      if (key >= key_end) continue;
+      const int64_t offset = (kv_pair * g.k_rows() + key) * kHeadDim + accumulator_col(j, e);
+      a.dk_rows[offset] = a.scale * dk[j][e];
+      a.dv_rows[offset] = dv[j][e];
+    }
+  }
+}
+
+template <typename Kernel>
+void set_shared(Kernel kernel, size_t bytes) {
+  SLATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+}  // namespace
+
+void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                     cudaStream_t stream) {
+  check_sparse_support(g);
+  sparse_delta(g, args, stream);
+  dispatch_element(args.q.dtype, [&](auto tag) {
+    using Element = decltype(tag);
+    const auto dos = dos_view<Element>(g, args.dos_rows);
+    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
+      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+      auto dq_kernel = sparse_dq_kernel<Element, D, BQ>;
+      const size_t dq_shared = sizeof(QueryBlockShared<Element, D, BQ>);
+      set_shared(dq_kernel, dq_shared);
+      dq_kernel<<<dim3(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
+                       static_cast<unsigned>(g.batch)),
+                  BQ / kRowsPerWarp * kWarpSize, dq_shared, stream>>>(g, plan, args, dos);
+      SLATTN_LAUNCH_CHECK("sparse_dq_kernel");
+      auto dkv_kernel = sparse_dkv_kernel<Element, D>;
+      const size_t dkv_shared = sizeof(KeyTileShared<Element, D>);
+      set_shared(dkv_kernel, dkv_shared);
+      const int64_t tiles = ceil_div(g.block_k, kTile);
+      dkv_kernel<<<dim3(static_cast<unsigned>(g.k_blocks * tiles), static_cast<unsigned>(g.kv_heads),
+                        static_cast<unsigned>(g.batch)),
+                   kTile / kRowsPerWarp * kWarpSize, dkv_shared, stream>>>(g, plan, args, dos);
+      SLATTN_LAUNCH_CHECK("sparse_dkv_kernel");
+    });
+  });
+}
+
+}  // namespace slattn::cuda

@@ -1,0 +1,96 @@
+// The tile vocabulary of the sparse kernels (forward and backward): row-major
+// (rows x kHeadDim) tiles of bf16/fp16 in shared memory, and the two products
+// every FlashAttention-style step is made of, for one warp's 16 rows:
+//   mma_a_bt: acc (16 x kCols) += A (16 x kHeadDim) · Bᵀ, A and B shared tiles;
+//   mma_p_b:  acc (16 x kHeadDim) += P (16 x kRows) · B, P held as the fp32
+//             accumulators of an earlier mma_a_bt, B a shared (kRows x kHeadDim) tile.
+// The forward is S = Q Kᵀ then O += P V; the backward's dQ is S = Q Kᵀ,
+// dP = dO Vᵀ, dQ += dS K; its dK/dV is Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV += Pᵀ dO,
+// dK += dSᵀ Q.
+#pragma once
+
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+
+namespace slattn::cuda {
+
+inline constexpr int kRowsPerWarp = 16;  // the M of one mma
+inline constexpr int kTilePad = 8;       // elements of padding per shared row: ldmatrix rows on distinct banks
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename Element, int kHeadDim>
+using TileRow = Element[kHeadDim + kTilePad];
+
+// Copies rows [first, first + rows) of the (b, h) slice of x into tile[0..rows),
+// zero rows from `valid` on. 16-byte vectors when the head dim is contiguous
+// and aligned, scalar loads otherwise.
+template <typename Element, int kHeadDim, int kThreads>
+__device__ void load_tile(const DeviceView<const Element>& x, int64_t b, int64_t h, int64_t first, int rows,
+                          int64_t valid, TileRow<Element, kHeadDim>* tile) {
+  constexpr int kVector = 16 / sizeof(Element);
+  const bool vectorised = x.stride_d == 1 && x.stride_l % kVector == 0 &&
+                          reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && (x.stride_b % kVector == 0) &&
+                          (x.stride_h % kVector == 0);
+  if (vectorised) {
+    for (int i = threadIdx.x; i < rows * (kHeadDim / kVector); i += kThreads) {
+      const int r = i / (kHeadDim / kVector), d = (i % (kHeadDim / kVector)) * kVector;
+      uint4 value = make_uint4(0, 0, 0, 0);
+      if (first + r < valid) value = *reinterpret_cast<const uint4*>(&x.at(b, h, first + r, d));
+      *reinterpret_cast<uint4*>(&tile[r][d]) = value;
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * kHeadDim; i += kThreads) {
+      const int r = i / kHeadDim, d = i % kHeadDim;
+      tile[r][d] = first + r < valid ? x.at(b, h, first + r, d) : from_float<Element>(0.0f);
+    }
+  }
+}
+
+// acc (16 x kCols) += a[0..16) · b[0..kCols)ᵀ over kHeadDim, a and b row-major shared tiles.
+template <typename Element, int kHeadDim, int kCols>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[kCols / 8][4], const TileRow<Element, kHeadDim>* a,
+                                         const TileRow<Element, kHeadDim>* b) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int step = 0; step < kHeadDim / 16; ++step) {
+    uint32_t af[4];
+    ldmatrix_x4(af, &a[lane % 16][step * 16 + (lane / 16) * 8]);
+#pragma unroll
+    for (int pair16 = 0; pair16 < kCols / 16; ++pair16) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, &b[pair16 * 16 + (lane & 7) + ((lane >> 4) << 3)][step * 16 + ((lane >> 3) & 1) * 8]);
+      mma_16816<Element>(acc[2 * pair16], af, bf[0], bf[1]);
+      mma_16816<Element>(acc[2 * pair16 + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 x kHeadDim) += P · b[0..kRows): the accumulators of two adjacent
+// 8-column tiles of P form one A fragment once rounded to Element.
+template <typename Element, int kHeadDim, int kRows>
+__device__ __forceinline__ void mma_p_b(float (&acc)[kHeadDim / 8][4], const float (&p)[kRows / 8][4],
+                                        const TileRow<Element, kHeadDim>* b) {
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int step = 0; step < kRows / 16; ++step) {
+    const uint32_t pf[4] = {pack2<Element>(p[2 * step][0], p[2 * step][1]),
+                            pack2<Element>(p[2 * step][2], p[2 * step][3]),
+                            pack2<Element>(p[2 * step + 1][0], p[2 * step + 1][1]),
+                            pack2<Element>(p[2 * step + 1][2], p[2 * step + 1][3])};
+#pragma unroll
+    for (int d16 = 0; d16 < kHeadDim / 16; ++d16) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, &b[step * 16 + (lane & 7) + (((lane >> 3) & 1) << 3)][d16 * 16 + (lane >> 4) * 8]);
+      mma_16816<Element>(acc[2 * d16], pf, bf[0], bf[1]);
+      mma_16816<Element>(acc[2 * d16 + 1], pf, bf[2], bf[3]);
+    }
+  }
+}
+
+// The (row, column) of accumulator element e of 8-column tile j, within the
+// warp's 16 x (8 * tiles) block: rows group and group + 8, columns 2 quad + {0, 1}.
+__device__ __forceinline__ int accumulator_row(int e) { return (threadIdx.x % kWarpSize) / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int accumulator_col(int j, int e) { return j * 8 + 2 * (threadIdx.x % 4) + (e & 1); }
+
+}  // namespace slattn::cuda
