@@ -37,13 +37,19 @@ __global__ void feature_rows_kernel(DeviceView<const Element> x, int64_t heads, 
 }
 
 __global__ void column_sums_kernel(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst) {
+  constexpr int kLanes = 4;  // independent partial sums, so that several loads are in flight
   const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (index >= batches * width) return;
   const int64_t batch = index / width, col = index % width;
   const float* column = src + batch * rows * width + col;
-  float sum = 0.0f;
-  for (int64_t r = 0; r < rows; ++r) sum += column[r * width];
-  dst[index] = sum;
+  float partial[kLanes] = {};
+  int64_t r = 0;
+  for (; r + kLanes <= rows; r += kLanes) {
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) partial[j] += column[(r + j) * width];
+  }
+  for (; r < rows; ++r) partial[0] += column[r * width];
+  dst[index] = (partial[0] + partial[1]) + (partial[2] + partial[3]);
 }
 
 __device__ __forceinline__ bool in_linear_set(int8_t cls, LinearScope scope) {
@@ -51,8 +57,9 @@ __device__ __forceinline__ bool in_linear_set(int8_t cls, LinearScope scope) {
 }
 
 // Which rows a subset sum reads: the included rows (summed) when they are at
-// most half of all, else the excluded ones (subtracted from the total). Built
-// once per thread block, in ascending order, by thread 0.
+// most half of all, else the excluded ones (subtracted from the total), in
+// ascending order. Built by the whole thread block: a count, then a scan of
+// warp ballots chunk by chunk.
 struct SubsetList {
   int32_t* rows;  // shared memory, room for `count` entries
   int32_t length;
@@ -62,22 +69,31 @@ struct SubsetList {
 
 template <typename Include>
 __device__ void build_subset_list(int64_t count, Include include, SubsetList& list) {
+  __shared__ int32_t warp_counts[kWarpSize];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
   __syncthreads();  // the previous list is no longer read
-  if (threadIdx.x == 0) {
-    int64_t included = 0;
-    for (int64_t i = 0; i < count; ++i) included += include(i) ? 1 : 0;
-    const bool direct = included * 2 <= count;
-    int32_t length = 0;
-    for (int64_t i = 0; i < count; ++i)
-      if (include(i) == direct) list.rows[length++] = static_cast<int32_t>(i);
-    list.rows[count] = length;  // the slot past the rows carries the scalars to every thread
-    list.rows[count + 1] = direct;
-    list.rows[count + 2] = static_cast<int32_t>(included);
+  int64_t included = 0;
+  for (int64_t base = 0; base < count; base += blockDim.x)
+    included += __syncthreads_count(base + threadIdx.x < count && include(base + threadIdx.x));
+  const bool direct = included * 2 <= count;
+  int32_t length = 0;
+  for (int64_t base = 0; base < count; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    const bool take = i < count && include(i) == direct;
+    const unsigned ballot = __ballot_sync(0xffffffffu, take);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int32_t offset = length + __popc(ballot & ((1u << lane) - 1u));
+    for (int w = 0; w < warps; ++w) {
+      if (w < warp) offset += warp_counts[w];
+      length += warp_counts[w];
+    }
+    if (take) list.rows[offset] = static_cast<int32_t>(i);
+    __syncthreads();  // warp_counts is rewritten by the next chunk
   }
-  __syncthreads();
-  list.length = list.rows[count];
-  list.direct = list.rows[count + 1] != 0;
-  list.included = list.rows[count + 2];
+  list.length = length;
+  list.direct = direct;
+  list.included = included;
 }
 
 // Σ_{i included} items[i * stride + e], through the list.
@@ -90,7 +106,7 @@ __device__ __forceinline__ float subset_sum(const SubsetList& list, const float*
   return sum;
 }
 
-// grid: one block per (query pair, query block); shared: Nk + 3 int32.
+// grid: one block per (query pair, query block); shared: Nk int32.
 __global__ void assemble_query_states_kernel(Geometry g, const int8_t* block_map, LinearScope scope,
                                              const float* key_h, const float* key_z, const float* total_h,
                                              const float* total_z, QueryStates out) {
@@ -208,7 +224,7 @@ __global__ void query_z_grads_kernel(Geometry g, const float* phi_q, const float
   }
 }
 
-// grid: one block per (kv pair, key block); shared: Mq + 3 int32.
+// grid: one block per (kv pair, key block); shared: Mq int32.
 __global__ void key_state_grads_kernel(Geometry g, const int8_t* block_map, LinearScope scope, const float* dh_query,
                                        const float* dz_query, const float* dh_total, const float* dz_total,
                                        float* dh_key, float* dz_key) {
@@ -279,7 +295,7 @@ void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width,
 void assemble_query_states(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* key_h,
                            const float* key_z, const float* total_h, const float* total_z, QueryStates out,
                            cudaStream_t stream) {
-  const size_t shared = (g.k_blocks + 3) * sizeof(int32_t);
+  const size_t shared = g.k_blocks * sizeof(int32_t);
   assemble_query_states_kernel<<<static_cast<unsigned>(g.q_pairs() * g.q_blocks), 256, shared, stream>>>(
       g, plan.block_map, scope, key_h, key_z, total_h, total_z, out);
   SLATTN_LAUNCH_CHECK("assemble_query_states_kernel");
@@ -344,7 +360,7 @@ void query_z_grads(const Geometry& g, const float* phi_q, const float* grad_c, f
 void key_state_grads(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* dh_query,
                      const float* dz_query, const float* dh_total, const float* dz_total, float* dh_key,
                      float* dz_key, cudaStream_t stream) {
-  const size_t shared = (g.q_blocks + 3) * sizeof(int32_t);
+  const size_t shared = g.q_blocks * sizeof(int32_t);
   key_state_grads_kernel<<<static_cast<unsigned>(g.kv_pairs() * g.k_blocks), 256, shared, stream>>>(g, plan.block_map, scope, dh_query, dz_query, dh_total, dz_total, dh_key,
                                      dz_key);
   SLATTN_LAUNCH_CHECK("key_state_grads_kernel");

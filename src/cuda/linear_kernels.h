@@ -16,7 +16,8 @@ namespace slattn::cuda {
 void feature_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_map, float* phi, float* raw,
                   cudaStream_t stream);
 
-// dst[b, c] = Σ_r src[b, r, c] for a (batches, rows, width) array, rows in order.
+// dst[b, c] = Σ_r src[b, r, c] for a (batches, rows, width) array (a fixed order: deterministic).
+// Parallel over (b, c) only: split long rows into batches first.
 void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst, cudaStream_t stream);
 
 // H_m and Z_m of every query block (total minus excluded, or the included

@@ -10,6 +10,18 @@
 namespace slattn::cuda {
 namespace {
 
+// Query blocks per partial product of dW = Σ dOᵀ Ol: the fewest that divide
+// Mq and give chunks of at least kChunkRows rows, so that the products fill
+// the GPU without a partial (D x D) per query block.
+int64_t dw_chunk_blocks(const Geometry& g) {
+  constexpr int64_t kChunkRows = 2048;
+  int64_t blocks = ceil_div(kChunkRows, g.block_q);
+  while (blocks < g.q_blocks && g.q_blocks % blocks != 0) ++blocks;
+  return blocks < g.q_blocks ? blocks : g.q_blocks;
+}
+
+int64_t dw_chunks(const Geometry& g) { return g.q_pairs() * g.q_blocks / dw_chunk_blocks(g); }
+
 struct BackwardBuffers {
   void* dos_rows;  // 16-bit elements of the input dtype
   float *dout_rows = nullptr, *delta, *dq_rows, *dk_rows, *dv_rows;
@@ -17,7 +29,7 @@ struct BackwardBuffers {
   float *dol = nullptr, *grad_g = nullptr, *grad_c = nullptr, *dqphi = nullptr;
   float *dh_query = nullptr, *dz_query = nullptr, *dh_total = nullptr, *dz_total = nullptr;
   float *dh_key = nullptr, *dz_key = nullptr, *dkphi = nullptr;
-  float *dw_partial = nullptr, *db_partial = nullptr;
+  float *dw_partial = nullptr, *db_blocks = nullptr, *db_partial = nullptr;
 
   static BackwardBuffers carve(WorkspaceCarver& c, const SlaBackwardParams& p, const Geometry& g) {
     const int64_t q_rows = g.q_pairs() * g.q_rows(), k_rows = g.kv_pairs() * g.k_rows();
@@ -43,8 +55,11 @@ struct BackwardBuffers {
       b.dz_key = c.take<float>(g.kv_pairs() * g.k_blocks * g.features);
       b.dkphi = c.take<float>(k_rows * g.features);
     }
-    if (p.proj_weight) b.dw_partial = c.take<float>(g.q_pairs() * g.dim * g.dim);
-    if (p.has_proj_bias) b.db_partial = c.take<float>(g.q_pairs() * g.dim);
+    if (p.proj_weight) b.dw_partial = c.take<float>(dw_chunks(g) * g.dim * g.dim);
+    if (p.has_proj_bias) {
+      b.db_blocks = c.take<float>(g.q_pairs() * g.q_blocks * g.dim);
+      b.db_partial = c.take<float>(g.q_pairs() * g.dim);
+    }
     return b;
   }
 };
@@ -85,12 +100,16 @@ void linear_backward(const SlaBackwardParams& p, const Geometry& g, const Routin
 
 void projection_backward(const SlaBackwardParams& p, const Geometry& g, const BackwardBuffers& buf,
                          cudaStream_t stream) {
-  // dW = Σ dOᵀ Ol: one partial product per (batch, head), then their sum in order.
-  gemm(g.q_pairs(), dense(buf.dout_rows, g.q_rows(), g.dim, /*transposed=*/true),
-       dense(buf.linear.ol, g.q_rows(), g.dim), dense_out(buf.dw_partial, g.dim, g.dim), stream);
-  column_sums(buf.dw_partial, 1, g.q_pairs(), g.dim * g.dim, static_cast<float*>(p.d_proj_weight), stream);
+  // dW = Σ dOᵀ Ol: one partial product per chunk of rows (chunks never straddle
+  // two (batch, head) pairs), then their sum in order.
+  const int64_t chunk_rows = dw_chunk_blocks(g) * g.block_q;
+  gemm(dw_chunks(g), dense(buf.dout_rows, chunk_rows, g.dim, /*transposed=*/true),
+       dense(buf.linear.ol, chunk_rows, g.dim), dense_out(buf.dw_partial, g.dim, g.dim), stream);
+  column_sums(buf.dw_partial, 1, dw_chunks(g), g.dim * g.dim, static_cast<float*>(p.d_proj_weight), stream);
   if (p.has_proj_bias) {
-    column_sums(buf.dout_rows, g.q_pairs(), g.q_rows(), g.dim, buf.db_partial, stream);
+    // db = Σ dO over all rows: by query block, by pair, then in total, so that each pass has enough threads.
+    column_sums(buf.dout_rows, g.q_pairs() * g.q_blocks, g.block_q, g.dim, buf.db_blocks, stream);
+    column_sums(buf.db_blocks, g.q_pairs(), g.q_blocks, g.dim, buf.db_partial, stream);
     column_sums(buf.db_partial, 1, g.q_pairs(), g.dim, static_cast<float*>(p.d_proj_bias), stream);
   }
 }

@@ -18,22 +18,23 @@ namespace {
 constexpr int kTile = 64;  // keys per tile in the dQ kernel, keys and queries per tile in the dK/dV kernel
 constexpr int kTiles8 = kTile / 8;
 
+// The tiles a kernel walks are double-buffered: the next one loads during this one's math.
 template <typename Element, int kHeadDim, int kBlockQ>
 struct QueryBlockShared {
   TileRow<Element, kHeadDim> q[kBlockQ];
   TileRow<Element, kHeadDim> dos[kBlockQ];
-  TileRow<Element, kHeadDim> k[kTile];
-  TileRow<Element, kHeadDim> v[kTile];
+  TileRow<Element, kHeadDim> k[2][kTile];
+  TileRow<Element, kHeadDim> v[2][kTile];
 };
 
 template <typename Element, int kHeadDim>
 struct KeyTileShared {
   TileRow<Element, kHeadDim> k[kTile];
   TileRow<Element, kHeadDim> v[kTile];
-  TileRow<Element, kHeadDim> q[kTile];
-  TileRow<Element, kHeadDim> dos[kTile];
-  float lse_log2[kTile];  // +inf past the sequence: P = 0 there
-  float delta[kTile];
+  TileRow<Element, kHeadDim> q[2][kTile];
+  TileRow<Element, kHeadDim> dos[2][kTile];
+  float lse_log2[2][kTile];  // +inf past the sequence: P = 0 there
+  float delta[2][kTile];
 };
 
 // The padded dOs rows of the workspace, seen as a (B, H, q_rows, D) tensor.
@@ -68,6 +69,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
 
   load_tile<Element, kHeadDim, kThreads>(DeviceView<const Element>::of(a.q), b, h, row0, kBlockQ, g.q_len, s.q);
   load_tile<Element, kHeadDim, kThreads>(dos, b, h, row0, kBlockQ, g.q_rows(), s.dos);
+  cp_async_commit();
   const int local0 = warp * kRowsPerWarp;
   float lse_log2[2], delta[2];
 #pragma unroll
@@ -80,31 +82,41 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
   float dq[kDimTiles8][4] = {};
 
   const int64_t plan_row = pair * g.q_blocks + m;
-  const int32_t count = plan.row_count[plan_row];
-  for (int32_t i = 0; i < count; ++i) {
-    const int64_t n = plan.row_index[plan_row * g.k_blocks + i];
-    const int64_t end = min(g.k_len, (n + 1) * g.block_k);
-    for (int64_t first = n * g.block_k; first < end; first += kTile) {
-      __syncthreads();  // every warp is done with the previous tile
-      load_tile<Element, kHeadDim, kThreads>(k, b, kv, first, kTile, end, s.k);
-      load_tile<Element, kHeadDim, kThreads>(v, b, kv, first, kTile, end, s.v);
-      __syncthreads();
-
-      float p[kTiles8][4] = {}, ds[kTiles8][4] = {};
-      mma_a_bt<Element, kHeadDim, kTile>(p, &s.q[local0], s.k);     // S
-      mma_a_bt<Element, kHeadDim, kTile>(ds, &s.dos[local0], s.v);  // dP
-#pragma unroll
-      for (int j = 0; j < kTiles8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool valid = first + accumulator_col(j, e) < end;
-          p[j][e] = valid ? exp2f(p[j][e] * scale_log2 - lse_log2[e / 2]) : 0.0f;
-          ds[j][e] = p[j][e] * (ds[j][e] - delta[e / 2]);
-        }
-      }
-      mma_p_b<Element, kHeadDim, kTile>(dq, ds, s.k);
+  const BlockTiles<kTile> tiles{plan.row_index + plan_row * g.k_blocks, plan.row_count[plan_row], g.block_k,
+                                g.k_len};
+  const int32_t total = tiles.count();
+  auto load_keys = [&](int32_t t, int buffer) {
+    load_tile<Element, kHeadDim, kThreads>(k, b, kv, tiles.first(t), kTile, tiles.end(t), s.k[buffer]);
+    load_tile<Element, kHeadDim, kThreads>(v, b, kv, tiles.first(t), kTile, tiles.end(t), s.v[buffer]);
+    cp_async_commit();
+  };
+  if (total > 0) load_keys(0, 0);
+  for (int32_t t = 0; t < total; ++t) {
+    const int buffer = t & 1;
+    if (t + 1 < total) {
+      load_keys(t + 1, buffer ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
+    __syncthreads();  // tile t (and Q, dOs) is complete for every warp
+    const int64_t first = tiles.first(t), end = tiles.end(t);
+    float p[kTiles8][4] = {}, ds[kTiles8][4] = {};
+    mma_a_bt<Element, kHeadDim, kTile>(p, &s.q[local0], s.k[buffer]);     // S
+    mma_a_bt<Element, kHeadDim, kTile>(ds, &s.dos[local0], s.v[buffer]);  // dP
+#pragma unroll
+    for (int j = 0; j < kTiles8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool valid = first + accumulator_col(j, e) < end;
+        p[j][e] = valid ? exp2f(p[j][e] * scale_log2 - lse_log2[e / 2]) : 0.0f;
+        ds[j][e] = p[j][e] * (ds[j][e] - delta[e / 2]);
+      }
+    }
+    mma_p_b<Element, kHeadDim, kTile>(dq, ds, s.k[buffer]);
+    __syncthreads();  // every warp is done with `buffer` before tile t + 2 is loaded into it
   }
+  cp_async_wait<0>();  // nothing left in flight when no tile was walked
 #pragma unroll
   for (int j = 0; j < kDimTiles8; ++j) {
 #pragma unroll
@@ -134,6 +146,7 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
   const auto q = DeviceView<const Element>::of(a.q);
   load_tile<Element, kHeadDim, kThreads>(DeviceView<const Element>::of(a.k), b, kv, key0, kTile, key_end, s.k);
   load_tile<Element, kHeadDim, kThreads>(DeviceView<const Element>::of(a.v), b, kv, key0, kTile, key_end, s.v);
+  cp_async_commit();
   const int local0 = warp * kRowsPerWarp;
   const float scale_log2 = a.scale * kLog2e;
   float dk[kDimTiles8][4] = {}, dv[kDimTiles8][4] = {};
@@ -142,38 +155,47 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
     const int64_t h = kv * g.group() + member;
     const int64_t pair = b * g.heads + h;
     const int64_t column = pair * g.k_blocks + n;
-    const int32_t count = plan.col_count[column];
-    for (int32_t i = 0; i < count; ++i) {
-      const int64_t m = plan.col_index[column * g.q_blocks + i];
-      const int64_t end = min(g.q_len, (m + 1) * g.block_q);
-      for (int64_t first = m * g.block_q; first < end; first += kTile) {
-        __syncthreads();  // every warp is done with the previous tile
-        load_tile<Element, kHeadDim, kThreads>(q, b, h, first, kTile, end, s.q);
-        load_tile<Element, kHeadDim, kThreads>(dos, b, h, first, kTile, end, s.dos);
-        for (int r = threadIdx.x; r < kTile; r += kThreads) {
-          const bool valid = first + r < end;
-          s.lse_log2[r] = valid ? a.lse[pair * g.q_len + first + r] * kLog2e : INFINITY;
-          s.delta[r] = valid ? a.delta[pair * g.q_rows() + first + r] : 0.0f;
-        }
-        __syncthreads();
-
-        float pt[kTiles8][4] = {}, dst[kTiles8][4] = {};
-        mma_a_bt<Element, kHeadDim, kTile>(pt, &s.k[local0], s.q);     // Sᵀ
-        mma_a_bt<Element, kHeadDim, kTile>(dst, &s.v[local0], s.dos);  // dPᵀ
-#pragma unroll
-        for (int j = 0; j < kTiles8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int query = accumulator_col(j, e);
-            pt[j][e] = exp2f(pt[j][e] * scale_log2 - s.lse_log2[query]);
-            dst[j][e] = pt[j][e] * (dst[j][e] - s.delta[query]);
-          }
-        }
-        mma_p_b<Element, kHeadDim, kTile>(dv, pt, s.dos);
-        mma_p_b<Element, kHeadDim, kTile>(dk, dst, s.q);
+    const BlockTiles<kTile> tiles{plan.col_index + column * g.q_blocks, plan.col_count[column], g.block_q, g.q_len};
+    const int32_t total = tiles.count();
+    auto load_queries = [&](int32_t t, int buffer) {
+      const int64_t first = tiles.first(t), end = tiles.end(t);
+      load_tile<Element, kHeadDim, kThreads>(q, b, h, first, kTile, end, s.q[buffer]);
+      load_tile<Element, kHeadDim, kThreads>(dos, b, h, first, kTile, end, s.dos[buffer]);
+      cp_async_commit();
+      for (int r = threadIdx.x; r < kTile; r += kThreads) {
+        const bool valid = first + r < end;
+        s.lse_log2[buffer][r] = valid ? a.lse[pair * g.q_len + first + r] * kLog2e : INFINITY;
+        s.delta[buffer][r] = valid ? a.delta[pair * g.q_rows() + first + r] : 0.0f;
       }
+    };
+    if (total > 0) load_queries(0, 0);
+    for (int32_t t = 0; t < total; ++t) {
+      const int buffer = t & 1;
+      if (t + 1 < total) {
+        load_queries(t + 1, buffer ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // tile t (and K, V) is complete for every warp
+      float pt[kTiles8][4] = {}, dst[kTiles8][4] = {};
+      mma_a_bt<Element, kHeadDim, kTile>(pt, &s.k[local0], s.q[buffer]);     // Sᵀ
+      mma_a_bt<Element, kHeadDim, kTile>(dst, &s.v[local0], s.dos[buffer]);  // dPᵀ
+#pragma unroll
+      for (int j = 0; j < kTiles8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int query = accumulator_col(j, e);
+          pt[j][e] = exp2f(pt[j][e] * scale_log2 - s.lse_log2[buffer][query]);
+          dst[j][e] = pt[j][e] * (dst[j][e] - s.delta[buffer][query]);
+        }
+      }
+      mma_p_b<Element, kHeadDim, kTile>(dv, pt, s.dos[buffer]);
+      mma_p_b<Element, kHeadDim, kTile>(dk, dst, s.q[buffer]);
+      __syncthreads();  // every warp is done with `buffer` before tile t + 2 is loaded into it
     }
   }
+  cp_async_wait<0>();  // nothing left in flight when no tile was walked
   const int64_t kv_pair = b * g.kv_heads + kv;
 #pragma unroll
   for (int j = 0; j < kDimTiles8; ++j) {

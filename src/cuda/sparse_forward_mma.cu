@@ -16,8 +16,8 @@ constexpr int kKeyTile = 64;  // keys per shared-memory tile
 template <typename Element, int kHeadDim, int kBlockQ>
 struct ForwardShared {
   TileRow<Element, kHeadDim> q[kBlockQ];
-  TileRow<Element, kHeadDim> k[kKeyTile];
-  TileRow<Element, kHeadDim> v[kKeyTile];
+  TileRow<Element, kHeadDim> k[2][kKeyTile];  // double-buffered: the next tile loads during this one's math
+  TileRow<Element, kHeadDim> v[2][kKeyTile];
 };
 
 template <typename Element, int kHeadDim, int kBlockQ>
@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
   const auto v = DeviceView<const Element>::of(a.v);
 
   load_tile<Element, kHeadDim, kThreads>(q, b, h, row0, kBlockQ, g.q_len, s.q);
+  cp_async_commit();
   const TileRow<Element, kHeadDim>* q_rows = &s.q[warp * kRowsPerWarp];
 
   const float scale_log2 = a.scale * kLog2e;  // scores in log2 units: exp2 is one instruction
@@ -48,59 +49,69 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
   float out[kDimTiles8][4] = {};
 
   const int64_t plan_row = pair * g.q_blocks + m;
-  const int32_t count = plan.row_count[plan_row];
-  for (int32_t i = 0; i < count; ++i) {
-    const int64_t n = plan.row_index[plan_row * g.k_blocks + i];
-    const int64_t end = min(g.k_len, (n + 1) * g.block_k);
-    for (int64_t first = n * g.block_k; first < end; first += kKeyTile) {
-      __syncthreads();  // every warp is done with the previous tile
-      load_tile<Element, kHeadDim, kThreads>(k, b, kv, first, kKeyTile, end, s.k);
-      load_tile<Element, kHeadDim, kThreads>(v, b, kv, first, kKeyTile, end, s.v);
-      __syncthreads();
-
-      float score[kKeyTiles8][4] = {};
-      mma_a_bt<Element, kHeadDim, kKeyTile>(score, q_rows, s.k);
-
-      float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < kKeyTiles8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t key = first + j * 8 + 2 * quad + (e & 1);
-          score[j][e] = key < end ? score[j][e] * scale_log2 : -INFINITY;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
-        }
-      }
-      float correction[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: the tile's first key is valid
-        correction[r] = exp2f(row_max[r] - new_max);
-        row_max[r] = new_max;
-        row_sum[r] *= correction[r];
-      }
-#pragma unroll
-      for (int j = 0; j < kKeyTiles8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          score[j][e] = exp2f(score[j][e] - row_max[e / 2]);
-          row_sum[e / 2] += score[j][e];  // this thread's share; summed over the quad at the end
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kDimTiles8; ++j) {
-        out[j][0] *= correction[0];
-        out[j][1] *= correction[0];
-        out[j][2] *= correction[1];
-        out[j][3] *= correction[1];
-      }
-
-      mma_p_b<Element, kHeadDim, kKeyTile>(out, score, s.v);  // O += P V
+  const BlockTiles<kKeyTile> tiles{plan.row_index + plan_row * g.k_blocks, plan.row_count[plan_row], g.block_k,
+                                   g.k_len};
+  const int32_t total = tiles.count();
+  auto load_keys = [&](int32_t t, int buffer) {
+    load_tile<Element, kHeadDim, kThreads>(k, b, kv, tiles.first(t), kKeyTile, tiles.end(t), s.k[buffer]);
+    load_tile<Element, kHeadDim, kThreads>(v, b, kv, tiles.first(t), kKeyTile, tiles.end(t), s.v[buffer]);
+    cp_async_commit();
+  };
+  if (total > 0) load_keys(0, 0);
+  for (int32_t t = 0; t < total; ++t) {
+    const int buffer = t & 1;
+    if (t + 1 < total) {
+      load_keys(t + 1, buffer ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
+    __syncthreads();  // tile t (and Q) is complete for every warp
+    const int64_t first = tiles.first(t), end = tiles.end(t);
+    float score[kKeyTiles8][4] = {};
+    mma_a_bt<Element, kHeadDim, kKeyTile>(score, q_rows, s.k[buffer]);
+
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kKeyTiles8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = first + j * 8 + 2 * quad + (e & 1);
+        score[j][e] = key < end ? score[j][e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
+      }
+    }
+    float correction[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: the tile's first key is valid
+      correction[r] = exp2f(row_max[r] - new_max);
+      row_max[r] = new_max;
+      row_sum[r] *= correction[r];
+    }
+#pragma unroll
+    for (int j = 0; j < kKeyTiles8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        score[j][e] = exp2f(score[j][e] - row_max[e / 2]);
+        row_sum[e / 2] += score[j][e];  // this thread's share; summed over the quad at the end
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kDimTiles8; ++j) {
+      out[j][0] *= correction[0];
+      out[j][1] *= correction[0];
+      out[j][2] *= correction[1];
+      out[j][3] *= correction[1];
+    }
+
+    mma_p_b<Element, kHeadDim, kKeyTile>(out, score, s.v[buffer]);  // O += P V
+    __syncthreads();  // every warp is done with `buffer` before tile t + 2 is loaded into it
   }
 
+  cp_async_wait<0>();  // nothing left in flight when no tile was walked
   const auto out_view = DeviceView<Element>::of(a.out);
   const auto sparse_view = DeviceView<Element>::of(a.out_sparse);
 #pragma unroll

@@ -22,9 +22,23 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 template <typename Element, int kHeadDim>
 using TileRow = Element[kHeadDim + kTilePad];
 
-// Copies rows [first, first + rows) of the (b, h) slice of x into tile[0..rows),
-// zero rows from `valid` on. 16-byte vectors when the head dim is contiguous
-// and aligned, scalar loads otherwise.
+// Asynchronous 16-byte copies global -> shared (sm_80+). A source size of 0
+// fills the 16 bytes with zeros instead of reading.
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool read) {
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(read ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `kPending` committed groups of this thread are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Starts copying rows [first, first + rows) of the (b, h) slice of x into
+// tile[0..rows), zero rows from `valid` on: asynchronous 16-byte copies when
+// the head dim is contiguous and aligned, plain loads otherwise. The tile is
+// complete for every thread after cp_async_wait (of its group) and a barrier.
 template <typename Element, int kHeadDim, int kThreads>
 __device__ void load_tile(const DeviceView<const Element>& x, int64_t b, int64_t h, int64_t first, int rows,
                           int64_t valid, TileRow<Element, kHeadDim>* tile) {
@@ -35,9 +49,8 @@ __device__ void load_tile(const DeviceView<const Element>& x, int64_t b, int64_t
   if (vectorised) {
     for (int i = threadIdx.x; i < rows * (kHeadDim / kVector); i += kThreads) {
       const int r = i / (kHeadDim / kVector), d = (i % (kHeadDim / kVector)) * kVector;
-      uint4 value = make_uint4(0, 0, 0, 0);
-      if (first + r < valid) value = *reinterpret_cast<const uint4*>(&x.at(b, h, first + r, d));
-      *reinterpret_cast<uint4*>(&tile[r][d]) = value;
+      const bool read = first + r < valid;
+      cp_async_16(&tile[r][d], read ? &x.at(b, h, first + r, d) : x.data, read);
     }
   } else {
     for (int i = threadIdx.x; i < rows * kHeadDim; i += kThreads) {
@@ -46,6 +59,29 @@ __device__ void load_tile(const DeviceView<const Element>& x, int64_t b, int64_t
     }
   }
 }
+
+// The tiles of kTileRows rows that cover the blocks of a sorted block list
+// (a row list of key blocks, or a column list of query blocks): tile t lies in
+// block list[t / per_block]. Only the sequence's last block can be partial,
+// and only it can have fewer tiles; being the largest index, it comes last.
+template <int kTileRows>
+struct BlockTiles {
+  const int32_t* list;
+  int32_t blocks;
+  int64_t block_size, length;
+
+  __device__ int per_block() const { return static_cast<int>(block_size / kTileRows); }
+  __device__ int32_t count() const {
+    if (blocks == 0) return 0;
+    const int64_t last = list[blocks - 1];
+    const int64_t last_rows = min(length, (last + 1) * block_size) - last * block_size;
+    return (blocks - 1) * per_block() + static_cast<int32_t>(ceil_div(last_rows, kTileRows));
+  }
+  __device__ int64_t first(int32_t t) const {
+    return list[t / per_block()] * block_size + (t % per_block()) * int64_t(kTileRows);
+  }
+  __device__ int64_t end(int32_t t) const { return min(length, (list[t / per_block()] + 1) * block_size); }
+};
 
 // acc (16 x kCols) += a[0..16) · b[0..kCols)ᵀ over kHeadDim, a and b row-major shared tiles.
 template <typename Element, int kHeadDim, int kCols>
