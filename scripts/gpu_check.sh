@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds slattn on a GPU machine (offline), runs the GPU tests, the
 # compute-sanitizer checks and the benchmark; logs go to $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|sanitize|profile|bench|all]...   (default: all)
+# Usage: bash scripts/gpu_check.sh [tests|sanitize|profile|bench|bench14b|all]...   (default: all)
+# Optional Python packages the GPU machine lacks (diffusers) may be put as
+# wheels in .whl/; they are installed to /tmp/site for this run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-gpu-logs}"
@@ -9,6 +11,11 @@ mkdir -p "$LOGS"
 STEPS="${*:-all}"
 want() { [[ " $STEPS " == *" $1 "* || " $STEPS " == *" all "* ]]; }
 status=0
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
 
 echo "== build"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -38,6 +45,14 @@ if want profile; then
 fi
 if want bench; then
   echo "== bench"
-  timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --out-dir "$LOGS" --repeats 5 2>&1 | tail -8 || status=1
+  for blocks in 64 128; do
+    timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --block-q "$blocks" --block-k "$blocks" \
+      --out-dir "$LOGS/bench-$blocks" --repeats 5 2>&1 | tail -7 || status=1
+  done
+fi
+if want bench14b; then
+  echo "== bench, Wan2.1-14B 720p shape"
+  timeout 400 slattn bench --device cuda --shape 1,40,75600,128 --block-q 128 --block-k 128 \
+    --out-dir "$LOGS/bench-14b" --repeats 3 2>&1 | tail -7 || status=1
 fi
 exit $status
