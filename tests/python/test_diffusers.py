@@ -94,3 +94,23 @@ def test_applying_twice_or_to_a_model_without_attention_is_refused():
         apply_sla(model, CONFIG)
     with pytest.raises(ValueError, match="no attention module"):
         apply_sla(torch.nn.Linear(4, 4), CONFIG)
+
+
+def test_the_generic_path_serves_the_joint_attention_of_a_flux_transformer():
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                             num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
+                                             joint_attention_dim=32, pooled_projection_dim=32,
+                                             axes_dims_rope=(16, 24, 24))
+    gen = torch.Generator().manual_seed(1)
+    flux_inputs = dict(hidden_states=torch.randn(1, 128, 4, generator=gen),
+                       encoder_hidden_states=torch.randn(1, 12, 32, generator=gen),
+                       pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
+                       img_ids=torch.zeros(128, 3), txt_ids=torch.zeros(12, 3), return_dict=False)
+    controller = apply_sla(model, CONFIG)
+    randomise_sla_weights(model)
+    model(**flux_inputs)[0].square().mean().backward()
+    assert controller.statistics()["sla_calls"] == 2  # the dual-stream block and the single-stream block
+    assert controller.statistics()["fallbacks"] == 0
+    grads = [p.grad for name, p in model.named_parameters() if "sla_attention" in name]
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)

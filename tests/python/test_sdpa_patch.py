@@ -233,6 +233,32 @@ def test_ddp_and_autocast_keep_fp32_master_weights_with_gradients(tmp_path):
         dist.destroy_process_group()
 
 
+def test_fsdp_shards_the_sla_weights_and_keeps_the_outputs(tmp_path):
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = Block()
+        with slattn.patch_sdpa({"topk": 0.25}) as controller:
+            controller.attach(model)
+            model(tokens())
+            with torch.no_grad():
+                model.sla_attention.proj_l.weight.normal_(std=0.05)
+            expected = copy.deepcopy(model)(tokens(1))
+            fully_shard(model)
+            out = model(tokens(1))
+            out.sum().backward()
+        weight = model.sla_attention.proj_l.weight
+        assert isinstance(weight, torch.distributed.tensor.DTensor)  # FSDP manages it like any parameter
+        assert weight.grad is not None and weight.grad.full_tensor().abs().sum() > 0
+        torch.testing.assert_close(out, expected)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_patches_unwind_in_order_and_an_out_of_order_unpatch_is_refused():
     original = F.scaled_dot_product_attention
     outer = slattn.patch_sdpa(CONFIG)
