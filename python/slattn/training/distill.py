@@ -10,7 +10,14 @@ layers see what the full-attention model feeds them) and records each layer's
 inputs and output through forward hooks. Distillation then trains each layer
 alone, with SoftTop-k routing, on the MSE between its output and the recorded
 full-attention output: only the router and α change. One topk at a time: a
-router is trained for the sparsity it will run at."""
+router is trained for the sparsity it will run at.
+
+The soft objective has a way to cheat: a router that shrinks its scores makes
+Ms uniform, and a uniform Ms leaves the sparse branch equal to full
+attention, so the soft MSE keeps falling while the hard routing that runs
+afterwards degrades. The distiller therefore measures the hard-routing MSE
+every `eval_every` steps and keeps the router and α that scored best there
+(the starting point included, so a layer never leaves worse than it came)."""
 
 from __future__ import annotations
 
@@ -23,16 +30,18 @@ from torch import nn
 from tqdm import tqdm
 
 from .._checks import check_fractions
-from ..sla2 import SparseLinearAttention2
 from .layers import require_sla2_layers
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """MSE to full attention over the captured samples, with hard routing (what runs after stage 1)."""
+    """MSE to full attention, averaged over the captured samples: with hard
+    routing (what runs after stage 1), and with SoftTop-k (the objective)."""
 
     mse_before: float
     mse_after: float
+    soft_mse_before: float
+    soft_mse_after: float
 
 
 @dataclass(frozen=True)
@@ -99,14 +108,16 @@ class RouterDistiller:
         return t.to(self.storage_device) if self.storage_device is not None else t
 
     # ------------------------------------------------------------ distillation
-    def distill(self, topk: float, *, steps: int = 500, lr: float = 1e-3, progress: bool = True
-                ) -> dict[str, LayerReport]:
+    def distill(self, topk: float, *, steps: int = 500, lr: float = 1e-3, eval_every: int = 25,
+                progress: bool = True) -> dict[str, LayerReport]:
         """Trains the router and α of each layer for `steps` steps (one captured
-        sample per step, in turn) with Adam at `lr`; leaves the layers routing
-        hard at `topk`. Returns each layer's MSE before and after."""
+        sample per step, in turn) with Adam at `lr`, keeping the best state by
+        hard-routing MSE measured every `eval_every` steps; leaves the layers
+        routing hard at `topk`. Returns each layer's MSEs before and after."""
         check_fractions(topk, 0.0)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        for name, value in (("steps", steps), ("eval_every", eval_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         if not all(self.samples.values()):
@@ -116,37 +127,48 @@ class RouterDistiller:
                   disable=not progress) as bar:
             for name, layer in self.layers.items():
                 layer.topk = topk
-                layer.set_routing("hard")
-                before = self.mse(name)
-                self._train_layer(layer, self.samples[name], steps, lr, bar)
-                reports[name] = LayerReport(before, self.mse(name))
+                before = (self.mse(name, "hard"), self.mse(name, "soft"))
+                self._train_layer(name, steps, lr, eval_every, bar)
+                reports[name] = LayerReport(before[0], self.mse(name, "hard"), before[1], self.mse(name, "soft"))
         return reports
 
-    def _train_layer(self, layer: SparseLinearAttention2, samples: list[_Sample], steps: int, lr: float,
-                     bar: tqdm) -> None:
+    def _train_layer(self, name: str, steps: int, lr: float, eval_every: int, bar: tqdm) -> None:
+        layer, samples = self.layers[name], self.samples[name]
         device = layer.router.proj_q.weight.device
-        layer.set_routing("soft")
+        self.mse(name, "hard")  # also sizes α (a lazy parameter) before the optimizer sees it
+        trained = [*layer.router.parameters(), layer.alpha_logit]
+        optimizer = torch.optim.Adam(trained, lr=lr)
+        best = (self.mse(name, "hard"), [p.detach().clone() for p in trained])
         try:
-            with torch.no_grad():  # sizes α (a lazy parameter) before the optimizer sees it
-                first = samples[0]
-                layer(first.q.to(device), first.k.to(device), first.v.to(device))
-            optimizer = torch.optim.Adam([*layer.router.parameters(), layer.alpha_logit], lr=lr)
-            for step in range(steps):
-                sample = samples[step % len(samples)]
+            for step in range(1, steps + 1):
+                layer.set_routing("soft")
+                sample = samples[(step - 1) % len(samples)]
                 out = layer(sample.q.to(device), sample.k.to(device), sample.v.to(device))
                 loss = F.mse_loss(out.float(), sample.target.to(device).float())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 bar.update()
+                if step % eval_every == 0 or step == steps:
+                    error = self.mse(name, "hard")
+                    if error < best[0]:
+                        best = (error, [p.detach().clone() for p in trained])
         finally:
+            with torch.no_grad():
+                for p, value in zip(trained, best[1]):
+                    p.copy_(value)
             layer.set_routing("hard")
 
-    def mse(self, name: str) -> float:
-        """Mean over the captured samples of the layer's MSE to full attention, as it routes now."""
+    def mse(self, name: str, routing: str = "hard") -> float:
+        """Mean over the captured samples of layer `name`'s MSE to full attention
+        with `routing` ("hard" or "soft"); the layer is left routing hard."""
         layer = self.layers[name]
         device = layer.router.proj_q.weight.device
-        with torch.no_grad():
-            errors = [F.mse_loss(layer(s.q.to(device), s.k.to(device), s.v.to(device)).float(),
-                                 s.target.to(device).float()) for s in self.samples[name]]
+        layer.set_routing(routing)
+        try:
+            with torch.no_grad():
+                errors = [F.mse_loss(layer(s.q.to(device), s.k.to(device), s.v.to(device)).float(),
+                                     s.target.to(device).float()) for s in self.samples[name]]
+        finally:
+            layer.set_routing("hard")
         return float(torch.stack(errors).mean())
