@@ -49,7 +49,7 @@ def _sparse_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits
     return (probs @ v.unsqueeze(2)).flatten(2, 3)
 
 
-def _chunks(batch: int, heads: int, q_blocks: int, block_q: int, k_len: int) -> tuple[int, int]:
+def _chunks(batch: int, q_blocks: int, block_q: int, k_len: int) -> tuple[int, int]:
     """(heads per chunk, query blocks per chunk) with at most CHUNK_ELEMENTS logits, at least one block."""
     blocks = max(1, CHUNK_ELEMENTS // (batch * block_q * k_len))
     if blocks < q_blocks:
@@ -83,7 +83,7 @@ def soft_branches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits
     z_states = phi_k_blocks.sum(dim=3)                                                   # (B, Hkv, Nk, F)
     phi_q = feature_map(q_pad, feature_map_name).unflatten(2, (q_blocks, block_q))      # (B, H, Mq, bq, F)
 
-    heads_per_chunk, blocks_per_chunk = _chunks(batch, heads, q_blocks, block_q, k_len)
+    heads_per_chunk, blocks_per_chunk = _chunks(batch, q_blocks, block_q, k_len)
     sparse_parts, linear_parts = [], []
     for h0 in range(0, heads, heads_per_chunk):
         head_index = torch.arange(h0, min(heads, h0 + heads_per_chunk), device=q.device)

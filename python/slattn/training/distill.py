@@ -127,18 +127,19 @@ class RouterDistiller:
                   disable=not progress) as bar:
             for name, layer in self.layers.items():
                 layer.topk = topk
-                before = (self.mse(name, "hard"), self.mse(name, "soft"))
-                self._train_layer(name, steps, lr, eval_every, bar)
+                before = (self.mse(name, "hard"), self.mse(name, "soft"))  # the first call also sizes α
+                self._train_layer(name, steps, lr, eval_every, before[0], bar)
                 reports[name] = LayerReport(before[0], self.mse(name, "hard"), before[1], self.mse(name, "soft"))
         return reports
 
-    def _train_layer(self, name: str, steps: int, lr: float, eval_every: int, bar: tqdm) -> None:
+    def _train_layer(self, name: str, steps: int, lr: float, eval_every: int, start_mse: float, bar: tqdm) -> None:
         layer, samples = self.layers[name], self.samples[name]
         device = layer.router.proj_q.weight.device
-        self.mse(name, "hard")  # also sizes α (a lazy parameter) before the optimizer sees it
         trained = [*layer.router.parameters(), layer.alpha_logit]
+        for p in trained:  # a router frozen for stage 2 can be distilled again
+            p.requires_grad_(True)
         optimizer = torch.optim.Adam(trained, lr=lr)
-        best = (self.mse(name, "hard"), [p.detach().clone() for p in trained])
+        best = (start_mse, [p.detach().clone() for p in trained])
         try:
             for step in range(1, steps + 1):
                 layer.set_routing("soft")
