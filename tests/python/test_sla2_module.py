@@ -37,7 +37,10 @@ def expected_output(layer, q, k, v, feature_map="softmax"):
     linear = ref.sla(q, k - k.mean(dim=2, keepdim=True), v, block_map=block_map, feature_map=feature_map,
                      **BLOCKS).linear
     alpha = torch.sigmoid(layer.alpha_logit.detach().to(q.dtype))
-    alpha = alpha[None, :, None, None] if alpha.dim() == 1 else alpha.repeat_interleave(8, dim=1)[None, :, :q.shape[2], None]
+    if alpha.dim() == 1:
+        alpha = alpha[None, :, None, None]
+    else:  # per query block of 8 rows
+        alpha = alpha.repeat_interleave(8, dim=1)[None, :, :q.shape[2], None]
     return alpha * sparse + (1 - alpha) * linear
 
 

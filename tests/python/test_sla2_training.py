@@ -118,7 +118,8 @@ def test_stage2_freezes_routers_and_trains_the_rest():
 
 def test_scheduler_values():
     scheduler = RouterParameterScheduler()
-    assert (scheduler.router_warmup_steps, scheduler.initial_topk_ratio, scheduler.final_topk_ratio) == (5000, 0.25, 0.10)
+    defaults = (scheduler.router_warmup_steps, scheduler.initial_topk_ratio, scheduler.final_topk_ratio)
+    assert defaults == (5000, 0.25, 0.10)
     assert scheduler.topk_at(0) == 0.25
     assert scheduler.topk_at(2500) == pytest.approx(0.175)
     assert scheduler.topk_at(5000) == scheduler.topk_at(10 ** 6) == 0.10
@@ -158,7 +159,8 @@ def test_statistics_and_config_log():
     model(*dit_batches(1)[0])
     stats = get_sla2_statistics(model)["blocks.2.attn.kernel"]
     assert stats["density"] == 0.25 and stats["sparsity"] == 0.75  # one of 4 key blocks per query block
-    assert stats["alpha_min"] == pytest.approx(0.5) and stats["alpha_max"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
+    assert stats["alpha_min"] == pytest.approx(0.5)
+    assert stats["alpha_max"] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
     assert stats["alpha_mean"] == pytest.approx((0.5 + stats["alpha_max"]) / 2)
     lines = []
     log_sla2_config(model, lines.append)
@@ -166,7 +168,8 @@ def test_statistics_and_config_log():
 
 
 def test_training_package_does_not_import_lightning():
-    code = "import sys, slattn.training; assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
+    code = ("import sys, slattn.training\n"
+            "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -82,7 +82,8 @@ class DiTConfig:
             try:
                 check_fractions(getattr(self, name), 0.0)
             except ValueError:
-                raise ValueError(f"DiT config: {name} must be a number in (0, 1], got {getattr(self, name)!r}") from None
+                raise ValueError(f"DiT config: {name} must be a number in (0, 1], "
+                                 f"got {getattr(self, name)!r}") from None
         if self.head_dim % self.sla2_compression_ratio:
             raise ValueError(f"DiT config: sla2_compression_ratio={self.sla2_compression_ratio} must divide the head "
                              f"dim {self.head_dim} (hidden_size / num_heads)")
@@ -126,7 +127,8 @@ class DiTConfig:
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = [key for key in options if key not in known]
         if unknown:
-            raise ValueError(f"DiT config: unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+            raise ValueError(f"DiT config: unknown option(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(known)}")
         return cls(**options)
 
     @classmethod
