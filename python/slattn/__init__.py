@@ -11,6 +11,7 @@ from .integrations.config import SLAConfig
 from .integrations.sdpa import SLAController, patch_sdpa
 from .module import SparseLinearAttention
 from .plan import RoutingPlan, plan_from_block_map, route
+from .sla2 import SparseLinearAttention2
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "SLAConfig",
     "SLAController",
     "SparseLinearAttention",
+    "SparseLinearAttention2",
     "num_threads",
     "patch_sdpa",
     "plan_from_block_map",
