@@ -26,7 +26,7 @@ echo "built in $(( $(date +%s) - start )) s"
 
 if want tests; then
   echo "== Python tests (GPU and CPU)"
-  (cd tests/python && timeout 420 python3 -m pytest -q -p no:cacheprovider . 2>&1 | tee "$LOGS/tests.log" | tail -25) \
+  (cd tests/python && timeout 420 python3 -m pytest -q -rs -p no:cacheprovider . 2>&1 | tee "$LOGS/tests.log" | tail -25) \
     || status=1
 fi
 if want sanitize; then
@@ -41,7 +41,10 @@ if want sanitize; then
 fi
 if want profile; then
   echo "== profile"
-  timeout 200 python3 scripts/profile_sla.py 2>&1 | tee "$LOGS/profile.log" | head -32 || status=1
+  for blocks in 64 128; do
+    timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 "$blocks" 2>&1 | tee "$LOGS/profile-$blocks.log" \
+      | grep -v Warning | head -24 | cut -c1-72,144-158,200-215 || status=1
+  done
 fi
 if want bench; then
   echo "== bench"
