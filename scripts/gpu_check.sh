@@ -18,6 +18,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 echo "== build"
+# From scratch: the copied tree's file times may predate a kept build folder's outputs.
+rm -rf build
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 start=$(date +%s)
 python3 -m pip install -q --no-build-isolation --no-index --no-deps . >"$LOGS/build.log" 2>&1 \

@@ -39,15 +39,26 @@ SLATTN_HOST_DEVICE inline double div(double a, double b) {
 #endif
 }
 
+// One channel of k̄: the sum k_sum of a key block's `count` rows as a mean,
+// smoothed by the mean k_mean of K: k_sum / count - k_mean.
+SLATTN_HOST_DEVICE inline double smoothed_key_mean(double k_sum, int64_t count, double k_mean) {
+  return add(div(k_sum, static_cast<double>(count)), -k_mean);
+}
+
+// One step of a score: the running sum plus the product of one channel.
+SLATTN_HOST_DEVICE inline double score_step(double score, double q_mean, double k_bar) {
+  return add(score, mul(q_mean, k_bar));
+}
+
 // Score of query-block mean q_mean (already divided) against key block sums
 // k_sum of `count` rows, smoothed by k_mean: q̄ · (k_sum / count - k_mean).
+// A path that keeps k̄ (smoothed_key_mean) and sums score_step over the
+// channels in order from 0.0 gets the same bits.
 SLATTN_HOST_DEVICE inline double block_score(const double* q_mean, const double* k_sum, const double* k_mean,
                                              int64_t count, int64_t dim) {
   double score = 0.0;
-  for (int64_t c = 0; c < dim; ++c) {
-    const double k_bar = add(div(k_sum[c], static_cast<double>(count)), -k_mean[c]);
-    score = add(score, mul(q_mean[c], k_bar));
-  }
+  for (int64_t c = 0; c < dim; ++c)
+    score = score_step(score, q_mean[c], smoothed_key_mean(k_sum[c], count, k_mean[c]));
   return score;
 }
 
