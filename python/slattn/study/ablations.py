@@ -73,12 +73,13 @@ class LinearPlusSparseAttention(_RoutedAttention):
         q, k, v, plan = self._inputs(q, k, v)
         out_sparse, out_linear, _ = sparse_linear_attention(q, k, v, plan=plan, linear_scope="all", layout=LAYOUT,
                                                             return_branches=True)
-        out = (out_sparse.float() + out_linear.float()).to(input_dtype)
+        wide = torch.promote_types(out_sparse.dtype, torch.float32)  # bf16 branches are summed in fp32
+        out = (out_sparse.to(wide) + out_linear.to(wide)).to(input_dtype)
         return (out, self.last_density) if return_sparsity else out
 
 
 class LinearOnlyAttention(nn.Module):
-    """Linear attention over all keys, computed in fp32 whatever the input dtype."""
+    """Linear attention over all keys, computed in fp32 (fp64 for fp64 inputs)."""
 
     def __init__(self, head_dim: int, feature_map_name: str = "softmax"):
         super().__init__()
@@ -91,11 +92,14 @@ class LinearOnlyAttention(nn.Module):
 
     def forward(self, q, k, v, return_sparsity: bool = False):
         input_dtype = q.dtype
-        phi_q, phi_k = (feature_map(t.float(), self.feature_map_name) for t in (q, k))  # (B, L, H, F)
-        state = torch.einsum("blhf,blhd->bhfd", phi_k, v.float())
-        normaliser = phi_k.sum(dim=1)                                                       # (B, H, F)
-        numerator = torch.einsum("blhf,bhfd->blhd", phi_q, state)
-        denominator = torch.einsum("blhf,bhf->blh", phi_q, normaliser).unsqueeze(-1) + LINEAR_EPSILON
+        compute = torch.promote_types(q.dtype, torch.float32)
+        # Autocast would run the products in bf16; the sums over every key are what needs fp32.
+        with torch.autocast(q.device.type, enabled=False):
+            phi_q, phi_k = (feature_map(t.to(compute), self.feature_map_name) for t in (q, k))  # (B, L, H, F)
+            state = torch.einsum("blhf,blhd->bhfd", phi_k, v.to(compute))
+            normaliser = phi_k.sum(dim=1)                                                       # (B, H, F)
+            numerator = torch.einsum("blhf,bhfd->blhd", phi_q, state)
+            denominator = torch.einsum("blhf,bhf->blh", phi_q, normaliser).unsqueeze(-1) + LINEAR_EPSILON
         out = (numerator / denominator).to(input_dtype)
         self.last_density = 0.0  # no key block is computed exactly
         return (out, 0.0) if return_sparsity else out
