@@ -54,3 +54,14 @@ def test_ablation_arguments_are_named():
         LinearPlusSparseAttention(16, topk=0.1, block_q=16, block_k=0)
     with pytest.raises(ValueError, match="feature_map"):
         LinearOnlyAttention(16, "cosine")
+
+
+def test_linear_only_sums_in_fp32_under_autocast():
+    """Under bf16 autocast (how the study trains on a GPU; CPU autocast behaves alike) the products over every
+    key still run in fp32: the output equals the one computed without autocast, up to its bf16 rounding."""
+    q, k, v = (t.float().to(torch.bfloat16) for t in _nhd(Workload((2, 4, 8), heads=2, head_dim=16, seed=3)))
+    kernel = LinearOnlyAttention(16)
+    expected = kernel(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernel(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

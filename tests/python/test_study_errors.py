@@ -14,7 +14,7 @@ from slattn.study import cache
     ({"preset": "huge"}, "preset"),
     ({"variants": ["sla", "sla3"]}, "variants"),
     ({"variants": []}, "variants"),
-    ({"variants": "sla"}, "variants"),
+    ({"variants": "sla"}, "variants must be a list"),
     ({"finetune_steps": 0}, "finetune_steps"),
     ({"pretrain_lr": -1.0}, "pretrain_lr"),
     ({"sla_topk": 1.5}, "sla_topk"),

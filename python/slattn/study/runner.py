@@ -150,7 +150,7 @@ def run_study(preset="smoke", *, device: str = "auto", out_dir="slattn-results/f
     checkpoint (default: out_dir/cache), reused whenever the recipe matches."""
     started = time.perf_counter()
     preset = _resolve_preset(preset, overrides)
-    names = check_variant_names(list(VARIANTS) if variants is None else list(variants))
+    names = check_variant_names(list(VARIANTS) if variants is None else variants)
     dev = pick_device(device)
     out_dir = os.fspath(out_dir)
     cache_dir = os.path.join(out_dir, "cache") if cache_dir is None else os.fspath(cache_dir)

@@ -20,7 +20,8 @@ class Variant:
     description: str
     # One attention kernel per DiT layer; None keeps the DiT's full attention (PyTorch SDPA).
     make_kernel: Callable[[StudyPreset], nn.Module | None]
-    target_topk: float | None  # fraction of key blocks computed exactly; None: all (full) or none (linear)
+    # The preset field holding its topk (fraction of key blocks computed exactly); None: all (full) or none (linear).
+    topk_field: str | None
     # Matmul FLOPs of the linear branch (4) and SLA's projection (2), in units of L·D² per head.
     linear_units: int
     sla2: bool = False         # trained in two stages (router distillation, then fine-tuning)
@@ -73,7 +74,10 @@ VARIANTS = {v.name: v for v in (
 
 def check_variant_names(names) -> list[str]:
     """The variants asked for, in the study's order; ValueError naming `variants` for an unknown one."""
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names) or not names:
+    if isinstance(names, str) or not hasattr(names, "__iter__"):
+        raise ValueError(f"variants must be a list of names from {', '.join(VARIANTS)}, got {names!r}")
+    names = list(names)
+    if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"variants must be a non-empty list of names from {', '.join(VARIANTS)}, got {names!r}")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -82,7 +86,7 @@ def check_variant_names(names) -> list[str]:
 
 
 def target_topk(variant: Variant, preset: StudyPreset) -> float | None:
-    return None if variant.target_topk is None else getattr(preset, variant.target_topk)
+    return None if variant.topk_field is None else getattr(preset, variant.topk_field)
 
 
 def install_kernels(model: nn.Module, variant: Variant, preset: StudyPreset) -> None:
