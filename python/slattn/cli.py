@@ -1,9 +1,11 @@
-"""The `slattn` command: `slattn demo`, `slattn bench`."""
+"""The `slattn` command: `slattn demo`, `slattn bench`, `slattn finetune`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .study.command import add_arguments as finetune_arguments
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out-dir", default="slattn-results", help="folder for bench.json and bench.png")
     bench.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
                        help="also time FlexAttention on the same block map (default: on a GPU only)")
+
+    finetune_arguments(commands.add_parser(
+        "finetune", help="fine-tuning study: full attention vs SLA, SLA2 and the ablations on a video DiT"))
     return parser
 
 
@@ -40,8 +45,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "demo":
             from .demo import main as run
-        else:
+        elif args.command == "bench":
             from .bench import main as run
+        else:
+            from .study.command import main as run
         return run(args)
     except (ValueError, NotImplementedError) as error:
         print(f"slattn {args.command}: {error}", file=sys.stderr)
