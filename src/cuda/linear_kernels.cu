@@ -96,6 +96,10 @@ __device__ void build_subset_list(int64_t count, Include include, SubsetList& li
   list.included = included;
 }
 
+// Shared bytes of a list of `count` rows: the compiler reads the list four
+// entries at a time (one 16-byte load), so it gets a slack of three.
+size_t subset_list_bytes(int64_t count) { return (count + 3) * sizeof(int32_t); }
+
 // Σ_{i included} items[i * stride + e], through the list.
 __device__ __forceinline__ float subset_sum(const SubsetList& list, const float* items, int64_t stride,
                                             const float* total, int64_t e) {
@@ -106,7 +110,7 @@ __device__ __forceinline__ float subset_sum(const SubsetList& list, const float*
   return sum;
 }
 
-// grid: one block per (query pair, query block); shared: Nk int32.
+// grid: one block per (query pair, query block); shared: subset_list_bytes(Nk).
 __global__ void assemble_query_states_kernel(Geometry g, const int8_t* block_map, LinearScope scope,
                                              const float* key_h, const float* key_z, const float* total_h,
                                              const float* total_z, QueryStates out) {
@@ -224,7 +228,7 @@ __global__ void query_z_grads_kernel(Geometry g, const float* phi_q, const float
   }
 }
 
-// grid: one block per (kv pair, key block); shared: Mq int32.
+// grid: one block per (kv pair, key block); shared: subset_list_bytes(Mq).
 __global__ void key_state_grads_kernel(Geometry g, const int8_t* block_map, LinearScope scope, const float* dh_query,
                                        const float* dz_query, const float* dh_total, const float* dz_total,
                                        float* dh_key, float* dz_key) {
@@ -295,7 +299,7 @@ void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width,
 void assemble_query_states(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* key_h,
                            const float* key_z, const float* total_h, const float* total_z, QueryStates out,
                            cudaStream_t stream) {
-  const size_t shared = g.k_blocks * sizeof(int32_t);
+  const size_t shared = subset_list_bytes(g.k_blocks);
   assemble_query_states_kernel<<<static_cast<unsigned>(g.q_pairs() * g.q_blocks), 256, shared, stream>>>(
       g, plan.block_map, scope, key_h, key_z, total_h, total_z, out);
   SLATTN_LAUNCH_CHECK("assemble_query_states_kernel");
@@ -360,7 +364,7 @@ void query_z_grads(const Geometry& g, const float* phi_q, const float* grad_c, f
 void key_state_grads(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* dh_query,
                      const float* dz_query, const float* dh_total, const float* dz_total, float* dh_key,
                      float* dz_key, cudaStream_t stream) {
-  const size_t shared = g.q_blocks * sizeof(int32_t);
+  const size_t shared = subset_list_bytes(g.q_blocks);
   key_state_grads_kernel<<<static_cast<unsigned>(g.kv_pairs() * g.k_blocks), 256, shared, stream>>>(g, plan.block_map, scope, dh_query, dz_query, dh_total, dz_total, dh_key,
                                      dz_key);
   SLATTN_LAUNCH_CHECK("key_state_grads_kernel");

@@ -237,6 +237,7 @@ def test_fsdp_shards_the_sla_weights_and_keeps_the_outputs(tmp_path):
     import copy
 
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
@@ -248,7 +249,7 @@ def test_fsdp_shards_the_sla_weights_and_keeps_the_outputs(tmp_path):
             with torch.no_grad():
                 model.sla_attention.proj_l.weight.normal_(std=0.05)
             expected = copy.deepcopy(model)(tokens(1))
-            fully_shard(model)
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))  # on a GPU machine too
             out = model(tokens(1))
             out.sum().backward()
         weight = model.sla_attention.proj_l.weight
