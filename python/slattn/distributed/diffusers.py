@@ -14,6 +14,9 @@ backend registered with `supports_context_parallel=True`, which runs
   `enable_parallelism`), the forward is SLA over whole sequences, but the
   backward recomputes SDPA outside the patch (dense attention's gradients)
   and SLA's weights get none. Inference works that way; training does not.
+  The order matters: `enable_parallelism` hands its config only to
+  processors with a `_parallel_config` attribute, which an SLAProcessor has
+  not, so `apply_sla` *before* it would leave attention on each rank's shard.
 
 `apply_sla_ulysses(model, config)` is the closest working integration: the
 SLA processors switch diffusers' own Ulysses off for their attention call and
