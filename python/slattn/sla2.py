@@ -109,6 +109,9 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
 
     def initialize_parameters(self, q, k=None, v=None, *args, **kwargs) -> None:  # LazyModuleMixin's hook
         if self.has_uninitialized_params():
+            if kwargs.get("head_index") is not None:
+                raise ValueError("head_index selects heads of α, which the first call sizes from q's heads; "
+                                 "give num_heads (and q_len for alpha='block') at construction")
             _, heads, q_len, _ = _checks.check_query_key(q, k, self.layout)[0]
             self._materialize_alpha(heads, -(-q_len // self.block_q), q.device)
 
@@ -119,9 +122,13 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
             raise RuntimeError("α is sized by the first call; give num_heads (and q_len) to size it at construction")
         return torch.sigmoid(self.alpha_logit.detach())
 
-    def _alpha_for(self, heads: int, q_len: int, layout: str, dtype: torch.dtype) -> torch.Tensor:
-        """α broadcastable against an output in `layout`: (1, H, 1|Lq, 1) for HND."""
+    def _alpha_for(self, heads: int, q_len: int, layout: str, dtype: torch.dtype,
+                   head_index: torch.Tensor | None = None) -> torch.Tensor:
+        """α broadcastable against an output in `layout`: (1, H, 1|Lq, 1) for HND;
+        at the layer heads `head_index` when q holds only those."""
         a = self.alpha_logit
+        if head_index is not None:
+            a = a[self._check_head_index(head_index, heads)]
         if a.shape[0] != heads:
             raise ValueError(f"this layer's α has {a.shape[0]} heads, but q has {heads}")
         q_blocks = -(-q_len // self.block_q)
@@ -135,6 +142,15 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
             alpha = torch.sigmoid(a.to(dtype))[:, token_block]
         alpha = alpha[None, :, :, None]
         return alpha if layout == "HND" else alpha.transpose(1, 2)
+
+    def _check_head_index(self, head_index, heads: int) -> torch.Tensor:
+        # Shape and dtype only: a range check would read the values (a device sync, a graph break under
+        # torch.compile); indexing α with an out-of-range head fails on its own.
+        if (not isinstance(head_index, torch.Tensor) or head_index.dim() != 1 or head_index.dtype != torch.int64
+                or head_index.numel() != heads):
+            raise ValueError(f"head_index must be a 1-D int64 tensor with one entry per head of q ({heads}), got "
+                             f"{head_index!r}")
+        return head_index.to(self.alpha_logit.device)
 
     # ------------------------------------------------------------ routing
     def set_routing(self, mode: str) -> None:
@@ -158,10 +174,13 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False, *,
-                scale: float | None = None):
+                scale: float | None = None, head_index: torch.Tensor | None = None):
         """`scale` overrides the layer's softmax scale for this call. With
         return_sparsity, returns (out, density): the fraction of key blocks
-        computed exactly (the soft path's Σ Ms over the block count)."""
+        computed exactly (the soft path's Σ Ms over the block count).
+        head_index: the layer heads that q holds, in order, when it holds a
+        subset (sequence parallelism gives each rank H/P heads); α is taken at
+        these. None: q holds every head of the layer."""
         qs, _ = _checks.check_attention_inputs(q, k, v, self.layout)
         if qs[3] != self.head_dim:
             raise ValueError(f"q has head dim {qs[3]}, but this layer was built with head_dim={self.head_dim}")
@@ -172,15 +191,15 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
         if self.routing == "dense":
             out, density = self._dense(q, k, v, scale), 1.0
         else:
-            out, density = self._sparse_linear(q, k, v, scale)
+            out, density = self._sparse_linear(q, k, v, scale, head_index)
         self.last_density = density
         out = out.to(input_dtype)
         return (out, density) if return_sparsity else out
 
-    def _sparse_linear(self, q, k, v, scale) -> tuple[torch.Tensor, float]:
+    def _sparse_linear(self, q, k, v, scale, head_index) -> tuple[torch.Tensor, float]:
         _, heads, q_len, _ = logical(q, self.layout).shape
         mix = torch.promote_types(q.dtype, torch.float32)
-        alpha = self._alpha_for(heads, q_len, self.layout, mix)
+        alpha = self._alpha_for(heads, q_len, self.layout, mix, head_index)
         k_branch = self._smoothed(k)
         if self.routing == "soft":
             scores = self.router.block_scores(q, k, self.block_q, self.block_k, self.layout)

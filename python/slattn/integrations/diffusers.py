@@ -16,6 +16,7 @@ diffusers is an optional dependency (`pip install slattn[diffusers]`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable
 
@@ -38,13 +39,18 @@ class SLAProcessor(nn.Module):
         self._warned = False
 
     def forward(self, attn, hidden_states, *args, **kwargs):
-        with self._controller.pinned(self.sla_attention) as served:
+        with self._controller.pinned(self.sla_attention) as served, self._attention_scope():
             result = self.original(attn, hidden_states, *args, **kwargs)
         if served[0] == 0 and not self._warned:
             self._warned = True
             logger.warning("slattn: an SLA-wrapped attention processor made no SLA call (its attention backend "
                            "bypasses torch SDPA, or every call fell back; see the controller's statistics())")
         return result
+
+    def _attention_scope(self):
+        """Context around the original processor's call, inside the pinned SDPA;
+        sequence parallelism (slattn.distributed.diffusers) redistributes attention here."""
+        return contextlib.nullcontext()
 
 
 def _self_attention_modules(model: nn.Module) -> Callable[[str, nn.Module], bool]:
@@ -61,11 +67,12 @@ def _head_dim(module: nn.Module) -> int:
     return inner // heads
 
 
-def apply_sla(model: nn.Module, config=None, *, select: Callable[[str, nn.Module], bool] | None = None
-              ) -> SLAController:
+def apply_sla(model: nn.Module, config=None, *, select: Callable[[str, nn.Module], bool] | None = None,
+              make_processor: Callable[..., SLAProcessor] = SLAProcessor) -> SLAController:
     """Wraps the processors of the selected attention modules of `model`;
     returns the controller (statistics, settings). `select(name, module)`
-    overrides the default choice of self-attention modules."""
+    overrides the default choice of self-attention modules; `make_processor`
+    (original, controller, head_dim) builds the wrapping SLAProcessor."""
     controller = SLAController(config, activate=False)
     select = select or _self_attention_modules(model)
     wrapped = 0
@@ -74,7 +81,7 @@ def apply_sla(model: nn.Module, config=None, *, select: Callable[[str, nn.Module
             continue
         if isinstance(module.processor, SLAProcessor):
             raise ValueError(f"{name} already runs SLA; call remove_sla first")
-        processor = SLAProcessor(module.processor, controller, _head_dim(module))
+        processor = make_processor(module.processor, controller, _head_dim(module))
         module.set_processor(processor.to(next(module.parameters()).device))
         wrapped += 1
     if wrapped == 0:
