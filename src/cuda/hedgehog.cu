@@ -39,7 +39,7 @@ void hedgehog_rows(const TensorView& x, int64_t rows_padded, const float* weight
   const int64_t pairs = x.batch() * x.heads(), rows = pairs * rows_padded, dim = x.head_dim();
   SLATTN_CHECK(2 * dim <= kMaxPerLane * kWarpSize, "hedgehog_rows: 2 x head_dim ", 2 * dim,
                " exceeds a warp row of ", kMaxPerLane * kWarpSize);
-  feature_rows(x, rows_padded, FeatureMap::softmax, nullptr, x_rows, stream);
+  feature_rows(x, rows_padded, FeatureMap::softmax, nullptr, x_rows, stream);  // x only: no map applied
   // pre = x Wᵀ into the first half of each φ row (rows 2D apart).
   gemm(1, dense(x_rows, rows, dim), dense(weight, dim, dim, /*transposed=*/true),
        GemmOutput{phi, rows, dim, 2 * dim, 0}, stream);
