@@ -53,8 +53,8 @@ void hedgehog_input_grads(int64_t rows, int64_t dim, const float* d_pre, const f
                           float* dx_rows, float* dw_partial, cudaStream_t stream) {
   const int64_t features = 2 * dim;
   // dx += d(pre) W (pre = x Wᵀ, so d(pre)/dx is W itself).
-  gemm(1, GemmOperand{d_pre, rows, dim, features, 1, 0}, dense(weight, dim, dim), GemmOutput{dx_rows, rows, dim, dim, 0},
-       stream, /*beta=*/1.0f);
+  gemm(1, GemmOperand{d_pre, rows, dim, features, 1, 0}, dense(weight, dim, dim),
+       GemmOutput{dx_rows, rows, dim, dim, 0}, stream, /*beta=*/1.0f);
   // dW = Σ d(pre)ᵀ x: the full chunks as one batched product, the rest as one
   // more, each into its own partial; the caller sums them in order.
   auto chunk_products = [&](int64_t batches, int64_t first_row, int64_t chunk_rows, float* out) {
