@@ -9,7 +9,8 @@ FeatureMap parse_feature_map(std::string_view name, std::string_view argument) {
   if (name == "softmax") return FeatureMap::softmax;
   if (name == "elu") return FeatureMap::elu;
   if (name == "relu") return FeatureMap::relu;
-  throw Error(detail::concat(argument, " must be one of 'softmax', 'elu', 'relu', got '", name, "'"));
+  if (name == "hedgehog") return FeatureMap::hedgehog;
+  throw Error(detail::concat(argument, " must be one of 'softmax', 'elu', 'relu', 'hedgehog', got '", name, "'"));
 }
 
 LinearScope parse_linear_scope(std::string_view name, std::string_view argument) {
@@ -23,6 +24,7 @@ std::string feature_map_name(FeatureMap feature_map) {
     case FeatureMap::softmax: return "softmax";
     case FeatureMap::elu: return "elu";
     case FeatureMap::relu: return "relu";
+    case FeatureMap::hedgehog: return "hedgehog";
   }
   throw Error("unknown feature map code");
 }

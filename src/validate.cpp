@@ -70,6 +70,42 @@ void check_projection_dtype(DType proj, DType input) {
                "proj_weight/proj_bias must be float32 (or float64 with float64 inputs), got ", dtype_name(proj));
 }
 
+// W_q and W_k are given exactly when φ has weights, in a dtype the core reads.
+void check_feature_weights(FeatureMap feature_map, const FeatureWeights& w, DType input) {
+  if (!has_feature_weights(feature_map)) {
+    SLATTN_CHECK(w.q == nullptr && w.k == nullptr, "feature_weight_q/feature_weight_k are given, but feature_map '",
+                 feature_map_name(feature_map), "' has no weights (only 'hedgehog' has)");
+    return;
+  }
+  SLATTN_CHECK(w.q != nullptr, "feature_weight_q is required with feature_map 'hedgehog'");
+  SLATTN_CHECK(w.k != nullptr,
+               "feature_weight_k is required with feature_map 'hedgehog' (pass feature_weight_q again to tie them)");
+  SLATTN_CHECK(w.dtype == DType::float32 || (w.dtype == DType::float64 && input == DType::float64),
+               "feature_weight_q/feature_weight_k must be float32 (or float64 with float64 inputs), got ",
+               dtype_name(w.dtype));
+}
+
+// One gradient per distinct weight: tied weights share one output, untied ones
+// need two that do not alias.
+void check_feature_weight_grads(const SlaBackwardParams& p) {
+  if (!has_feature_weights(p.feature_map)) {
+    SLATTN_CHECK(p.d_feature_weight_q == nullptr && p.d_feature_weight_k == nullptr,
+                 "d_feature_weight_q/d_feature_weight_k are given, but feature_map '",
+                 feature_map_name(p.feature_map), "' has no weights");
+    return;
+  }
+  SLATTN_CHECK(p.d_feature_weight_q != nullptr, "d_feature_weight_q is required with feature_map 'hedgehog'");
+  SLATTN_CHECK(p.d_feature_weight_k != nullptr, "d_feature_weight_k is required with feature_map 'hedgehog'");
+  if (p.feature_weights.tied()) {
+    SLATTN_CHECK(p.d_feature_weight_k == p.d_feature_weight_q,
+                 "d_feature_weight_k must be d_feature_weight_q when the feature weights are tied "
+                 "(feature_weight_k == feature_weight_q): their one gradient, the sum of both, is written once");
+  } else {
+    SLATTN_CHECK(p.d_feature_weight_k != p.d_feature_weight_q,
+                 "d_feature_weight_k and d_feature_weight_q must differ for untied feature weights");
+  }
+}
+
 }  // namespace
 
 PlanShape expected_plan_shape(const TensorView& q, const TensorView& k, const PlanShape& plan) {
@@ -102,6 +138,7 @@ void validate(const SlaForwardParams& p, const RoutingPlanView& plan) {
   SLATTN_CHECK(p.lse != nullptr, "lse is required");
   SLATTN_CHECK(p.proj_bias == nullptr || p.proj_weight != nullptr, "proj_bias needs proj_weight");
   if (p.proj_weight) check_projection_dtype(p.proj_dtype, p.q.dtype);
+  check_feature_weights(p.feature_map, p.feature_weights, p.q.dtype);
 }
 
 void validate(const SlaBackwardParams& p, const RoutingPlanView& plan) {
@@ -128,6 +165,8 @@ void validate(const SlaBackwardParams& p, const RoutingPlanView& plan) {
     SLATTN_CHECK(p.d_proj_weight != nullptr, "d_proj_weight is required when proj_weight is given");
   }
   SLATTN_CHECK(!p.has_proj_bias || p.d_proj_bias != nullptr, "d_proj_bias is required when the bias is given");
+  check_feature_weights(p.feature_map, p.feature_weights, p.q.dtype);
+  check_feature_weight_grads(p);
 }
 
 }  // namespace slattn

@@ -1,13 +1,27 @@
 // Named options of SPEC sections 3 and 4, with their parsers.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
+#include "slattn/macros.h"
+
 namespace slattn {
 
-// Feature map φ of the linear branch (SPEC section 3).
-enum class FeatureMap : int { softmax = 0, elu = 1, relu = 2 };
+// Feature map φ of the linear branch (SPEC section 3). hedgehog is the
+// learnable one: φ(x) = softmax([x Wᵀ, −x Wᵀ]) over 2d features, W (d, d).
+enum class FeatureMap : int { softmax = 0, elu = 1, relu = 2, hedgehog = 3 };
+
+// Whether φ has trainable weights (the params then carry them).
+SLATTN_HOST_DEVICE inline bool has_feature_weights(FeatureMap feature_map) {
+  return feature_map == FeatureMap::hedgehog;
+}
+
+// Width F of φ(x) for a row of head_dim values: Qφ is (L, F), h_n (F, d), z_n (F).
+SLATTN_HOST_DEVICE inline int64_t feature_dim(FeatureMap feature_map, int64_t head_dim) {
+  return has_feature_weights(feature_map) ? 2 * head_dim : head_dim;
+}
 
 // Which key blocks the linear branch covers for a query block (SPEC section 3).
 enum class LinearScope : int {

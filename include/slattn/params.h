@@ -13,6 +13,19 @@ namespace slattn {
 // float64 runs (gradient checks) stay in float64 throughout (SPEC section 4).
 inline DType lse_dtype(DType input) { return input == DType::float64 ? DType::float64 : DType::float32; }
 
+// Weights of a learnable feature map (FeatureMap::hedgehog, SPEC section 3):
+// W_q for the queries and W_k for the keys, each (D, D) row-major as (out, in)
+// so that φ(x) = softmax([x Wᵀ, −x Wᵀ]). Tied maps (tie_feature_map_qk) pass
+// the same pointer twice; the core treats equal pointers as one weight.
+// Required with hedgehog, refused with the fixed maps.
+struct FeatureWeights {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  DType dtype = DType::float32;  // float32, or float64 with float64 inputs
+
+  bool tied() const { return q != nullptr && q == k; }
+};
+
 // Forward of SLA (SPEC sections 2-4):
 //   out = Os + Ol · proj_weightᵀ + proj_bias
 // q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); out, out_sparse, out_linear like q.
@@ -31,6 +44,7 @@ struct SlaForwardParams {
 
   double scale = 0.0;     // softmax scale; the bindings default it to 1/sqrt(D)
   FeatureMap feature_map = FeatureMap::softmax;
+  FeatureWeights feature_weights;  // hedgehog only
   LinearScope linear_scope = LinearScope::marginal;
 
   bool linear_branch() const { return proj_weight != nullptr || out_linear.defined(); }
@@ -48,6 +62,12 @@ struct SlaForwardParams {
 // directly): dOs = dout + dout_sparse, dOl = dout · proj_weight + dout_linear.
 // All gradients are written (not accumulated). dk/dv are summed over the query
 // heads that share a key/value head.
+//
+// With hedgehog the backward also writes the feature weights' gradients, in
+// feature_weights.dtype: d_feature_weight_q = Σ over query rows, and
+// d_feature_weight_k = Σ over key rows. Tied weights (feature_weights.q ==
+// feature_weights.k) have one gradient, the sum of both: the caller passes
+// the same output pointer for both and the core writes it once.
 struct SlaBackwardParams {
   TensorView q, k, v;
   TensorView out_sparse;     // Os of the forward pass
@@ -63,9 +83,12 @@ struct SlaBackwardParams {
   TensorView dq, dk, dv;    // required
   void* d_proj_weight = nullptr;  // (D, D) in proj_dtype, required when proj_weight is given
   void* d_proj_bias = nullptr;    // (D) in proj_dtype, required when has_proj_bias
+  void* d_feature_weight_q = nullptr;  // (D, D), required with hedgehog and the linear branch
+  void* d_feature_weight_k = nullptr;  // (D, D); == d_feature_weight_q when the weights are tied
 
   double scale = 0.0;
   FeatureMap feature_map = FeatureMap::softmax;
+  FeatureWeights feature_weights;  // hedgehog only
   LinearScope linear_scope = LinearScope::marginal;
 
   bool linear_branch() const { return proj_weight != nullptr || dout_linear.defined(); }

@@ -10,7 +10,8 @@ import torch
 from . import _C
 from ._tensors import LAYOUTS, SUPPORTED_DTYPES, sequence_shape
 
-FEATURE_MAPS = ("softmax", "elu", "relu")
+FEATURE_MAPS = ("softmax", "elu", "relu", "hedgehog")
+LEARNABLE_FEATURE_MAPS = ("hedgehog",)  # maps with weights: feature_weight_q / feature_weight_k
 LINEAR_SCOPES = ("marginal", "all")
 MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 8
@@ -118,6 +119,39 @@ def check_projection(proj_weight, proj_bias, head_dim: int, dtype: torch.dtype, 
     # The core reads the bias in the weight's dtype.
     if proj_bias is not None and proj_bias.dtype != proj_weight.dtype:
         raise ValueError(f"proj_bias must have the dtype of proj_weight ({proj_weight.dtype}), got {proj_bias.dtype}")
+
+
+def _check_weight_matrix(name: str, t, head_dim: int, allowed, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (head_dim, head_dim):
+        raise ValueError(f"{name} must have shape {(head_dim, head_dim)}, got {tuple(t.shape)}")
+    if t.dtype not in allowed:
+        raise ValueError(f"{name} must be float32 (fp32 master weights; float64 with float64 inputs), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+
+
+def check_feature_weights(feature_map: str, feature_weight_q, feature_weight_k, head_dim: int, dtype: torch.dtype,
+                          device) -> None:
+    """Hedgehog takes W_q (and W_k, or None to tie it to W_q); the fixed maps take neither."""
+    if feature_map not in LEARNABLE_FEATURE_MAPS:
+        for name, t in (("feature_weight_q", feature_weight_q), ("feature_weight_k", feature_weight_k)):
+            if t is not None:
+                raise ValueError(f"{name} is given, but feature_map {feature_map!r} has no weights "
+                                 f"(only {', '.join(repr(m) for m in LEARNABLE_FEATURE_MAPS)} has)")
+        return
+    if feature_weight_q is None:
+        raise ValueError(f"feature_map {feature_map!r} needs feature_weight_q, its (head_dim, head_dim) W "
+                         "(and feature_weight_k, or None to tie it to feature_weight_q)")
+    allowed = (torch.float32, torch.float64) if dtype == torch.float64 else (torch.float32,)
+    _check_weight_matrix("feature_weight_q", feature_weight_q, head_dim, allowed, device)
+    if feature_weight_k is not None:
+        _check_weight_matrix("feature_weight_k", feature_weight_k, head_dim, allowed, device)
+        # The core reads both in one dtype.
+        if feature_weight_k.dtype != feature_weight_q.dtype:
+            raise ValueError(f"feature_weight_k must have the dtype of feature_weight_q ({feature_weight_q.dtype}), "
+                             f"got {feature_weight_k.dtype}")
 
 
 def default_scale(scale, head_dim: int) -> float:

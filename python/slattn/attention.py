@@ -12,9 +12,10 @@ from .plan import RoutingPlan, route
 def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor | None = None,
                             proj_bias: torch.Tensor | None = None, *, topk: float | None = None,
                             negligible: float | None = None, block_q: int | None = None, block_k: int | None = None,
-                            feature_map: str = "softmax", linear_scope: str = "marginal", scale: float | None = None,
-                            layout: str = "HND", plan: RoutingPlan | None = None, return_lse: bool = False,
-                            return_branches: bool = False):
+                            feature_map: str = "softmax", feature_weight_q: torch.Tensor | None = None,
+                            feature_weight_k: torch.Tensor | None = None, linear_scope: str = "marginal",
+                            scale: float | None = None, layout: str = "HND", plan: RoutingPlan | None = None,
+                            return_lse: bool = False, return_branches: bool = False):
     """Sparse-Linear Attention (SLA): ``Os + Ol @ proj_weight.T + proj_bias``.
 
     Os is exact softmax attention over the critical key blocks of each query
@@ -22,6 +23,13 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     blocks of `linear_scope` ("marginal": the M = 0 blocks; "all": every
     non-negligible block). A missing proj_weight counts as zero, and the
     linear branch is then not computed at all.
+
+    feature_map "hedgehog" is learnable: φ(x) = softmax([x Wᵀ, −x Wᵀ]) over
+    2·D features, with W_q = feature_weight_q for q and W_k =
+    feature_weight_k for k, each (D, D) as (out, in) (nn.Linear's layout),
+    float32 master weights (float64 with float64 inputs). feature_weight_k
+    None, or the very tensor given as feature_weight_q, ties them: one W,
+    whose gradient sums both uses. Both get gradients like proj_weight.
 
     q is (B, Hq, Lq, D) for layout "HND" or (B, Lq, Hq, D) for "NHD"; k and v
     likewise with Hkv heads (Hq a multiple of Hkv: grouped-query attention).
@@ -37,6 +45,9 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     _checks.check_choice("linear_scope", linear_scope, _checks.LINEAR_SCOPES)
     qs, ks = _checks.check_attention_inputs(q, k, v, layout)
     _checks.check_projection(proj_weight, proj_bias, qs[3], q.dtype, q.device)
+    _checks.check_feature_weights(feature_map, feature_weight_q, feature_weight_k, qs[3], q.dtype, q.device)
+    if feature_weight_k is feature_weight_q:
+        feature_weight_k = None  # tied: the op's one-weight form, so the gradient is the sum once
     scale = _checks.default_scale(scale, qs[3])
     if plan is None:
         if topk is None:
@@ -57,7 +68,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
             raise ValueError(f"plan is on {plan.block_map.device} but q is on {q.device}; use plan.to(device)")
     out, out_sparse, out_linear, lse = torch.ops.slattn.sla_forward(
         q, k, v, proj_weight, proj_bias, *plan.tensors, plan.block_q, plan.block_k, scale, feature_map, linear_scope,
-        layout, return_branches)
+        layout, return_branches, feature_weight_q, feature_weight_k)
     if return_branches:
         return (out_sparse if proj_weight is not None else out), out_linear, lse
     return (out, lse) if return_lse else out

@@ -8,6 +8,7 @@ from torch import nn
 
 from . import _checks
 from .attention import sparse_linear_attention
+from .feature_maps import attach_feature_maps, feature_weights
 from .plan import route
 
 
@@ -18,6 +19,14 @@ class SparseLinearAttention(nn.Module):
     ``use_bf16=False``) and the output is cast back to the input dtype. The
     projection ``proj_l`` is an fp32 ``nn.Linear(head_dim, head_dim)``,
     zero-initialised, so an untrained layer equals sparse attention.
+
+    ``feature_map="hedgehog"`` makes φ learnable (SPEC section 3): the layer
+    owns ``feature_map_q`` (W_q) and, unless ``tie_feature_map_qk``,
+    ``feature_map_k`` (W_k), fp32 identity-initialised HedgehogFeatureMap
+    modules (state keys ``feature_map_q.layer.weight``, and
+    ``feature_map_k.layer.weight`` when untied). Tied, ``feature_map_k`` is
+    ``feature_map_q``, as in the public reference. For the fixed maps both
+    are None.
 
     ``forward(q, k, v, return_sparsity=True)`` returns ``(out, density)``
     where density is the fraction of key blocks computed exactly (the value
@@ -48,19 +57,20 @@ class SparseLinearAttention(nn.Module):
         self.linear_scope = linear_scope
         self.layout = layout
         self.scale = _checks.default_scale(scale, head_dim)
-        # With the fixed feature maps there is nothing to tie; the flag is kept
-        # for the reference's signature and for learnable feature maps.
+        # With the fixed feature maps there is nothing to tie; hedgehog ties W_k to W_q.
         self.tie_feature_map_qk = tie_feature_map_qk
         self.dtype = torch.bfloat16 if use_bf16 else torch.float16
         self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
         nn.init.zeros_(self.proj_l.weight)
         nn.init.zeros_(self.proj_l.bias)
+        attach_feature_maps(self, feature_map, head_dim, tie_feature_map_qk)
         self.last_density: float | None = None
         self.last_sparsity: float | None = None
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, topk={self.topk}, negligible={self.negligible}, "
-                f"feature_map={self.feature_map!r}, linear_scope={self.linear_scope!r}, "
+                f"feature_map={self.feature_map!r}, tie_feature_map_qk={self.tie_feature_map_qk}, "
+                f"linear_scope={self.linear_scope!r}, "
                 f"BLKQ={self.BLKQ}, BLKK={self.BLKK}, dtype={self.dtype}, layout={self.layout!r}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False, *,
@@ -75,7 +85,9 @@ class SparseLinearAttention(nn.Module):
         q, k, v = (t.to(self.dtype) for t in (q, k, v))
         plan = route(q, k, topk=self.topk, negligible=self.negligible, block_q=self.BLKQ, block_k=self.BLKK,
                      layout=self.layout)
+        weight_q, weight_k = feature_weights(self)
         out = sparse_linear_attention(q, k, v, self.proj_l.weight, self.proj_l.bias, feature_map=self.feature_map,
+                                      feature_weight_q=weight_q, feature_weight_k=weight_k,
                                       linear_scope=self.linear_scope, scale=self.scale if scale is None else scale,
                                       layout=self.layout, plan=plan)
         out = out.to(input_dtype)

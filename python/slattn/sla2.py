@@ -17,6 +17,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import _checks
 from ._tensors import logical
 from .attention import sparse_linear_attention
+from .feature_maps import attach_feature_maps, feature_weights
 from .plan import RoutingPlan, plan_from_block_map
 from .router import LearnedRouter, classify
 from .soft_attention import soft_branches
@@ -41,13 +42,17 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
     `num_heads` (and, for "block", `q_len`) are given.
     compute_dtype: None computes in the inputs' dtype, except fp32 on CUDA,
     which runs in bf16 (what the kernels take); the output has the inputs' dtype.
+    feature_map "hedgehog" is learnable, with ``feature_map_q`` /
+    ``feature_map_k`` as in SparseLinearAttention (tied unless
+    ``tie_feature_map_qk=False``); W_k applies to K~ under smooth_k_features.
     """
 
     def __init__(self, head_dim: int, topk: float = 0.05, *, compression_ratio: int = 1, alpha: str = "head",
                  qat: bool = False, softtopk_tau: float = 0.1, block_q: int = 128, block_k: int = 64,
                  feature_map: str = "softmax", smooth_k_features: bool = True, alpha_init: float = 0.9,
                  num_heads: int | None = None, q_len: int | None = None, layout: str = "HND",
-                 scale: float | None = None, compute_dtype: torch.dtype | None = None):
+                 scale: float | None = None, compute_dtype: torch.dtype | None = None,
+                 tie_feature_map_qk: bool = True):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int):
             raise ValueError(f"head_dim must be an integer, got {head_dim!r}")
@@ -66,6 +71,8 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
         for name, value in (("num_heads", num_heads), ("q_len", q_len)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(tie_feature_map_qk, bool):
+            raise ValueError(f"tie_feature_map_qk must be a bool, got {tie_feature_map_qk!r}")
         if qat:
             raise NotImplementedError(f"qat=True: {QAT_UNAVAILABLE}")
         self.router = LearnedRouter(head_dim, compression_ratio)
@@ -78,6 +85,8 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
         self.block_q = block_q
         self.block_k = block_k
         self.feature_map = feature_map
+        self.tie_feature_map_qk = tie_feature_map_qk
+        attach_feature_maps(self, feature_map, head_dim, tie_feature_map_qk)
         self.smooth_k_features = smooth_k_features
         self.alpha_init = float(alpha_init)
         self.layout = layout
@@ -201,15 +210,18 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
         mix = torch.promote_types(q.dtype, torch.float32)
         alpha = self._alpha_for(heads, q_len, self.layout, mix, head_index)
         k_branch = self._smoothed(k)
+        weight_q, weight_k = feature_weights(self)
         if self.routing == "soft":
             scores = self.router.block_scores(q, k, self.block_q, self.block_k, self.layout)
             mask_logits = soft_topk_logits(scores, self.topk, self.softtopk_tau)
             os_, ol = soft_branches(q, k_branch, v, mask_logits, block_q=self.block_q, block_k=self.block_k,
-                                    scale=scale, feature_map_name=self.feature_map, layout=self.layout)
+                                    scale=scale, feature_map_name=self.feature_map, feature_weight_q=weight_q,
+                                    feature_weight_k=weight_k, layout=self.layout)
             density = float(torch.sigmoid(mask_logits.detach()).mean())
         else:
             plan = self.route(q, k)
             os_, ol, _ = sparse_linear_attention(q, k_branch, v, plan=plan, feature_map=self.feature_map,
+                                                 feature_weight_q=weight_q, feature_weight_k=weight_k,
                                                  linear_scope="marginal", scale=scale, layout=self.layout,
                                                  return_branches=True)
             density = plan.density
@@ -227,4 +239,5 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
         return (f"head_dim={self.head_dim}, topk={self.topk}, compression_ratio={self.compression_ratio}, "
                 f"alpha={self.alpha_mode!r}, routing={self.routing!r}, softtopk_tau={self.softtopk_tau}, "
                 f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
+                f"tie_feature_map_qk={self.tie_feature_map_qk}, "
                 f"smooth_k_features={self.smooth_k_features}, layout={self.layout!r}")

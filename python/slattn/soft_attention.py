@@ -25,18 +25,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._tensors import logical
+from .feature_maps import feature_map
 
 CHUNK_ELEMENTS = 2 ** 27
 LINEAR_EPSILON = 1e-5  # the ε of SPEC section 3
-
-
-def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
-    """φ of SPEC section 3, over the last dim."""
-    if name == "softmax":
-        return torch.softmax(x, dim=-1)
-    if name == "elu":
-        return F.elu(x) + 1
-    return torch.relu(x)
 
 
 def _sparse_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor,
@@ -59,11 +51,14 @@ def _chunks(batch: int, q_blocks: int, block_q: int, k_len: int) -> tuple[int, i
 
 def soft_branches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits: torch.Tensor, *, block_q: int,
                   block_k: int, scale: float, feature_map_name: str = "softmax",
+                  feature_weight_q: torch.Tensor | None = None, feature_weight_k: torch.Tensor | None = None,
                   layout: str = "HND") -> tuple[torch.Tensor, torch.Tensor]:
     """(Os, Ol) in the layout and dtype of q, computed in fp32 (fp64 for fp64 inputs).
 
     k is used as given by both branches (pass K~ for φ(K~)); k and v may have
-    fewer heads than q (GQA)."""
+    fewer heads than q (GQA). Hedgehog takes W_q and W_k (None: tied to W_q)."""
+    if feature_weight_k is None:
+        feature_weight_k = feature_weight_q
     q_l, k_l, v_l = (logical(t, layout) for t in (q, k, v))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, q_len, _ = q_l.shape
@@ -76,12 +71,12 @@ def soft_branches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_logits
     key_block = torch.arange(k_len, device=q.device) // block_k
 
     # Key-block states of the linear branch: φ(k) rows past the sequence are zero.
-    phi_k = F.pad(feature_map(k_c, feature_map_name), (0, 0, 0, k_blocks * block_k - k_len))
+    phi_k = F.pad(feature_map(k_c, feature_map_name, feature_weight_k), (0, 0, 0, k_blocks * block_k - k_len))
     v_pad = F.pad(v_c, (0, 0, 0, k_blocks * block_k - k_len))
     phi_k_blocks = phi_k.unflatten(2, (k_blocks, block_k))
     h_states = phi_k_blocks.transpose(-1, -2) @ v_pad.unflatten(2, (k_blocks, block_k))  # (B, Hkv, Nk, F, D)
     z_states = phi_k_blocks.sum(dim=3)                                                   # (B, Hkv, Nk, F)
-    phi_q = feature_map(q_pad, feature_map_name).unflatten(2, (q_blocks, block_q))      # (B, H, Mq, bq, F)
+    phi_q = feature_map(q_pad, feature_map_name, feature_weight_q).unflatten(2, (q_blocks, block_q))  # (B,H,Mq,bq,F)
 
     heads_per_chunk, blocks_per_chunk = _chunks(batch, q_blocks, block_q, k_len)
     sparse_parts, linear_parts = [], []

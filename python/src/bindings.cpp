@@ -49,6 +49,11 @@ slattn::TensorView make_view(uintptr_t data, int dtype, const std::array<int64_t
 }
 
 // shape: (batch, heads, q_len, k_len, block_q, block_k); buffers: the five plan pointers.
+// Hedgehog's W_q and W_k (null for the fixed maps; equal addresses: tied).
+slattn::FeatureWeights make_feature_weights(uintptr_t weight_q, uintptr_t weight_k, int dtype) {
+  return {as_pointer(weight_q), as_pointer(weight_k), static_cast<slattn::DType>(dtype)};
+}
+
 slattn::RoutingPlanView make_plan(const std::array<int64_t, 6>& shape, const std::array<uintptr_t, 5>& buffers) {
   slattn::RoutingPlanView plan;
   plan.shape = {shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]};
@@ -81,7 +86,8 @@ void build_block_lists(const slattn::RoutingPlanView& plan, uintptr_t stream) {
 void sla_forward(const slattn::TensorView& q, const slattn::TensorView& k, const slattn::TensorView& v,
                  uintptr_t proj_weight, uintptr_t proj_bias, int proj_dtype, const slattn::TensorView& out,
                  const slattn::TensorView& out_sparse, const slattn::TensorView& out_linear, uintptr_t lse,
-                 double scale, const std::string& feature_map, const std::string& linear_scope,
+                 double scale, const std::string& feature_map, uintptr_t feature_weight_q,
+                 uintptr_t feature_weight_k, int feature_dtype, const std::string& linear_scope,
                  const slattn::RoutingPlanView& plan, uintptr_t stream, nb::object allocate) {
   slattn::SlaForwardParams params;
   params.q = q;
@@ -96,6 +102,7 @@ void sla_forward(const slattn::TensorView& q, const slattn::TensorView& k, const
   params.lse = as_pointer(lse);
   params.scale = scale;
   params.feature_map = slattn::parse_feature_map(feature_map);
+  params.feature_weights = make_feature_weights(feature_weight_q, feature_weight_k, feature_dtype);
   params.linear_scope = slattn::parse_linear_scope(linear_scope);
   Launch launch{stream, allocate, nb::none()};
   launch.attach(params, slattn::sla_forward_workspace_bytes(params, plan));
@@ -108,8 +115,10 @@ void sla_backward(const slattn::TensorView& q, const slattn::TensorView& k, cons
                   int proj_dtype, const slattn::TensorView& dout, const slattn::TensorView& dout_sparse,
                   const slattn::TensorView& dout_linear, const slattn::TensorView& dq, const slattn::TensorView& dk,
                   const slattn::TensorView& dv, uintptr_t d_proj_weight, uintptr_t d_proj_bias, double scale,
-                  const std::string& feature_map, const std::string& linear_scope,
-                  const slattn::RoutingPlanView& plan, uintptr_t stream, nb::object allocate) {
+                  const std::string& feature_map, uintptr_t feature_weight_q, uintptr_t feature_weight_k,
+                  int feature_dtype, uintptr_t d_feature_weight_q, uintptr_t d_feature_weight_k,
+                  const std::string& linear_scope, const slattn::RoutingPlanView& plan, uintptr_t stream,
+                  nb::object allocate) {
   slattn::SlaBackwardParams params;
   params.q = q;
   params.k = k;
@@ -129,6 +138,9 @@ void sla_backward(const slattn::TensorView& q, const slattn::TensorView& k, cons
   params.d_proj_bias = as_pointer(d_proj_bias);
   params.scale = scale;
   params.feature_map = slattn::parse_feature_map(feature_map);
+  params.feature_weights = make_feature_weights(feature_weight_q, feature_weight_k, feature_dtype);
+  params.d_feature_weight_q = as_pointer(d_feature_weight_q);
+  params.d_feature_weight_k = as_pointer(d_feature_weight_k);
   params.linear_scope = slattn::parse_linear_scope(linear_scope);
   Launch launch{stream, allocate, nb::none()};
   launch.attach(params, slattn::sla_backward_workspace_bytes(params, plan));
@@ -163,13 +175,16 @@ NB_MODULE(_C, m) {
   m.def("build_block_lists", &build_block_lists, "plan"_a, "stream"_a);
   m.def("sla_forward", &sla_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("proj_weight"),
         nb::arg("proj_bias"), nb::arg("proj_dtype"), nb::arg("out"), nb::arg("out_sparse"), nb::arg("out_linear"),
-        nb::arg("lse"), nb::arg("scale"), nb::arg("feature_map"), nb::arg("linear_scope"), nb::arg("plan"),
+        nb::arg("lse"), nb::arg("scale"), nb::arg("feature_map"), nb::arg("feature_weight_q"),
+        nb::arg("feature_weight_k"), nb::arg("feature_dtype"), nb::arg("linear_scope"), nb::arg("plan"),
         nb::arg("stream"), nb::arg("allocate").none());
   m.def("sla_backward", &sla_backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out_sparse"),
         nb::arg("lse"), nb::arg("proj_weight"), nb::arg("has_proj_bias"), nb::arg("proj_dtype"), nb::arg("dout"),
         nb::arg("dout_sparse"), nb::arg("dout_linear"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
         nb::arg("d_proj_weight"), nb::arg("d_proj_bias"), nb::arg("scale"), nb::arg("feature_map"),
-        nb::arg("linear_scope"), nb::arg("plan"), nb::arg("stream"), nb::arg("allocate").none());
+        nb::arg("feature_weight_q"), nb::arg("feature_weight_k"), nb::arg("feature_dtype"),
+        nb::arg("d_feature_weight_q"), nb::arg("d_feature_weight_k"), nb::arg("linear_scope"), nb::arg("plan"),
+        nb::arg("stream"), nb::arg("allocate").none());
   m.def("critical_blocks_per_row", &slattn::critical_blocks_per_row, "topk"_a, "k_blocks"_a);
   m.def("negligible_blocks_per_row", &slattn::negligible_blocks_per_row, "topk"_a, "negligible"_a, "k_blocks"_a);
   m.def("set_num_threads", &slattn::set_num_threads, "threads"_a);

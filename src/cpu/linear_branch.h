@@ -55,9 +55,9 @@ std::vector<T> column_totals(const Matrix<T>& items) {
 }
 
 template <typename T>
-KeyStates<T> key_states(const HeadPlan& plan, FeatureMap feature_map, const Matrix<T>& k, const Matrix<T>& v) {
+KeyStates<T> key_states(const HeadPlan& plan, const Phi<T>& phi_map, const Matrix<T>& k, const Matrix<T>& v) {
   KeyStates<T> states;
-  states.phi_k = apply_feature_map(feature_map, k);
+  states.phi_k = phi_map.apply(k);
   states.features = states.phi_k.cols;
   states.dim = v.cols;
   states.h = Matrix<T>(plan.k_blocks(), states.features * states.dim);
@@ -96,9 +96,9 @@ void linear_row(const T* phi_q, const T* h_m, const T* z_m, int64_t features, in
 
 // ol: (Lq, D), zero for rows whose U_m is empty.
 template <typename T>
-void linear_forward(const HeadPlan& plan, LinearScope scope, FeatureMap feature_map, const Matrix<T>& q,
+void linear_forward(const HeadPlan& plan, LinearScope scope, const Phi<T>& phi_map, const Matrix<T>& q,
                     const KeyStates<T>& states, Matrix<T>& ol) {
-  const Matrix<T> phi_q = apply_feature_map(feature_map, q);
+  const Matrix<T> phi_q = phi_map.apply(q);
   std::vector<T> h_m(static_cast<size_t>(states.features * states.dim)), z_m(static_cast<size_t>(states.features));
   for (int64_t m = 0; m < plan.q_blocks(); ++m) {
     const bool any = query_block_state(plan, scope, states, m, h_m.data(), z_m.data());
@@ -121,16 +121,16 @@ struct KeyStateGrads {
   Matrix<T> dz;  // (Nk, F)
 };
 
-// Accumulates dq and the key-state gradients for one query head, given dOl.
-// Writes the Ol it recomputes on the way into `ol` (rows, D; zero where U_m is
-// empty), for the projection's gradient.
+// Accumulates dq, the key-state gradients and (hedgehog) d_weight_q for one
+// query head, given dOl. Writes the Ol it recomputes on the way into `ol`
+// (rows, D; zero where U_m is empty), for the projection's gradient.
 template <typename T>
-void linear_backward(const HeadPlan& plan, LinearScope scope, FeatureMap feature_map, const Matrix<T>& q,
+void linear_backward(const HeadPlan& plan, LinearScope scope, const Phi<T>& phi_map, const Matrix<T>& q,
                      const KeyStates<T>& states, const Matrix<T>& dol, Matrix<T>& dq, KeyStateGrads<T>& grads,
-                     Matrix<T>& ol) {
+                     Matrix<T>& ol, double* d_weight_q) {
   const int64_t features = states.features;
   const int64_t dim = states.dim;
-  const Matrix<T> phi_q = apply_feature_map(feature_map, q);
+  const Matrix<T> phi_q = phi_map.apply(q);
   Matrix<T> dphi_q(q.rows, features);
   Matrix<T> dh_m(plan.q_blocks(), features * dim);  // dH_m
   Matrix<T> dz_m(plan.q_blocks(), features);        // dZ_m
@@ -150,7 +150,7 @@ void linear_backward(const HeadPlan& plan, LinearScope scope, FeatureMap feature
       axpy(-c_i, phi, dz_m.row(m), features);
     }
   }
-  feature_map_backward(feature_map, q, phi_q, dphi_q, dq);
+  phi_map.backward(q, phi_q, dphi_q, dq, d_weight_q);
 
   // dh_n = Σ_{m : n ∈ U_m} dH_m, and likewise dz_n (the column direction).
   const std::vector<T> dh_total = column_totals(dh_m);
@@ -165,10 +165,11 @@ void linear_backward(const HeadPlan& plan, LinearScope scope, FeatureMap feature
   }
 }
 
-// Pulls the key-state gradients back to dk and dv.
+// Pulls the key-state gradients back to dk, dv and (hedgehog) d_weight_k.
 template <typename T>
-void key_states_backward(const HeadPlan& plan, FeatureMap feature_map, const Matrix<T>& k, const Matrix<T>& v,
-                         const KeyStates<T>& states, const KeyStateGrads<T>& grads, Matrix<T>& dk, Matrix<T>& dv) {
+void key_states_backward(const HeadPlan& plan, const Phi<T>& phi_map, const Matrix<T>& k, const Matrix<T>& v,
+                         const KeyStates<T>& states, const KeyStateGrads<T>& grads, Matrix<T>& dk, Matrix<T>& dv,
+                         double* d_weight_k) {
   const int64_t features = states.features;
   const int64_t dim = states.dim;
   Matrix<T> dphi_k(k.rows, features);
@@ -184,7 +185,7 @@ void key_states_backward(const HeadPlan& plan, FeatureMap feature_map, const Mat
       }
     }
   }
-  feature_map_backward(feature_map, k, states.phi_k, dphi_k, dk);
+  phi_map.backward(k, states.phi_k, dphi_k, dk, d_weight_k);
 }
 
 }  // namespace slattn::cpu

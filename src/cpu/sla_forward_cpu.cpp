@@ -38,8 +38,11 @@ void forward_head(const SlaForwardParams& p, const RoutingPlanView& plan, int64_
 
   Matrix<T> ol;
   if (p.linear_branch()) {
+    const FeatureWeights& w = p.feature_weights;
+    const auto phi_q = Phi<T>::of(p.feature_map, w.q, w.dtype, q.cols);
+    const auto phi_k = Phi<T>::of(p.feature_map, w.k, w.dtype, k.cols);
     ol = Matrix<T>(q.rows, q.cols);
-    linear_forward(head_plan, p.linear_scope, p.feature_map, q, key_states(head_plan, p.feature_map, k, v), ol);
+    linear_forward(head_plan, p.linear_scope, phi_q, q, key_states(head_plan, phi_k, k, v), ol);
   }
   const Matrix<T> out = combine(p, os, ol);
 

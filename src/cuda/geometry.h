@@ -15,9 +15,9 @@ namespace slattn::cuda {
 struct Geometry {
   int64_t batch = 0, heads = 0, kv_heads = 0;
   int64_t q_len = 0, k_len = 0, block_q = 0, block_k = 0, q_blocks = 0, k_blocks = 0;
-  int64_t dim = 0, features = 0;
+  int64_t dim = 0, features = 0;  // head dim D and φ's width F
 
-  static Geometry of(const TensorView& q, const TensorView& k, const PlanShape& shape) {
+  static Geometry of(const TensorView& q, const TensorView& k, const PlanShape& shape, FeatureMap feature_map) {
     Geometry g;
     g.batch = q.batch();
     g.heads = q.heads();
@@ -29,7 +29,7 @@ struct Geometry {
     g.q_blocks = shape.q_blocks();
     g.k_blocks = shape.k_blocks();
     g.dim = q.head_dim();
-    g.features = g.dim;  // the fixed feature maps keep the width
+    g.features = feature_dim(feature_map, g.dim);  // width of φ: D, or 2D for hedgehog
     return g;
   }
   SLATTN_HOST_DEVICE int64_t group() const { return heads / kv_heads; }

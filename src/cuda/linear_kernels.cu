@@ -5,21 +5,6 @@
 namespace slattn::cuda {
 namespace {
 
-constexpr int kRowThreads = 256;  // 8 warps, one row each
-constexpr int kRowsPerBlock = kRowThreads / kWarpSize;
-
-// The warp's row in a (pairs, rows_padded) grid of rows; false past the end.
-struct RowIndex {
-  int64_t pair, row;
-  __device__ static bool of(int64_t pairs, int64_t rows_padded, RowIndex& out) {
-    const int64_t flat = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarpSize;
-    out = {flat / rows_padded, flat % rows_padded};
-    return flat < pairs * rows_padded;
-  }
-};
-
-unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kRowsPerBlock)); }
-
 template <typename Element>
 __global__ void feature_rows_kernel(DeviceView<const Element> x, int64_t heads, int64_t length, int64_t rows_padded,
                                     int64_t dim, FeatureMap feature_map, float* phi, float* raw, int64_t pairs) {
@@ -195,20 +180,25 @@ __global__ void linear_row_grads_kernel(Geometry g, const float* phi_q, QuerySta
 
 template <typename Element>
 __global__ void linear_query_grad_kernel(Geometry g, DeviceView<const Element> q, FeatureMap feature_map,
-                                         const float* phi_q, const float* dqphi, const float* grad_c,
-                                         QueryStates states, float* dq) {
+                                         const float* phi_q, float* dqphi, const float* grad_c, QueryStates states,
+                                         float* dq) {
   RowIndex at;
   if (!RowIndex::of(g.q_pairs(), g.q_rows(), at) || at.row >= g.q_len) return;
   const int64_t block = at.pair * g.q_blocks + at.row / g.block_q;
   const int64_t row = at.pair * g.q_rows() + at.row;
-  WarpRow x, phi, dphi, z;
-  x.load(q, at.pair / g.heads, at.pair % g.heads, at.row, g.dim);
+  WarpRow phi, dphi, z;
   phi.load(phi_q + row * g.features, g.features);
   dphi.load(dqphi + row * g.features, g.features);
   z.load(states.z + block * g.features, g.features);
   const float c = grad_c[row];
 #pragma unroll
   for (int t = 0; t < kMaxPerLane; ++t) dphi.v[t] -= c * z.v[t];
+  if (feature_map == FeatureMap::hedgehog) {
+    hedgehog_pre_grad_row(phi, dphi, g.dim, dqphi + row * g.features);
+    return;
+  }
+  WarpRow x;
+  x.load(q, at.pair / g.heads, at.pair % g.heads, at.row, g.dim);
   const WarpRow dx = feature_map_backward_row(feature_map, x, phi, dphi);
   WarpRow acc;
   acc.load(dq + row * g.dim, g.dim);
@@ -255,18 +245,23 @@ __global__ void key_state_grads_kernel(Geometry g, const int8_t* block_map, Line
 
 template <typename Element>
 __global__ void linear_key_grad_kernel(Geometry g, DeviceView<const Element> k, FeatureMap feature_map,
-                                       const float* phi_k, const float* dkphi, const float* dz_key, float* dk) {
+                                       const float* phi_k, float* dkphi, const float* dz_key, float* dk) {
   RowIndex at;
   if (!RowIndex::of(g.kv_pairs(), g.k_rows(), at) || at.row >= g.k_len) return;
   const int64_t row = at.pair * g.k_rows() + at.row;
   const int64_t block = at.pair * g.k_blocks + at.row / g.block_k;
-  WarpRow x, phi, dphi, dz;
-  x.load(k, at.pair / g.kv_heads, at.pair % g.kv_heads, at.row, g.dim);
+  WarpRow phi, dphi, dz;
   phi.load(phi_k + row * g.features, g.features);
   dphi.load(dkphi + row * g.features, g.features);
   dz.load(dz_key + block * g.features, g.features);
 #pragma unroll
   for (int t = 0; t < kMaxPerLane; ++t) dphi.v[t] += dz.v[t];
+  if (feature_map == FeatureMap::hedgehog) {
+    hedgehog_pre_grad_row(phi, dphi, g.dim, dkphi + row * g.features);
+    return;
+  }
+  WarpRow x;
+  x.load(k, at.pair / g.kv_heads, at.pair % g.kv_heads, at.row, g.dim);
   const WarpRow dx = feature_map_backward_row(feature_map, x, phi, dphi);
   WarpRow acc;
   acc.load(dk + row * g.dim, g.dim);
@@ -279,6 +274,8 @@ __global__ void linear_key_grad_kernel(Geometry g, DeviceView<const Element> k, 
 
 void feature_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_map, float* phi, float* raw,
                   cudaStream_t stream) {
+  SLATTN_CHECK(phi == nullptr || !has_feature_weights(feature_map),
+               "feature_rows: a learnable feature map needs its weights (hedgehog_rows)");
   const int64_t pairs = x.batch() * x.heads();
   dispatch_element(x.dtype, [&](auto tag) {
     using Element = decltype(tag);
@@ -347,7 +344,7 @@ void linear_row_grads(const Geometry& g, const float* phi_q, QueryStates states,
 }
 
 void linear_query_grad(const Geometry& g, const TensorView& q, FeatureMap feature_map, const float* phi_q,
-                       const float* dqphi, const float* grad_c, QueryStates states, float* dq, cudaStream_t stream) {
+                       float* dqphi, const float* grad_c, QueryStates states, float* dq, cudaStream_t stream) {
   dispatch_element(q.dtype, [&](auto tag) {
     using Element = decltype(tag);
     linear_query_grad_kernel<Element><<<row_blocks(g.q_pairs() * g.q_rows()), kRowThreads, 0, stream>>>(
@@ -371,7 +368,7 @@ void key_state_grads(const Geometry& g, const RoutingPlanView& plan, LinearScope
 }
 
 void linear_key_grad(const Geometry& g, const TensorView& k, FeatureMap feature_map, const float* phi_k,
-                     const float* dkphi, const float* dz_key, float* dk, cudaStream_t stream) {
+                     float* dkphi, const float* dz_key, float* dk, cudaStream_t stream) {
   dispatch_element(k.dtype, [&](auto tag) {
     using Element = decltype(tag);
     linear_key_grad_kernel<Element><<<row_blocks(g.kv_pairs() * g.k_rows()), kRowThreads, 0, stream>>>(

@@ -13,6 +13,7 @@
 namespace slattn::cuda {
 
 // phi = φ(x) and/or raw = x, as padded fp32 rows (B*H, rows_padded, D); pad rows are zero.
+// The fixed maps only: hedgehog's φ comes from hedgehog_rows (hedgehog.h).
 void feature_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_map, float* phi, float* raw,
                   cudaStream_t stream);
 
@@ -44,9 +45,10 @@ void linear_row_grads(const Geometry& g, const float* phi_q, QueryStates states,
                       const float* dol_from_proj, const TensorView& dout_linear, float* grad_g, float* grad_c,
                       cudaStream_t stream);
 
-// dq += φ'(q)ᵀ (dqphi - c Z_m)
+// dq += φ'(q)ᵀ (dqphi - c Z_m). For hedgehog, instead, the first D columns
+// of each dqphi row become d(q W_qᵀ), for hedgehog_input_grads; dq is untouched.
 void linear_query_grad(const Geometry& g, const TensorView& q, FeatureMap feature_map, const float* phi_q,
-                       const float* dqphi, const float* grad_c, QueryStates states, float* dq, cudaStream_t stream);
+                       float* dqphi, const float* grad_c, QueryStates states, float* dq, cudaStream_t stream);
 
 // dZ_m = -Σ_{i in m} c_i φ(q_i)
 void query_z_grads(const Geometry& g, const float* phi_q, const float* grad_c, float* dz, cudaStream_t stream);
@@ -56,9 +58,10 @@ void key_state_grads(const Geometry& g, const RoutingPlanView& plan, LinearScope
                      const float* dz_query, const float* dh_total, const float* dz_total, float* dh_key,
                      float* dz_key, cudaStream_t stream);
 
-// dk += φ'(k)ᵀ (dkphi + dz_n)
+// dk += φ'(k)ᵀ (dkphi + dz_n). For hedgehog, instead, the first D columns
+// of each dkphi row become d(k W_kᵀ), for hedgehog_input_grads; dk is untouched.
 void linear_key_grad(const Geometry& g, const TensorView& k, FeatureMap feature_map, const float* phi_k,
-                     const float* dkphi, const float* dz_key, float* dk, cudaStream_t stream);
+                     float* dkphi, const float* dz_key, float* dk, cudaStream_t stream);
 
 // Casts padded fp32 rows (B*H, rows_padded, D) into a strided output tensor.
 void store_rows(const float* rows, int64_t rows_padded, const TensorView& out, cudaStream_t stream);

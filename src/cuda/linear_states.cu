@@ -1,12 +1,30 @@
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/hedgehog.h"
 #include "cuda/linear_states.h"
 
 namespace slattn::cuda {
+namespace {
 
-LinearBuffers LinearBuffers::carve(WorkspaceCarver& carver, const Geometry& g) {
+// φ(x) as padded fp32 rows; hedgehog also keeps x itself in x_rows.
+void phi_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_map, const void* weight, float* x_rows,
+              float* phi, cudaStream_t stream) {
+  if (has_feature_weights(feature_map)) {
+    hedgehog_rows(x, rows_padded, static_cast<const float*>(weight), x_rows, phi, stream);
+  } else {
+    feature_rows(x, rows_padded, feature_map, phi, nullptr, stream);
+  }
+}
+
+}  // namespace
+
+LinearBuffers LinearBuffers::carve(WorkspaceCarver& carver, const Geometry& g, FeatureMap feature_map) {
   const int64_t state = g.features * g.dim;
   LinearBuffers b;
+  if (has_feature_weights(feature_map)) {
+    b.k_in = carver.take<float>(g.kv_pairs() * g.k_rows() * g.dim);
+    b.q_in = carver.take<float>(g.q_pairs() * g.q_rows() * g.dim);
+  }
   b.phi_k = carver.take<float>(g.kv_pairs() * g.k_rows() * g.features);
   b.v_rows = carver.take<float>(g.kv_pairs() * g.k_rows() * g.dim);
   b.key_h = carver.take<float>(g.kv_pairs() * g.k_blocks * state);
@@ -22,10 +40,10 @@ LinearBuffers LinearBuffers::carve(WorkspaceCarver& carver, const Geometry& g) {
 }
 
 void linear_forward(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
-                    const TensorView& v, FeatureMap feature_map, LinearScope scope, const LinearBuffers& buf,
-                    const TensorView& out_linear, cudaStream_t stream) {
+                    const TensorView& v, FeatureMap feature_map, const FeatureWeights& feature_weights,
+                    LinearScope scope, const LinearBuffers& buf, const TensorView& out_linear, cudaStream_t stream) {
   const int64_t state = g.features * g.dim;
-  feature_rows(k, g.k_rows(), feature_map, buf.phi_k, nullptr, stream);
+  phi_rows(k, g.k_rows(), feature_map, feature_weights.k, buf.k_in, buf.phi_k, stream);
   feature_rows(v, g.k_rows(), feature_map, nullptr, buf.v_rows, stream);
 
   // h_n = φ(K_n)ᵀ V_n for every key block n, as one batched product.
@@ -37,7 +55,7 @@ void linear_forward(const Geometry& g, const RoutingPlanView& plan, const Tensor
   assemble_query_states(g, plan, scope, buf.key_h, buf.key_z, buf.total_h, buf.total_z, buf.query, stream);
 
   // Numerators φ(Q_m) H_m for every query block m; then the division.
-  feature_rows(q, g.q_rows(), feature_map, buf.phi_q, nullptr, stream);
+  phi_rows(q, g.q_rows(), feature_map, feature_weights.q, buf.q_in, buf.phi_q, stream);
   gemm(g.q_pairs() * g.q_blocks, dense(buf.phi_q, g.block_q, g.features), dense(buf.query.h, g.features, g.dim),
        dense_out(buf.ol, g.block_q, g.dim), stream);
   linear_output(g, buf.phi_q, buf.query, buf.ol, out_linear, stream);

@@ -10,6 +10,8 @@
 namespace slattn::cuda {
 
 struct LinearBuffers {
+  float* k_in = nullptr;  // (kv pairs, k_rows, D): k as fp32 rows; hedgehog only (its products read them)
+  float* q_in = nullptr;  // (q pairs, q_rows, D): likewise q
   float* phi_k;    // (kv pairs, k_rows, F)
   float* v_rows;   // (kv pairs, k_rows, D)
   float* key_h;    // (kv pairs * Nk, F, D)
@@ -20,13 +22,15 @@ struct LinearBuffers {
   QueryStates query;
   float* ol;       // (q pairs, q_rows, D)
 
-  static LinearBuffers carve(WorkspaceCarver& carver, const Geometry& g);
+  static LinearBuffers carve(WorkspaceCarver& carver, const Geometry& g, FeatureMap feature_map);
 };
 
 // Fills every buffer; ol ends as the linear-branch output (0 where U_m is
-// empty, and on pad rows); out_linear is written when defined.
+// empty, and on pad rows); out_linear is written when defined. feature_weights
+// holds hedgehog's fp32 W_q and W_k (unused by the fixed maps).
 void linear_forward(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
-                    const TensorView& v, FeatureMap feature_map, LinearScope scope, const LinearBuffers& buffers,
-                    const TensorView& out_linear, cudaStream_t stream);
+                    const TensorView& v, FeatureMap feature_map, const FeatureWeights& feature_weights,
+                    LinearScope scope, const LinearBuffers& buffers, const TensorView& out_linear,
+                    cudaStream_t stream);
 
 }  // namespace slattn::cuda

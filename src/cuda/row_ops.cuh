@@ -10,6 +10,22 @@ namespace slattn::cuda {
 
 inline constexpr int kMaxPerLane = static_cast<int>(kMaxHeadDim) / kWarpSize;
 
+// Launch shape of the warp-per-row kernels.
+inline constexpr int kRowThreads = 256;  // 8 warps, one row each
+inline constexpr int kRowsPerBlock = kRowThreads / kWarpSize;
+
+inline unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(ceil_div(rows, kRowsPerBlock)); }
+
+// The warp's row in a (pairs, rows_padded) grid of rows; false past the end.
+struct RowIndex {
+  int64_t pair, row;
+  __device__ static bool of(int64_t pairs, int64_t rows_padded, RowIndex& out) {
+    const int64_t flat = blockIdx.x * int64_t(kRowsPerBlock) + threadIdx.x / kWarpSize;
+    out = {flat / rows_padded, flat % rows_padded};
+    return flat < pairs * rows_padded;
+  }
+};
+
 struct WarpRow {
   float v[kMaxPerLane];
 
@@ -38,7 +54,8 @@ struct WarpRow {
   }
 };
 
-// φ over one row of `width` values (SPEC section 3).
+// φ over one row of `width` values (SPEC section 3), for the fixed maps;
+// hedgehog runs the softmax branch over its 2·D pre-activations (hedgehog.cu).
 __device__ __forceinline__ WarpRow feature_map_row(FeatureMap feature_map, const WarpRow& x, int64_t width) {
   WarpRow phi;
   if (feature_map == FeatureMap::softmax) {
@@ -68,7 +85,7 @@ __device__ __forceinline__ WarpRow feature_map_row(FeatureMap feature_map, const
   return phi;
 }
 
-// dx for dφ at x, where phi = φ(x) (SPEC section 5).
+// dx for dφ at x, where phi = φ(x) (SPEC section 5), for the fixed maps.
 __device__ __forceinline__ WarpRow feature_map_backward_row(FeatureMap feature_map, const WarpRow& x,
                                                             const WarpRow& phi, const WarpRow& dphi) {
   WarpRow dx;
@@ -85,6 +102,27 @@ __device__ __forceinline__ WarpRow feature_map_backward_row(FeatureMap feature_m
     }
   }
   return dx;
+}
+
+// Hedgehog's backward for one row (SPEC section 5), as far as pre = x Wᵀ:
+// through the softmax over F = 2·dim, then the halves folded (the second holds
+// −pre): d(pre) = d[:dim] − d[dim:]. `row` (F entries, dφ's row) receives
+// d(pre) in its first dim entries; the products with W follow (hedgehog.cu).
+// The fold goes through memory because the partner of slot t, dim entries on,
+// is a register slot the compiler cannot index at run time.
+__device__ __forceinline__ void hedgehog_pre_grad_row(const WarpRow& phi, const WarpRow& dphi, int64_t dim,
+                                                      float* row) {
+  const float inner = phi.dot(dphi);
+  WarpRow both;
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) both.v[t] = phi.v[t] * (dphi.v[t] - inner);
+  both.store(row, 2 * dim);
+  __syncwarp();  // the fold reads entries other lanes stored
+#pragma unroll
+  for (int t = 0; t < kMaxPerLane; ++t) {
+    const int i = WarpRow::index(t);
+    if (i < dim) row[i] = both.v[t] - row[i + dim];  // entry i is this lane's alone
+  }
 }
 
 }  // namespace slattn::cuda

@@ -3,6 +3,7 @@
 // of the fp32 accumulators into the gradient tensors.
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/hedgehog.h"
 #include "cuda/linear_states.h"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
@@ -22,6 +23,10 @@ int64_t dw_chunk_blocks(const Geometry& g) {
 
 int64_t dw_chunks(const Geometry& g) { return g.q_pairs() * g.q_blocks / dw_chunk_blocks(g); }
 
+// Partial sums of hedgehog's dW_q (from all query rows) and dW_k (all key rows).
+int64_t feature_q_chunks(const Geometry& g) { return hedgehog_weight_chunks(g.q_pairs() * g.q_rows()); }
+int64_t feature_k_chunks(const Geometry& g) { return hedgehog_weight_chunks(g.kv_pairs() * g.k_rows()); }
+
 struct BackwardBuffers {
   void* dos_rows;  // 16-bit elements of the input dtype
   float *dout_rows = nullptr, *delta, *dq_rows, *dk_rows, *dv_rows;
@@ -30,6 +35,7 @@ struct BackwardBuffers {
   float *dh_query = nullptr, *dz_query = nullptr, *dh_total = nullptr, *dz_total = nullptr;
   float *dh_key = nullptr, *dz_key = nullptr, *dkphi = nullptr;
   float *dw_partial = nullptr, *db_blocks = nullptr, *db_partial = nullptr;
+  float* dw_feature_partial = nullptr;  // hedgehog: dW_q's partials, then dW_k's
 
   static BackwardBuffers carve(WorkspaceCarver& c, const SlaBackwardParams& p, const Geometry& g) {
     const int64_t q_rows = g.q_pairs() * g.q_rows(), k_rows = g.kv_pairs() * g.k_rows();
@@ -42,7 +48,7 @@ struct BackwardBuffers {
     b.dk_rows = c.take<float>(k_rows * g.dim);
     b.dv_rows = c.take<float>(k_rows * g.dim);
     if (p.linear_branch()) {
-      b.linear = LinearBuffers::carve(c, g);
+      b.linear = LinearBuffers::carve(c, g, p.feature_map);
       if (p.proj_weight) b.dol = c.take<float>(q_rows * g.dim);
       b.grad_g = c.take<float>(q_rows * g.dim);
       b.grad_c = c.take<float>(q_rows);
@@ -54,6 +60,8 @@ struct BackwardBuffers {
       b.dh_key = c.take<float>(g.kv_pairs() * g.k_blocks * state);
       b.dz_key = c.take<float>(g.kv_pairs() * g.k_blocks * g.features);
       b.dkphi = c.take<float>(k_rows * g.features);
+      if (has_feature_weights(p.feature_map))
+        b.dw_feature_partial = c.take<float>((feature_q_chunks(g) + feature_k_chunks(g)) * g.dim * g.dim);
     }
     if (p.proj_weight) b.dw_partial = c.take<float>(dw_chunks(g) * g.dim * g.dim);
     if (p.has_proj_bias) {
@@ -68,7 +76,9 @@ void linear_backward(const SlaBackwardParams& p, const Geometry& g, const Routin
                      const BackwardBuffers& buf, cudaStream_t stream) {
   const LinearBuffers& lin = buf.linear;
   const int64_t state = g.features * g.dim;
-  linear_forward(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, lin, TensorView{}, stream);
+  const bool hedgehog = has_feature_weights(p.feature_map);
+  linear_forward(g, plan, p.q, p.k, p.v, p.feature_map, p.feature_weights, p.linear_scope, lin, TensorView{},
+                 stream);
   if (p.proj_weight) {  // dOl = dO · W
     const int64_t rows = g.q_pairs() * g.q_rows();
     gemm(1, dense(buf.dout_rows, rows, g.dim), dense(static_cast<const float*>(p.proj_weight), g.dim, g.dim),
@@ -80,6 +90,9 @@ void linear_backward(const SlaBackwardParams& p, const Geometry& g, const Routin
   gemm(g.q_pairs() * g.q_blocks, dense(buf.grad_g, g.block_q, g.dim),
        dense(lin.query.h, g.features, g.dim, /*transposed=*/true), dense_out(buf.dqphi, g.block_q, g.features), stream);
   linear_query_grad(g, p.q, p.feature_map, lin.phi_q, buf.dqphi, buf.grad_c, lin.query, buf.dq_rows, stream);
+  if (hedgehog)  // dqphi now holds d(Q W_qᵀ): on through W_q
+    hedgehog_input_grads(g.q_pairs() * g.q_rows(), g.dim, buf.dqphi, lin.q_in,
+                         static_cast<const float*>(p.feature_weights.q), buf.dq_rows, buf.dw_feature_partial, stream);
 
   // dH_m = φ(Q_m)ᵀ G_m, dZ_m = -Σ c φ(q), and their totals over m.
   gemm(g.q_pairs() * g.q_blocks, dense(lin.phi_q, g.block_q, g.features, /*transposed=*/true),
@@ -94,6 +107,10 @@ void linear_backward(const SlaBackwardParams& p, const Geometry& g, const Routin
   gemm(g.kv_pairs() * g.k_blocks, dense(lin.v_rows, g.block_k, g.dim),
        dense(buf.dh_key, g.features, g.dim, /*transposed=*/true), dense_out(buf.dkphi, g.block_k, g.features), stream);
   linear_key_grad(g, p.k, p.feature_map, lin.phi_k, buf.dkphi, buf.dz_key, buf.dk_rows, stream);
+  if (hedgehog)  // dkphi now holds d(K W_kᵀ): on through W_k
+    hedgehog_input_grads(g.kv_pairs() * g.k_rows(), g.dim, buf.dkphi, lin.k_in,
+                         static_cast<const float*>(p.feature_weights.k), buf.dk_rows,
+                         buf.dw_feature_partial + feature_q_chunks(g) * g.dim * g.dim, stream);
   gemm(g.kv_pairs() * g.k_blocks, dense(lin.phi_k, g.block_k, g.features), dense(buf.dh_key, g.features, g.dim),
        dense_out(buf.dv_rows, g.block_k, g.dim), stream, /*beta=*/1.0f);
 }
@@ -114,15 +131,37 @@ void projection_backward(const SlaBackwardParams& p, const Geometry& g, const Ba
   }
 }
 
+// Hedgehog's dW_q and dW_k from their partials, in order; a tied W gets the sum
+// of all of them. Without the linear branch W has no gradient: zeros.
+void feature_weight_backward(const SlaBackwardParams& p, const Geometry& g, const BackwardBuffers& buf,
+                             cudaStream_t stream) {
+  const int64_t weight = g.dim * g.dim;
+  auto* dw_q = static_cast<float*>(p.d_feature_weight_q);
+  auto* dw_k = static_cast<float*>(p.d_feature_weight_k);
+  if (!p.linear_branch()) {
+    SLATTN_CUDA_CHECK(cudaMemsetAsync(dw_q, 0, weight * sizeof(float), stream));
+    SLATTN_CUDA_CHECK(cudaMemsetAsync(dw_k, 0, weight * sizeof(float), stream));
+    return;
+  }
+  const int64_t q_chunks = feature_q_chunks(g), k_chunks = feature_k_chunks(g);
+  if (p.feature_weights.tied()) {
+    column_sums(buf.dw_feature_partial, 1, q_chunks + k_chunks, weight, dw_q, stream);
+    return;
+  }
+  column_sums(buf.dw_feature_partial, 1, q_chunks, weight, dw_q, stream);
+  column_sums(buf.dw_feature_partial + q_chunks * weight, 1, k_chunks, weight, dw_k, stream);
+}
+
 }  // namespace
 
 size_t sla_backward_workspace_bytes(const SlaBackwardParams& params, const RoutingPlanView& plan) {
-  return WorkspaceCarver::bytes_for<BackwardBuffers>(params, Geometry::of(params.q, params.k, plan.shape));
+  return WorkspaceCarver::bytes_for<BackwardBuffers>(
+      params, Geometry::of(params.q, params.k, plan.shape, params.feature_map));
 }
 
 void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
-  const Geometry g = Geometry::of(p.q, p.k, plan.shape);
-  check_cuda_support(g, p.proj_weight, p.proj_dtype);
+  const Geometry g = Geometry::of(p.q, p.k, plan.shape, p.feature_map);
+  check_cuda_support(g, p.proj_weight, p.proj_dtype, p.feature_map, p.feature_weights);
   auto stream = static_cast<cudaStream_t>(p.stream);
   WorkspaceCarver carver(p.workspace, p.workspace_bytes);
   const BackwardBuffers buf = BackwardBuffers::carve(carver, p, g);
@@ -138,6 +177,7 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
   sparse_backward(g, plan, sparse, stream);
   if (p.linear_branch()) linear_backward(p, g, plan, buf, stream);
   if (p.proj_weight) projection_backward(p, g, buf, stream);
+  if (has_feature_weights(p.feature_map)) feature_weight_backward(p, g, buf, stream);
   store_rows(buf.dq_rows, g.q_rows(), p.dq, stream);
   store_rows(buf.dk_rows, g.k_rows(), p.dk, stream);
   store_rows(buf.dv_rows, g.k_rows(), p.dv, stream);

@@ -15,7 +15,7 @@ struct ForwardBuffers {
 
   static ForwardBuffers carve(WorkspaceCarver& carver, const SlaForwardParams& p, const Geometry& g) {
     ForwardBuffers b;
-    if (p.linear_branch()) b.linear = LinearBuffers::carve(carver, g);
+    if (p.linear_branch()) b.linear = LinearBuffers::carve(carver, g, p.feature_map);
     if (p.proj_weight) b.os_rows = carver.take<float>(g.q_pairs() * g.q_rows() * g.dim);
     return b;
   }
@@ -24,12 +24,13 @@ struct ForwardBuffers {
 }  // namespace
 
 size_t sla_forward_workspace_bytes(const SlaForwardParams& params, const RoutingPlanView& plan) {
-  return WorkspaceCarver::bytes_for<ForwardBuffers>(params, Geometry::of(params.q, params.k, plan.shape));
+  return WorkspaceCarver::bytes_for<ForwardBuffers>(
+      params, Geometry::of(params.q, params.k, plan.shape, params.feature_map));
 }
 
 void sla_forward(const SlaForwardParams& p, const RoutingPlanView& plan) {
-  const Geometry g = Geometry::of(p.q, p.k, plan.shape);
-  check_cuda_support(g, p.proj_weight, p.proj_dtype);
+  const Geometry g = Geometry::of(p.q, p.k, plan.shape, p.feature_map);
+  check_cuda_support(g, p.proj_weight, p.proj_dtype, p.feature_map, p.feature_weights);
   auto stream = static_cast<cudaStream_t>(p.stream);
   WorkspaceCarver carver(p.workspace, p.workspace_bytes);
   const ForwardBuffers buf = ForwardBuffers::carve(carver, p, g);
@@ -38,7 +39,8 @@ void sla_forward(const SlaForwardParams& p, const RoutingPlanView& plan) {
                            static_cast<float*>(p.lse), static_cast<float>(p.scale)};
   sparse_forward(g, plan, sparse, stream);
   if (!p.linear_branch()) return;
-  linear_forward(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.linear, p.out_linear, stream);
+  linear_forward(g, plan, p.q, p.k, p.v, p.feature_map, p.feature_weights, p.linear_scope, buf.linear, p.out_linear,
+                 stream);
   if (!p.proj_weight) return;
 
   // Os rows += Ol Wᵀ (W is (out, in) row-major, so Wᵀ is W with swapped strides).

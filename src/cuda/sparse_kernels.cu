@@ -46,10 +46,14 @@ void check_sparse_support(const Geometry& g) {
   SLATTN_CHECK(g.block_k == 64 || g.block_k == 128, "the CUDA kernels support block_k 64 and 128, got ", g.block_k);
 }
 
-void check_cuda_support(const Geometry& g, const void* proj_weight, DType proj_dtype) {
+void check_cuda_support(const Geometry& g, const void* proj_weight, DType proj_dtype, FeatureMap feature_map,
+                        const FeatureWeights& feature_weights) {
   check_sparse_support(g);
   SLATTN_CHECK(proj_weight == nullptr || proj_dtype == DType::float32,
                "the CUDA path takes float32 projection weights, got ", dtype_name(proj_dtype));
+  SLATTN_CHECK(!has_feature_weights(feature_map) || feature_weights.dtype == DType::float32,
+               "the CUDA path takes float32 feature weights (feature_weight_q/feature_weight_k), got ",
+               dtype_name(feature_weights.dtype));
 }
 
 void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream) {

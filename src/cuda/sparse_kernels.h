@@ -49,8 +49,9 @@ void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_
 // The head dims and block sizes the sparse kernels are built for.
 void check_sparse_support(const Geometry& g);
 
-// check_sparse_support, and the fp32 projection weights the CUDA path takes.
-void check_cuda_support(const Geometry& g, const void* proj_weight, DType proj_dtype);
+// check_sparse_support, and the fp32 projection and feature weights the CUDA path takes.
+void check_cuda_support(const Geometry& g, const void* proj_weight, DType proj_dtype, FeatureMap feature_map,
+                        const FeatureWeights& feature_weights);
 
 // Calls fn(std::integral_constant<int, D>{}, std::integral_constant<int, BQ>{})
 // for the head dim and query block size of g (after check_sparse_support).

@@ -18,14 +18,29 @@ const T* row_of(const std::vector<T>& x, int64_t heads, int64_t len, int64_t dim
 }
 
 template <typename T>
-std::vector<T> feature_map(FeatureMap map, const T* x, int64_t dim) {
+void softmax_in_place(std::vector<T>& values) {
+  const T peak = *std::max_element(values.begin(), values.end());
+  T total = 0;
+  for (T& value : values) total += value = std::exp(value - peak);
+  for (T& value : values) value /= total;
+}
+
+// φ(x) of SPEC section 3; `weight` is hedgehog's W (D, D) as (out, in).
+template <typename T>
+std::vector<T> feature_map(FeatureMap map, const T* x, int64_t dim, const std::vector<T>& weight) {
   std::vector<T> phi(x, x + dim);
   switch (map) {
-    case FeatureMap::softmax: {
-      const T peak = *std::max_element(phi.begin(), phi.end());
-      T total = 0;
-      for (T& value : phi) total += value = std::exp(value - peak);
-      for (T& value : phi) value /= total;
+    case FeatureMap::softmax:
+      softmax_in_place(phi);
+      break;
+    case FeatureMap::hedgehog: {
+      // [x Wᵀ, −x Wᵀ], then softmax over all 2d entries.
+      phi.assign(static_cast<size_t>(2 * dim), T(0));
+      for (int64_t out = 0; out < dim; ++out) {
+        for (int64_t in = 0; in < dim; ++in) phi[out] += x[in] * weight[out * dim + in];
+        phi[dim + out] = -phi[out];
+      }
+      softmax_in_place(phi);
       break;
     }
     case FeatureMap::elu:  // elu(x) + 1, which is exp(x) for x <= 0
@@ -141,9 +156,12 @@ Outputs<T> reference_forward(const Problem& p, const std::vector<int8_t>& block_
       const int64_t kv = p.kv_head_of(h);
       const std::vector<int8_t> mask =
           expand_block_map(p, block_map.data() + (b * p.q_heads + h) * p.q_blocks() * p.k_blocks());
+      const int64_t features = p.features();
+      const std::vector<T>& weight_q = in.feature_weight_q;
+      const std::vector<T>& weight_k = in.feature_weight_k.empty() ? weight_q : in.feature_weight_k;
       std::vector<std::vector<T>> phi_k;
       for (int64_t j = 0; j < p.k_len; ++j)
-        phi_k.push_back(feature_map(p.feature_map, row_of(in.k, p.kv_heads, p.k_len, dim, b, kv, j), dim));
+        phi_k.push_back(feature_map(p.feature_map, row_of(in.k, p.kv_heads, p.k_len, dim, b, kv, j), dim, weight_k));
 
       for (int64_t i = 0; i < p.q_len; ++i) {
         const int64_t row = (b * p.q_heads + h) * p.q_len + i;
@@ -181,24 +199,25 @@ Outputs<T> reference_forward(const Problem& p, const std::vector<int8_t>& block_
 
         // Linear branch (section 3): H = Σ φ(k_j)ᵀ v_j and Z = Σ φ(k_j) over
         // exactly the keys of U_m, summed directly.
-        std::vector<T> state_h(static_cast<size_t>(dim * dim), T(0)), state_z(static_cast<size_t>(dim), T(0));
+        std::vector<T> state_h(static_cast<size_t>(features * dim), T(0));
+        std::vector<T> state_z(static_cast<size_t>(features), T(0));
         bool any = false;
         for (int64_t j = 0; j < p.k_len; ++j) {
           if (!in_linear_set(classes[j], p.scope)) continue;
           any = true;
           const T* v_j = row_of(in.v, p.kv_heads, p.k_len, dim, b, kv, j);
-          for (int64_t f = 0; f < dim; ++f) {
+          for (int64_t f = 0; f < features; ++f) {
             state_z[f] += phi_k[j][f];
             for (int64_t d = 0; d < dim; ++d) state_h[f * dim + d] += phi_k[j][f] * v_j[d];
           }
         }
         if (any) {
-          const std::vector<T> phi_q = feature_map(p.feature_map, q_i, dim);
+          const std::vector<T> phi_q = feature_map(p.feature_map, q_i, dim, weight_q);
           T denominator = epsilon;
-          for (int64_t f = 0; f < dim; ++f) denominator += phi_q[f] * state_z[f];
+          for (int64_t f = 0; f < features; ++f) denominator += phi_q[f] * state_z[f];
           for (int64_t d = 0; d < dim; ++d) {
             T numerator = 0;
-            for (int64_t f = 0; f < dim; ++f) numerator += phi_q[f] * state_h[f * dim + d];
+            for (int64_t f = 0; f < features; ++f) numerator += phi_q[f] * state_h[f * dim + d];
             ol[d] = numerator / denominator;
           }
         }
@@ -253,6 +272,8 @@ Gradients reference_gradients(const Problem& p, const std::vector<int8_t>& block
   grads.dv = differentiate(point.v);
   grads.d_proj_weight = differentiate(point.proj_weight);
   grads.d_proj_bias = differentiate(point.proj_bias);
+  grads.d_feature_weight_q = differentiate(point.feature_weight_q);  // through both uses when tied
+  grads.d_feature_weight_k = differentiate(point.feature_weight_k);
   return grads;
 }
 

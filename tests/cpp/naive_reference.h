@@ -28,6 +28,7 @@ struct Problem {
   double scale = 0.0;  // 0 means the spec's default 1/sqrt(dim)
   slattn::FeatureMap feature_map = slattn::FeatureMap::softmax;
   slattn::LinearScope scope = slattn::LinearScope::marginal;
+  bool tie_feature_weights = true;  // hedgehog: one W for q and k
 
   int64_t q_blocks() const { return (q_len + block_q - 1) / block_q; }  // Mq
   int64_t k_blocks() const { return (k_len + block_k - 1) / block_k; }  // Nk
@@ -37,13 +38,18 @@ struct Problem {
   int64_t kv_count() const { return batch * kv_heads * k_len * dim; }
   int64_t lse_count() const { return batch * q_heads * q_len; }
   int64_t map_count() const { return batch * q_heads * q_blocks() * k_blocks(); }
+  // Width of φ: 2 · dim for hedgehog, dim for the fixed maps (SPEC section 3).
+  int64_t features() const { return feature_map == slattn::FeatureMap::hedgehog ? 2 * dim : dim; }
 };
 
 // An empty proj_weight means no projection; proj_weight is (D, D) as (out, in).
+// Hedgehog's W_q and W_k are (D, D) as (out, in) too; an empty
+// feature_weight_k means tied: k uses feature_weight_q.
 template <typename T>
 struct Inputs {
   std::vector<T> q, k, v;
   std::vector<T> proj_weight, proj_bias;
+  std::vector<T> feature_weight_q, feature_weight_k;
 };
 
 template <typename T>
@@ -52,8 +58,11 @@ struct Outputs {
   std::vector<T> lse;                          // (B, Hq, Lq); -inf for a row with no critical key
 };
 
+// d_feature_weight_k is empty for tied weights: d_feature_weight_q is then the
+// gradient of the one W through both uses.
 struct Gradients {
   std::vector<double> dq, dk, dv, d_proj_weight, d_proj_bias;
+  std::vector<double> d_feature_weight_q, d_feature_weight_k;
 };
 
 // n_crit and n_negl of SPEC section 1, from the formulas as written there.

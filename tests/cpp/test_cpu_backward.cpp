@@ -44,6 +44,9 @@ Gradients run_backward(const Problem& p, const std::vector<int8_t>& map, const I
   Buffer weight(f64, in.proj_weight);
   Buffer d_weight(f64, std::vector<double>(in.proj_weight.size(), nan_q[0]));
   Buffer d_bias(f64, std::vector<double>(in.proj_bias.size(), nan_q[0]));
+  FeatureWeightStorage feature_weights(in, f64);
+  Buffer d_feature_q(f64, std::vector<double>(in.feature_weight_q.size(), nan_q[0]));
+  Buffer d_feature_k(f64, std::vector<double>(in.feature_weight_k.size(), nan_q[0]));
 
   PlanStorage plan(plan_shape(p));
   plan.block_map = map;
@@ -71,9 +74,16 @@ Gradients run_backward(const Problem& p, const std::vector<int8_t>& map, const I
   params.dv = dv.view();
   params.scale = p.softmax_scale();
   params.feature_map = p.feature_map;
+  params.feature_weights = feature_weights.view();
+  if (!in.feature_weight_q.empty()) {
+    // Tied (no W_k): the one gradient goes to one buffer, passed twice.
+    params.d_feature_weight_q = d_feature_q.data();
+    params.d_feature_weight_k = in.feature_weight_k.empty() ? d_feature_q.data() : d_feature_k.data();
+  }
   params.linear_scope = p.scope;
   slattn::sla_backward(params, plan.view());
-  return {dq.values(), dk.values(), dv.values(), d_weight.values(), d_bias.values()};
+  return {dq.values(),     dk.values(),          dv.values(),         d_weight.values(),
+          d_bias.values(), d_feature_q.values(), d_feature_k.values()};
 }
 
 void expect_gradients_match(const Problem& p, const std::vector<int8_t>& map, const Inputs<double>& in,
@@ -85,6 +95,12 @@ void expect_gradients_match(const Problem& p, const std::vector<int8_t>& map, co
   EXPECT_TRUE(all_close(actual.dv, expected.dv, kGradientTolerance)) << "dv";
   EXPECT_TRUE(all_close(actual.d_proj_weight, expected.d_proj_weight, kGradientTolerance)) << "d_proj_weight";
   EXPECT_TRUE(all_close(actual.d_proj_bias, expected.d_proj_bias, kGradientTolerance)) << "d_proj_bias";
+  EXPECT_EQ(actual.d_feature_weight_q.size(), in.feature_weight_q.size());
+  EXPECT_EQ(actual.d_feature_weight_k.size(), in.feature_weight_k.size());
+  EXPECT_TRUE(all_close(actual.d_feature_weight_q, expected.d_feature_weight_q, kGradientTolerance))
+      << "d_feature_weight_q";
+  EXPECT_TRUE(all_close(actual.d_feature_weight_k, expected.d_feature_weight_k, kGradientTolerance))
+      << "d_feature_weight_k";
 }
 
 // Mq = 3 and Nk = 5, both with a partial last block: per row 2 critical,
@@ -121,10 +137,42 @@ std::string backward_name(const ::testing::TestParamInfo<BackwardParam>& info) {
 
 INSTANTIATE_TEST_SUITE_P(
     AllOptions, BackwardFloat64,
-    ::testing::Combine(::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu),
+    ::testing::Combine(::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu,
+                                         FeatureMap::hedgehog),
                        ::testing::Values(LinearScope::marginal, LinearScope::all),
                        ::testing::Values(Layout::HND, Layout::NHD)),
     backward_name);
+
+// Hedgehog's W_q and W_k, tied (one W, gradient through both uses) and
+// untied, with GQA so that W_k's gradient sums over the query heads' keys.
+class BackwardHedgehog : public ::testing::TestWithParam<std::tuple<bool, LinearScope>> {};
+
+TEST_P(BackwardHedgehog, FeatureWeightGradientsMatchFiniteDifferences) {
+  const auto [tied, scope] = GetParam();
+  Problem p = ragged_problem(FeatureMap::hedgehog, scope, 4, 2);
+  p.tie_feature_weights = tied;
+  const Inputs<double> in = random_inputs(p, 131, DType::float64, true, true, DType::float64);
+  expect_gradients_match(p, reference_block_map(p, in.q, in.k), in, random_upstream(p, 137, true), Layout::NHD);
+}
+
+INSTANTIATE_TEST_SUITE_P(TiedAndUntied, BackwardHedgehog,
+                         ::testing::Combine(::testing::Bool(),
+                                            ::testing::Values(LinearScope::marginal, LinearScope::all)),
+                         [](const ::testing::TestParamInfo<std::tuple<bool, LinearScope>>& info) {
+                           return std::string(std::get<0>(info.param) ? "Tied_" : "Untied_") +
+                                  slattn::linear_scope_name(std::get<1>(info.param));
+                         });
+
+// Without the linear branch the feature weights get no gradient: written as zeros.
+TEST(BackwardHedgehogSparseOnly, FeatureWeightGradientsAreZero) {
+  Problem p = ragged_problem(FeatureMap::hedgehog, LinearScope::marginal);
+  p.tie_feature_weights = false;
+  const Inputs<double> in = random_inputs(p, 139, DType::float64, false, false);
+  const Gradients actual =
+      run_backward(p, reference_block_map(p, in.q, in.k), in, random_upstream(p, 149, false), Layout::HND);
+  EXPECT_EQ(actual.d_feature_weight_q, std::vector<double>(in.feature_weight_q.size(), 0.0));
+  EXPECT_EQ(actual.d_feature_weight_k, std::vector<double>(in.feature_weight_k.size(), 0.0));
+}
 
 // dOs = dout + dout_sparse and dOl = dout · W + dout_linear.
 class BackwardExtraGradients : public ::testing::TestWithParam<std::tuple<FeatureMap, LinearScope>> {};
@@ -203,6 +251,23 @@ TEST(BackwardThreads, ResultsDoNotDependOnTheThreadCount) {
   EXPECT_EQ(serial.dv, parallel.dv);
   EXPECT_EQ(serial.d_proj_weight, parallel.d_proj_weight);
   EXPECT_EQ(serial.d_proj_bias, parallel.d_proj_bias);
+}
+
+TEST(BackwardThreads, HedgehogWeightGradientsDoNotDependOnTheThreadCount) {
+  Problem p = ragged_problem(FeatureMap::hedgehog, LinearScope::all, 4, 2);
+  p.batch = 2;
+  p.tie_feature_weights = false;
+  const Inputs<double> in = random_inputs(p, 151, DType::float64, true, true, DType::float64);
+  const std::vector<int8_t> map = reference_block_map(p, in.q, in.k);
+  const Upstream up = random_upstream(p, 157, false);
+  const int threads_before = slattn::num_threads();
+  slattn::set_num_threads(1);
+  const Gradients serial = run_backward(p, map, in, up, Layout::HND);
+  slattn::set_num_threads(3);
+  const Gradients parallel = run_backward(p, map, in, up, Layout::HND);
+  slattn::set_num_threads(threads_before);
+  EXPECT_EQ(serial.d_feature_weight_q, parallel.d_feature_weight_q);
+  EXPECT_EQ(serial.d_feature_weight_k, parallel.d_feature_weight_k);
 }
 
 }  // namespace

@@ -44,6 +44,7 @@ ForwardRun run_forward(const Problem& p, const Inputs<double>& in, const RunOpti
   HostTensor out_linear(nan, options.dtype, q_size(p), options.layout);
   Buffer lse(slattn::lse_dtype(options.dtype), std::vector<double>(static_cast<size_t>(p.lse_count()), nan[0]));
   Buffer weight(options.proj_dtype, in.proj_weight), bias(options.proj_dtype, in.proj_bias);
+  FeatureWeightStorage feature_weights(in, options.proj_dtype);
 
   PlanStorage plan(plan_shape(p));
   if (options.block_map) {
@@ -67,6 +68,7 @@ ForwardRun run_forward(const Problem& p, const Inputs<double>& in, const RunOpti
   params.lse = lse.data();
   params.scale = p.softmax_scale();
   params.feature_map = p.feature_map;
+  params.feature_weights = feature_weights.view();
   params.linear_scope = p.scope;
   slattn::sla_forward(params, plan.view());
 
@@ -123,7 +125,8 @@ std::string float64_name(const ::testing::TestParamInfo<Float64Param>& info) {
 
 INSTANTIATE_TEST_SUITE_P(
     AllOptions, ForwardFloat64,
-    ::testing::Combine(::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu),
+    ::testing::Combine(::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu,
+                                         FeatureMap::hedgehog),
                        ::testing::Values(LinearScope::marginal, LinearScope::all),
                        ::testing::Values(Projection::none, Projection::weight, Projection::weight_and_bias),
                        ::testing::Values(Layout::HND, Layout::NHD)),
@@ -173,6 +176,14 @@ const EdgeCase kEdgeCases[] = {
     {"CustomScale", Layout::HND,
      {.q_len = 48, .k_len = 48, .dim = 16, .topk = 0.34, .negligible = 0.34, .scale = 0.7,
       .feature_map = FeatureMap::elu}},
+    // Hedgehog with separate W_q and W_k: a map that used one for both fails here.
+    {"HedgehogUntiedGqa", Layout::NHD,
+     {.q_heads = 4, .kv_heads = 2, .q_len = 40, .k_len = 56, .dim = 16, .block_k = 8, .topk = 0.4,
+      .negligible = 0.2, .feature_map = FeatureMap::hedgehog, .tie_feature_weights = false}},
+    {"HedgehogUntiedHeadDim24", Layout::HND,
+     {.q_heads = 2, .kv_heads = 1, .q_len = 50, .k_len = 50, .dim = 24, .negligible = 0.25,
+      .feature_map = FeatureMap::hedgehog, .tie_feature_weights = false}},
+    {"HedgehogTiedSingleToken", Layout::HND, {.q_len = 1, .k_len = 1, .feature_map = FeatureMap::hedgehog}},
 };
 
 INSTANTIATE_TEST_SUITE_P(
@@ -338,7 +349,8 @@ std::string reduced_name(const ::testing::TestParamInfo<ReducedParam>& info) {
 INSTANTIATE_TEST_SUITE_P(
     Dtypes, ForwardReducedPrecision,
     ::testing::Combine(::testing::Values(DType::float32, DType::bfloat16, DType::float16),
-                       ::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu),
+                       ::testing::Values(FeatureMap::softmax, FeatureMap::elu, FeatureMap::relu,
+                                         FeatureMap::hedgehog),
                        ::testing::Values(LinearScope::marginal, LinearScope::all)),
     reduced_name);
 

@@ -253,8 +253,17 @@ inline PlanStorage route_plan(const Problem& p, const slattn::TensorView& q, con
   return plan;
 }
 
+// A hedgehog weight: the identity it starts from, moved by noise so that a
+// transposed or misplaced W shows, rounded to what `dtype` stores.
+inline std::vector<double> random_feature_weight(int64_t dim, uint64_t seed, DType dtype) {
+  std::vector<double> weight = random_normal(dim * dim, seed, 0.3);
+  for (int64_t d = 0; d < dim; ++d) weight[static_cast<size_t>(d * dim + d)] += 1.0;
+  return round_to(dtype, weight);
+}
+
 // Random q, k, v (and a projection when asked) for `p`, rounded to what
-// `dtype` (inputs) and `proj_dtype` (projection) store.
+// `dtype` (inputs) and `proj_dtype` (projection and hedgehog's W) store.
+// Hedgehog problems get W_q, and W_k unless p.tie_feature_weights.
 inline Inputs<double> random_inputs(const Problem& p, uint64_t seed, DType dtype, bool weight, bool bias,
                                     DType proj_dtype = DType::float32) {
   Inputs<double> in;
@@ -264,8 +273,26 @@ inline Inputs<double> random_inputs(const Problem& p, uint64_t seed, DType dtype
   // Non-zero projection of moderate size, so that Ol visibly moves out.
   if (weight) in.proj_weight = round_to(proj_dtype, random_normal(p.dim * p.dim, seed + 3, 0.5));
   if (bias) in.proj_bias = round_to(proj_dtype, random_normal(p.dim, seed + 4, 0.5));
+  if (p.feature_map == slattn::FeatureMap::hedgehog) {
+    in.feature_weight_q = random_feature_weight(p.dim, seed + 5, proj_dtype);
+    if (!p.tie_feature_weights) in.feature_weight_k = random_feature_weight(p.dim, seed + 6, proj_dtype);
+  }
   return in;
 }
+
+// Hedgehog's W_q and W_k as the library reads them; tied inputs (no W_k)
+// pass W_q's pointer twice, and problems without weights pass none.
+struct FeatureWeightStorage {
+  Buffer q, k;
+
+  FeatureWeightStorage(const Inputs<double>& in, DType dtype)
+      : q(dtype, in.feature_weight_q), k(dtype, in.feature_weight_k) {}
+
+  slattn::FeatureWeights view() {
+    if (q.count() == 0) return {};
+    return {q.data(), k.count() == 0 ? q.data() : k.data(), q.dtype()};
+  }
+};
 
 template <typename To, typename From>
 std::vector<To> convert(const std::vector<From>& values) {
@@ -274,7 +301,9 @@ std::vector<To> convert(const std::vector<From>& values) {
 
 template <typename T>
 Inputs<T> convert_inputs(const Inputs<double>& in) {
-  return {convert<T>(in.q), convert<T>(in.k), convert<T>(in.v), convert<T>(in.proj_weight), convert<T>(in.proj_bias)};
+  return {convert<T>(in.q),           convert<T>(in.k),           convert<T>(in.v),
+          convert<T>(in.proj_weight), convert<T>(in.proj_bias),   convert<T>(in.feature_weight_q),
+          convert<T>(in.feature_weight_k)};
 }
 
 // ---- comparisons ----

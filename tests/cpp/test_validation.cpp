@@ -43,6 +43,10 @@ class Validation : public ::testing::Test {
   Buffer bias{kF64, in.proj_bias};
   Buffer d_weight{kF64, p.dim * p.dim};
   Buffer d_bias{kF64, p.dim};
+  Buffer feature_q{kF64, random_feature_weight(p.dim, 7, kF64)};
+  Buffer feature_k{kF64, random_feature_weight(p.dim, 8, kF64)};
+  Buffer d_feature_q{kF64, p.dim * p.dim};
+  Buffer d_feature_k{kF64, p.dim * p.dim};
   PlanStorage plan = route_plan(p, q.view(), k.view());
 
   slattn::RouteParams route_params() { return {q.view(), k.view(), p.topk, p.negligible}; }
@@ -79,6 +83,22 @@ class Validation : public ::testing::Test {
     params.d_proj_weight = d_weight.data();
     params.d_proj_bias = d_bias.data();
     params.scale = p.softmax_scale();
+    return params;
+  }
+
+  // Hedgehog with untied weights: the valid call the feature-weight tests break.
+  slattn::SlaForwardParams hedgehog_forward_params() {
+    slattn::SlaForwardParams params = forward_params();
+    params.feature_map = FeatureMap::hedgehog;
+    params.feature_weights = {feature_q.data(), feature_k.data(), kF64};
+    return params;
+  }
+  slattn::SlaBackwardParams hedgehog_backward_params() {
+    slattn::SlaBackwardParams params = backward_params();
+    params.feature_map = FeatureMap::hedgehog;
+    params.feature_weights = {feature_q.data(), feature_k.data(), kF64};
+    params.d_feature_weight_q = d_feature_q.data();
+    params.d_feature_weight_k = d_feature_k.data();
     return params;
   }
 
@@ -219,8 +239,66 @@ TEST_F(Validation, ZeroScale) {
   EXPECT_TRUE(throws_naming(forward_with(params), "scale"));
 }
 
+TEST_F(Validation, HedgehogCallsPassTiedAndUntied) {
+  EXPECT_NO_THROW(forward_with(hedgehog_forward_params())());
+  EXPECT_NO_THROW(backward_with(hedgehog_backward_params())());
+  slattn::SlaForwardParams forward = hedgehog_forward_params();
+  forward.feature_weights.k = feature_q.data();
+  EXPECT_NO_THROW(forward_with(forward)());
+  slattn::SlaBackwardParams backward = hedgehog_backward_params();
+  backward.feature_weights.k = feature_q.data();
+  backward.d_feature_weight_k = d_feature_q.data();
+  EXPECT_NO_THROW(backward_with(backward)());
+}
+
+TEST_F(Validation, FeatureWeightsMissingOrUnexpected) {
+  slattn::SlaForwardParams forward = hedgehog_forward_params();
+  forward.feature_weights.q = nullptr;
+  EXPECT_TRUE(throws_naming(forward_with(forward), "feature_weight_q is required"));
+  forward = hedgehog_forward_params();
+  forward.feature_weights.k = nullptr;
+  EXPECT_TRUE(throws_naming(forward_with(forward), "feature_weight_k is required"));
+  forward = forward_params();  // softmax has no weights to take
+  forward.feature_weights = {feature_q.data(), feature_q.data(), kF64};
+  EXPECT_TRUE(throws_naming(forward_with(forward), "has no weights"));
+  slattn::SlaBackwardParams backward = hedgehog_backward_params();
+  backward.feature_weights.q = nullptr;
+  EXPECT_TRUE(throws_naming(backward_with(backward), "feature_weight_q is required"));
+  backward = backward_params();
+  backward.d_feature_weight_q = d_feature_q.data();
+  EXPECT_TRUE(throws_naming(backward_with(backward), "d_feature_weight_q/d_feature_weight_k are given"));
+}
+
+TEST_F(Validation, FeatureWeightDtype) {
+  for (const DType dtype : {DType::float16, DType::bfloat16}) {
+    slattn::SlaForwardParams forward = hedgehog_forward_params();
+    forward.feature_weights.dtype = dtype;
+    EXPECT_TRUE(throws_naming(forward_with(forward), "feature_weight_q/feature_weight_k must be float32"));
+    slattn::SlaBackwardParams backward = hedgehog_backward_params();
+    backward.feature_weights.dtype = dtype;
+    EXPECT_TRUE(throws_naming(backward_with(backward), "feature_weight_q/feature_weight_k must be float32"));
+  }
+}
+
+TEST_F(Validation, FeatureWeightGradientOutputs) {
+  slattn::SlaBackwardParams backward = hedgehog_backward_params();
+  backward.d_feature_weight_q = nullptr;
+  EXPECT_TRUE(throws_naming(backward_with(backward), "d_feature_weight_q is required"));
+  backward = hedgehog_backward_params();
+  backward.d_feature_weight_k = nullptr;
+  EXPECT_TRUE(throws_naming(backward_with(backward), "d_feature_weight_k is required"));
+  backward = hedgehog_backward_params();  // untied: two gradients that must not alias
+  backward.d_feature_weight_k = d_feature_q.data();
+  EXPECT_TRUE(throws_naming(backward_with(backward), "d_feature_weight_k and d_feature_weight_q must differ"));
+  backward = hedgehog_backward_params();  // tied: one gradient, one buffer
+  backward.feature_weights.k = feature_q.data();
+  EXPECT_TRUE(throws_naming(backward_with(backward), "d_feature_weight_k must be d_feature_weight_q"));
+}
+
 TEST(ValidationOptions, ParsersNameTheArgument) {
   EXPECT_EQ(slattn::parse_feature_map("relu"), FeatureMap::relu);
+  EXPECT_EQ(slattn::parse_feature_map("hedgehog"), FeatureMap::hedgehog);
+  EXPECT_EQ(slattn::feature_map_name(FeatureMap::hedgehog), "hedgehog");
   EXPECT_EQ(slattn::parse_linear_scope("all"), LinearScope::all);
   EXPECT_TRUE(throws_naming([] { slattn::parse_feature_map("hedgehogx"); }, "feature_map"));
   EXPECT_TRUE(throws_naming([] { slattn::parse_linear_scope("bogus"); }, "linear_scope"));

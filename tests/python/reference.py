@@ -84,9 +84,16 @@ def dense_classes(block_map: torch.Tensor, block_q: int, block_k: int, q_len: in
 
 # ---------------------------------------------------------------- branches (SPEC 2, 3)
 
-def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
+def feature_map(x: torch.Tensor, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """φ of SPEC section 3; `weight` is hedgehog's W (d, d) as (out, in)."""
     if name == "softmax":
         return torch.softmax(x, dim=-1)
+    if name == "hedgehog":
+        # s = [x Wᵀ, −x Wᵀ] over 2d entries, φ = exp(s − logsumexp(s));
+        # W in the compute dtype, like the projection.
+        projected = torch.einsum("...i,oi->...o", x, weight.to(x.dtype))
+        scores = torch.cat([projected, -projected], dim=-1)
+        return torch.exp(scores - torch.logsumexp(scores, dim=-1, keepdim=True))
     if name == "elu":
         return F.elu(x) + 1
     if name == "relu":
@@ -105,12 +112,14 @@ def sparse_branch(q, k, v, critical: torch.Tensor, scale: float):
     return probs @ v, lse.squeeze(-1).masked_fill(~has_any.squeeze(-1), -math.inf)
 
 
-def linear_branch(q, k, v, in_set: torch.Tensor, block_q: int, name: str) -> torch.Tensor:
+def linear_branch(q, k, v, in_set: torch.Tensor, block_q: int, name: str, weight_q=None,
+                  weight_k=None) -> torch.Tensor:
     """Ol_i = φ(q_i) H_m / (φ(q_i) · Z_m + ε) with H_m, Z_m summed over the keys in U_m.
 
     in_set: (B, H, Mq, Lk) bool, whether key j lies in a block of U_m. One
-    query block at a time, so memory stays O(L · d) per block."""
-    phi_q, phi_k = feature_map(q, name), feature_map(k, name)
+    query block at a time, so memory stays O(L · d) per block. weight_q and
+    weight_k are hedgehog's W_q and W_k."""
+    phi_q, phi_k = feature_map(q, name, weight_q), feature_map(k, name, weight_k)
     outputs = []
     for m, start in enumerate(range(0, q.shape[2], block_q)):
         selected = phi_k * in_set[:, :, m].unsqueeze(-1).to(phi_k.dtype)  # φ(k_j), zero outside U_m
@@ -126,8 +135,12 @@ def linear_branch(q, k, v, in_set: torch.Tensor, block_q: int, name: str) -> tor
 # ---------------------------------------------------------------- the whole layer (SPEC 4)
 
 def sla(q, k, v, proj_weight=None, proj_bias=None, *, topk=None, negligible=0.0, block_q=64, block_k=64,
-        feature_map="softmax", linear_scope="marginal", scale=None, block_map=None) -> Result:
-    """SLA on (B, H, L, D) inputs, in their dtype; pass topk (routing here) or a block_map."""
+        feature_map="softmax", linear_scope="marginal", scale=None, block_map=None, feature_weight_q=None,
+        feature_weight_k=None) -> Result:
+    """SLA on (B, H, L, D) inputs, in their dtype; pass topk (routing here) or a block_map.
+
+    Hedgehog takes feature_weight_q, and feature_weight_k or None for one W
+    tied across q and k."""
     if block_map is None:
         block_map = route(q, k, topk, negligible, block_q, block_k)
     q_len, k_len, dim = q.shape[2], k.shape[2], q.shape[3]
@@ -139,7 +152,8 @@ def sla(q, k, v, proj_weight=None, proj_bias=None, *, topk=None, negligible=0.0,
 
     key_classes = block_map[:, :, :, torch.arange(k_len) // block_k]  # (B, H, Mq, Lk)
     in_set = key_classes == MARGINAL if linear_scope == "marginal" else key_classes != NEGLIGIBLE
-    ol = linear_branch(q, k, v, in_set, block_q, feature_map)
+    weight_k = feature_weight_q if feature_weight_k is None else feature_weight_k
+    ol = linear_branch(q, k, v, in_set, block_q, feature_map, feature_weight_q, weight_k)
 
     out = os
     if proj_weight is not None:

@@ -114,7 +114,7 @@ def test_bad_values_refused_by_name(options, named):
 
 @pytest.mark.parametrize("name, allowed", [
     ("blkq", "64, 128"),
-    ("feature_map", "'softmax', 'elu', 'relu'"),
+    ("feature_map", "'softmax', 'elu', 'relu', 'hedgehog'"),
     ("linear_scope", "'marginal', 'all'"),
     ("share", "'layer', 'head_dim'"),
 ])

@@ -14,7 +14,7 @@ import slattn
 
 pytestmark = pytest.mark.gpu
 
-FEATURE_MAPS = ("softmax", "elu", "relu")
+FEATURE_MAPS = ("softmax", "elu", "relu")  # hedgehog, with its weights, below
 SCOPES = ("marginal", "all")
 
 
@@ -47,25 +47,30 @@ def cuda_leaf(t):
 
 
 def check_against_composite(q, k, v, weight, bias, *, topk, negligible=0.0, block_q=64, block_k=64,
-                            feature_map="softmax", linear_scope="marginal", grads=True):
+                            feature_map="softmax", linear_scope="marginal", grads=True, feature_weight_q=None,
+                            feature_weight_k=None):
     """Runs slattn on the GPU and the composite (float64 and input dtype) on the
     CPU with the same block map; asserts the tolerance rule on every output
-    and gradient."""
+    and gradient (hedgehog's W_q and W_k included; W_k None: tied)."""
     cq, ck, cv = (cuda_leaf(t) for t in (q, k, v))
-    cw = cuda_leaf(weight) if weight is not None else None
-    cb = cuda_leaf(bias) if bias is not None else None
+    cw, cb, cw_q, cw_k = (cuda_leaf(t) if t is not None else None
+                          for t in (weight, bias, feature_weight_q, feature_weight_k))
     plan = slattn.route(cq, ck, topk=topk, negligible=negligible, block_q=block_q, block_k=block_k)
     out, lse = slattn.sparse_linear_attention(cq, ck, cv, cw, cb, feature_map=feature_map, linear_scope=linear_scope,
-                                              plan=plan, return_lse=True)
+                                              feature_weight_q=cw_q, feature_weight_k=cw_k, plan=plan,
+                                              return_lse=True)
     block_map = plan.block_map.cpu()
     options = dict(block_q=block_q, block_k=block_k, feature_map=feature_map, linear_scope=linear_scope,
                    block_map=block_map)
+    params = (weight, bias, feature_weight_q, feature_weight_k)
     leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
-    params64 = [t.double().requires_grad_() if t is not None else None for t in (weight, bias)]
-    exact = reference.sla(*leaves64, *params64, **options)
+    params64 = [t.double().requires_grad_() if t is not None else None for t in params]
+    exact = reference.sla(*leaves64, *params64[:2], feature_weight_q=params64[2], feature_weight_k=params64[3],
+                          **options)
     leaves_low = [t.clone().requires_grad_() for t in (q, k, v)]
-    params_low = [t.clone().requires_grad_() if t is not None else None for t in (weight, bias)]
-    baseline = reference.sla(*leaves_low, *params_low, **options)
+    params_low = [t.clone().requires_grad_() if t is not None else None for t in params]
+    baseline = reference.sla(*leaves_low, *params_low[:2], feature_weight_q=params_low[2],
+                             feature_weight_k=params_low[3], **options)
 
     assert_within_baseline(out.cpu(), exact.out, baseline.out, name="out")
     finite = torch.isfinite(exact.lse)
@@ -80,7 +85,8 @@ def check_against_composite(q, k, v, weight, bias, *, topk, negligible=0.0, bloc
     names = ("dq", "dk", "dv")
     for name, actual, ref, low in zip(names, (cq, ck, cv), leaves64, leaves_low):
         assert_within_baseline(actual.grad.cpu(), ref.grad, low.grad, name=name)
-    for name, actual, ref, low in zip(("d_proj_weight", "d_proj_bias"), (cw, cb), params64, params_low):
+    names = ("d_proj_weight", "d_proj_bias", "d_feature_weight_q", "d_feature_weight_k")
+    for name, actual, ref, low in zip(names, (cw, cb, cw_q, cw_k), params64, params_low):
         if actual is not None:
             assert_within_baseline(actual.grad.cpu(), ref.grad, low.grad, name=name)
 
@@ -103,6 +109,31 @@ def test_forward_and_backward_every_feature_map_and_scope(rng, feature_map, line
     q, k, v, w, b = layer(rng, heads=2, q_len=200, k_len=260, dim=64)
     check_against_composite(q, k, v, w, b, topk=0.3, negligible=0.2, feature_map=feature_map,
                             linear_scope=linear_scope)
+
+
+def hedgehog_weight(rng, dim):
+    """A trained-looking hedgehog W: the identity moved by noise that keeps x Wᵀ of order one."""
+    return torch.eye(dim) + (0.3 / dim ** 0.5) * draw(rng, (dim, dim), torch.float32)
+
+
+@pytest.mark.parametrize("linear_scope", SCOPES)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_hedgehog_forward_and_backward(rng, dim, tied, linear_scope):
+    """F = 2D = 128 and 256: φ, its backward through W to dq/dk, and dW_q/dW_k (summed when tied)."""
+    q, k, v, w, b = layer(rng, heads=4, kv_heads=2, q_len=200, k_len=260, dim=dim)
+    w_q = hedgehog_weight(rng, dim)
+    w_k = None if tied else hedgehog_weight(rng, dim)
+    check_against_composite(q, k, v, w, b, topk=0.3, negligible=0.2, feature_map="hedgehog",
+                            linear_scope=linear_scope, feature_weight_q=w_q, feature_weight_k=w_k)
+
+
+@pytest.mark.parametrize("shape", [dict(q_len=1, k_len=1), dict(q_len=65, k_len=4100, heads=2, kv_heads=1)])
+def test_hedgehog_edge_shapes(rng, shape):
+    """One token; and more key rows than one dW partial holds (2048), with a remainder."""
+    q, k, v, w, b = layer(rng, **shape)
+    check_against_composite(q, k, v, w, b, topk=0.5, feature_map="hedgehog", linear_scope="all",
+                            feature_weight_q=hedgehog_weight(rng, 64), feature_weight_k=hedgehog_weight(rng, 64))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -73,7 +73,21 @@ CASES = [  # id, thunk, exception, message pattern (names the argument)
     ("v-3d", lambda: call(v=tensor(H, LK, D)), ValueError, r"v must be 4-D"),
     ("q-not-tensor", lambda: call(q=[[1.0]]), TypeError, r"q must be a torch.Tensor"),
     ("feature-map", lambda: call(feature_map="gelu"), ValueError, r"feature_map must be one of .*'gelu'"),
-    ("feature-map-hedgehog", lambda: call(feature_map="hedgehog"), ValueError, r"feature_map must be one of"),
+    ("hedgehog-without-weight", lambda: call(feature_map="hedgehog"), ValueError,
+     r"feature_map 'hedgehog' needs feature_weight_q"),
+    ("hedgehog-weight-shape", lambda: call(feature_map="hedgehog", feature_weight_q=torch.eye(D + 1)), ValueError,
+     r"feature_weight_q must have shape \(8, 8\), got \(9, 9\)"),
+    ("hedgehog-weight-bf16", lambda: call(feature_map="hedgehog", feature_weight_q=torch.eye(D, dtype=torch.bfloat16)),
+     ValueError, r"feature_weight_q must be float32"),
+    ("hedgehog-weight-k-not-tensor", lambda: call(feature_map="hedgehog", feature_weight_q=torch.eye(D),
+                                                  feature_weight_k=[[1.0]]), TypeError,
+     r"feature_weight_k must be a torch.Tensor"),
+    ("hedgehog-weight-dtypes-differ", lambda: call(*(tensor(B, H, n, D, **f64) for n in (LQ, LK, LK)),
+                                                   feature_map="hedgehog", feature_weight_q=torch.eye(D),
+                                                   feature_weight_k=torch.eye(D, **f64)), ValueError,
+     r"feature_weight_k must have the dtype of feature_weight_q"),
+    ("weight-for-fixed-map", lambda: call(feature_map="elu", feature_weight_k=torch.eye(D)), ValueError,
+     r"feature_weight_k is given, but feature_map 'elu' has no weights"),
     ("linear-scope", lambda: call(linear_scope="critical"), ValueError, r"linear_scope must be one of"),
     ("layout", lambda: call(layout="BHLD"), ValueError, r"layout must be one of .*'BHLD'"),
     ("plan-and-topk", lambda: call(plan=slattn.route(*good()[:2], topk=0.5, block_q=4, block_k=4)), ValueError,
@@ -129,15 +143,18 @@ def test_bad_argument_is_named(thunk, error, pattern):
         thunk()
 
 
-def op_forward(q, k, v, plan, block_q=4, block_k=4, scale=0.3, feature_map="softmax", linear_scope="marginal"):
+def op_forward(q, k, v, plan, block_q=4, block_k=4, scale=0.3, feature_map="softmax", linear_scope="marginal",
+               feature_weight_q=None):
     return torch.ops.slattn.sla_forward(q, k, v, None, None, *plan.tensors, block_q, block_k, scale, feature_map,
-                                        linear_scope, "HND", False)
+                                        linear_scope, "HND", False, feature_weight_q)
 
 
 @pytest.mark.parametrize("change,pattern", [
     pytest.param(dict(scale=0.0), r"scale must be finite and non-zero", id="scale"),
     pytest.param(dict(feature_map="gelu"), r"feature_map must be one of", id="feature-map"),
     pytest.param(dict(linear_scope="x"), r"linear_scope must be one of", id="linear-scope"),
+    pytest.param(dict(feature_map="hedgehog"), r"feature_weight_q is required", id="hedgehog-without-weight"),
+    pytest.param(dict(feature_weight_q=torch.eye(D)), r"feature_map 'softmax' has no weights", id="weight-for-softmax"),
     pytest.param(dict(block_q=8), r"plan tensor block_map must be .* blocks 8x4", id="plan-for-other-blocks"),
     pytest.param(dict(block_q=2), r"plan tensor block_map must be .* blocks 2x4", id="plan-too-small"),
 ])

@@ -13,7 +13,7 @@ from torch.autograd import gradcheck
 
 import slattn
 
-FEATURE_MAPS = ("softmax", "elu", "relu")
+FEATURE_MAPS = ("softmax", "elu", "relu")  # hedgehog, with its weights, below
 SCOPES = ("marginal", "all")
 BLOCKS = dict(block_q=4, block_k=4)
 
@@ -109,3 +109,40 @@ def test_gradcheck_nhd_layout(make_inputs):
                                               scale=0.6)
 
     assert gradcheck(sla, leaves(x))
+
+
+def hedgehog_weights(rng, dim, tied):
+    """W_q and W_k (None when tied) near the identity, in float64, requiring grad."""
+    def draw():
+        w = torch.eye(dim, dtype=torch.float64) + 0.3 * torch.randn(dim, dim, dtype=torch.float64, generator=rng)
+        return w.requires_grad_()
+    return draw(), None if tied else draw()
+
+
+@pytest.mark.parametrize("linear_scope", SCOPES)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gradcheck_hedgehog(make_inputs, rng, tied, linear_scope):
+    """Through q, k, v, the projection and hedgehog's W_q and W_k (one W when tied)."""
+    x = make_inputs(1, 2, 1, 21, 19, 8, proj_dtype=torch.float64, requires_grad=True)
+    weight_q, weight_k = hedgehog_weights(rng, 8, tied)
+    plan = slattn.route(x.q, x.k, topk=0.3, negligible=0.25, **BLOCKS)
+
+    def sla(q, k, v, weight, bias, w_q, w_k=None):
+        return slattn.sparse_linear_attention(q, k, v, weight, bias, plan=plan, feature_map="hedgehog",
+                                              feature_weight_q=w_q, feature_weight_k=w_k, linear_scope=linear_scope)
+
+    assert gradcheck(sla, leaves(x) + leaves((weight_q, weight_k)))
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gradcheck_hedgehog_branches(make_inputs, rng, tied):
+    """Through the returned Ol alone (SLA2's use: no projection)."""
+    x = make_inputs(1, 2, 2, 13, 15, 8, proj_dtype=None, requires_grad=True)
+    weight_q, weight_k = hedgehog_weights(rng, 8, tied)
+    plan = slattn.route(x.q, x.k, topk=0.25, **BLOCKS)
+
+    def linear(q, k, v, w_q, w_k=None):
+        return slattn.sparse_linear_attention(q, k, v, plan=plan, feature_map="hedgehog", feature_weight_q=w_q,
+                                              feature_weight_k=w_k, return_branches=True)[1]
+
+    assert gradcheck(linear, leaves(x) + leaves((weight_q, weight_k)))

@@ -78,9 +78,10 @@ def test_opcheck_sla_backward(make_inputs, rng, with_proj, branch_grads):
     args = (x.q, x.k, x.v, saved_sparse, lse, x.proj_weight, x.proj_bias, dout, dout_sparse, dout_linear,
             *plan.tensors, *options)
     opcheck(torch.ops.slattn.sla_backward.default, args)
-    dq, dk, dv, d_weight, d_bias = torch.ops.slattn.sla_backward(*args)
+    dq, dk, dv, d_weight, d_bias, d_feature_q, d_feature_k = torch.ops.slattn.sla_backward(*args)
     assert dq.shape == x.q.shape and dk.shape == dv.shape == x.k.shape
     assert d_weight.shape == ((8, 8) if with_proj else (0,)) and d_bias.shape == ((8,) if with_proj else (0,))
+    assert d_feature_q.shape == d_feature_k.shape == (0,)  # softmax has no feature weights
     assert all(bool(torch.isfinite(g).all()) for g in (dq, dk, dv))
 
 
@@ -95,7 +96,53 @@ def test_backward_op_matches_autograd(make_inputs, rng):
     actual = torch.ops.slattn.sla_backward(*detached[:3], out_sparse.detach(), lse, *detached[3:], dout, None, None,
                                            *plan.tensors, plan.block_q, plan.block_k, 0.35, "softmax", "marginal",
                                            "HND")
-    for a, e in zip(actual, expected):
+    assert len(expected) == 5 and all(t.numel() == 0 for t in actual[5:])  # no feature weights
+    for a, e in zip(actual[:5], expected):
+        assert torch.equal(a, e)
+
+
+def feature_weights(rng, dim, tied, dtype=torch.float64):
+    """Hedgehog's W_q and W_k (None when tied): the identity moved by noise."""
+    def draw():
+        w = torch.eye(dim, dtype=torch.float64) + 0.3 * torch.randn(dim, dim, dtype=torch.float64, generator=rng)
+        return w.to(dtype).requires_grad_()
+    return draw(), None if tied else draw()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_opcheck_hedgehog(make_inputs, rng, tied):
+    x = make_inputs(1, 4, 2, 21, 19, 8, dtype=torch.float64, proj_dtype=torch.float64, requires_grad=True)
+    weight_q, weight_k = feature_weights(rng, 8, tied)
+    plan = plan_for(x)
+    args = forward_args(x, plan, feature_map="hedgehog", linear_scope="all", return_linear=True) + (weight_q, weight_k)
+    opcheck(torch.ops.slattn.sla_forward.default, args)
+    out, out_sparse, _, lse = torch.ops.slattn.sla_forward(*args)
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=rng)
+    # The backward op has no autograd of its own: its inputs carry no gradient.
+    q, k, v, proj_weight, proj_bias = (t.detach() for t in x)
+    weights = tuple(w.detach() if w is not None else None for w in (weight_q, weight_k))
+    backward_args = (q, k, v, out_sparse.detach(), lse, proj_weight, proj_bias, dout, None, None, *plan.tensors,
+                     plan.block_q, plan.block_k, 0.35, "hedgehog", "all", "HND", *weights)
+    opcheck(torch.ops.slattn.sla_backward.default, backward_args)
+    *_, d_feature_q, d_feature_k = torch.ops.slattn.sla_backward(*backward_args)
+    assert d_feature_q.shape == (8, 8) and bool(d_feature_q.abs().sum() > 0)
+    assert d_feature_k.shape == ((0,) if tied else (8, 8))
+
+
+def test_hedgehog_backward_op_matches_autograd(make_inputs, rng):
+    """By hand, untied, the op's W gradients are what autograd gives through the forward op."""
+    x = make_inputs(1, 4, 2, 21, 19, 8, proj_dtype=torch.float64, requires_grad=True)
+    weight_q, weight_k = feature_weights(rng, 8, tied=False)
+    plan = plan_for(x)
+    out, out_sparse, _, lse = torch.ops.slattn.sla_forward(*forward_args(x, plan, feature_map="hedgehog"), weight_q,
+                                                           weight_k)
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=rng)
+    expected = torch.autograd.grad(out, [*x.leaves(), weight_q, weight_k], dout)
+    detached = [t.detach() for t in x]
+    actual = torch.ops.slattn.sla_backward(*detached[:3], out_sparse.detach(), lse, *detached[3:], dout, None, None,
+                                           *plan.tensors, plan.block_q, plan.block_k, 0.35, "hedgehog", "marginal",
+                                           "HND", weight_q.detach(), weight_k.detach())
+    for a, e in zip(actual, expected, strict=True):
         assert torch.equal(a, e)
 
 

@@ -83,6 +83,21 @@ def test_attached_model_owns_one_state_per_attention_layer():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
+def test_hedgehog_states_own_their_feature_weights():
+    model = Model()
+    with slattn.patch_sdpa(CONFIG | {"feature_map": "hedgehog", "tie_feature_map_qk": False}) as controller:
+        controller.attach(model)
+        model(tokens()).sum().backward()
+    keys = set(model.state_dict())
+    assert {f"blocks.{i}.sla_attention.feature_map_{x}.layer.weight" for i in (0, 1) for x in "qk"} <= keys
+    params = controller.parameters()
+    assert len(params) == 8 and all(p.grad is not None for p in params)
+    weights = [model.blocks[i].sla_attention.feature_map_q.weight for i in (0, 1)]
+    assert all(torch.equal(w, torch.eye(64)) for w in weights)  # identity-initialised
+    # With the projection still zero nothing reaches W: Ol does not move the output yet.
+    assert all(float(w.grad.abs().sum()) == 0 for w in weights)
+
+
 def test_call_order_layers_without_a_model_and_new_step():
     q, k, v = qkv()
     with slattn.patch_sdpa(CONFIG) as controller:

@@ -181,7 +181,8 @@ def test_topk_one_is_full_attention(make_inputs, rng):
     (dict(topk=1.5), "topk"),
     (dict(alpha_init=1.0), "alpha_init"),
     (dict(block_q=0), "block_q"),
-    (dict(feature_map="hedgehog"), "feature_map"),
+    (dict(feature_map="gelu"), "feature_map"),
+    (dict(tie_feature_map_qk="yes"), "tie_feature_map_qk"),
     (dict(num_heads=0), "num_heads"),
 ])
 def test_bad_arguments_name_themselves(options, name):

@@ -39,7 +39,7 @@ class SLAConfig:
     """Options of the SDPA patch; every field is checked on construction."""
 
     topk: float = 0.2                 # fraction of key blocks computed exactly, (0, 1]
-    feature_map: str = "softmax"      # "softmax" | "elu" | "relu"
+    feature_map: str = "softmax"      # "softmax" | "elu" | "relu" | "hedgehog" (learnable; tied by tie_feature_map_qk)
     blkq: int = 64                    # query block; 64 or 128
     blkk: int = 64                    # key block; 64 or 128
     tie_feature_map_qk: bool = True
