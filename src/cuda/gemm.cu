@@ -21,8 +21,10 @@
 #include <cstdlib>
 #include <limits>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/mma.cuh"
 
 namespace slattn::cuda {
 namespace {
@@ -82,43 +84,6 @@ struct StagedTile {
   __device__ static int offset(int row, int k) { return kKMajor ? row * kPitch + k : k * kPitch + row; }
 };
 
-// Copies the first `bytes` of kBytes from global to shared memory and zero-fills the rest.
-template <int kBytes>
-__device__ __forceinline__ void copy_async(float* shared, const float* global, int bytes) {
-  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  if constexpr (kBytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(address), "l"(global), "n"(kBytes),
-                 "r"(bytes));
-  }
-}
-
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Waits until at most kPending of this thread's committed copy groups are in flight.
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t result;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(result) : "f"(x));
-  return result;
-}
-
-// c += a * b on one m16n8k8 tile (lane = 4g + c): a holds A (g, c), (g + 8, c),
-// (g, c + 4), (g + 8, c + 4); b holds B (k c, n g), (k c + 4, n g); the
-// accumulator holds rows g, g + 8, columns 2c, 2c + 1.
-__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // One thread's share of copying an operand's tiles into shared memory, tile
 // after tile along k. A staged tile is a stack of lines (rows k-major, else
 // k) along the contiguous dimension; the thread copies the run of kRun at one
@@ -158,11 +123,11 @@ struct TileCopier {
       const float* run = from + pass * kLinesPerPass * line_stride;
       float* run_to = tile + to + pass * kLinesPerPass * Tile::kPitch;
       if constexpr (kVectorized) {
-        copy_async<kRun * kFloatBytes>(run_to, valid > 0 ? run : source.data, valid * kFloatBytes);
+        cp_async<kRun * kFloatBytes>(run_to, valid > 0 ? run : source.data, valid * kFloatBytes);
       } else {
 #pragma unroll
         for (int e = 0; e < kRun; ++e)
-          copy_async<kFloatBytes>(run_to + e, e < valid ? run + e * along_stride : source.data,
+          cp_async<kFloatBytes>(run_to + e, e < valid ? run + e * along_stride : source.data,
                                   e < valid ? kFloatBytes : 0);
       }
     }
@@ -190,21 +155,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gemm_kernel(const _
     float acc[kMmasM][kMmasN][4] = {};
     TileCopier<kTileM, kAKMajor, kVectorized> a_copier(g.a, a, row0, g.k);
     TileCopier<kTileN, kBKMajor, kVectorized> b_copier(g.b, b, col0, g.k);
-    if (k_tiles > 0) {
-      a_copier.copy_next(a_tiles[0], g.a);
-      b_copier.copy_next(b_tiles[0], g.b);
-      copy_async_commit();
-    }
+    auto copy_next = [&](int64_t t) {  // the copiers walk k in order: t is their next tile
+      a_copier.copy_next(a_tiles[t % kStages], g.a);
+      b_copier.copy_next(b_tiles[t % kStages], g.b);
+      cp_async_commit();
+    };
+    if (k_tiles > 0) copy_next(0);
     for (int64_t t = 0; t < k_tiles; ++t) {
-      if (t + 1 < k_tiles) {
-        a_copier.copy_next(a_tiles[(t + 1) % kStages], g.a);
-        b_copier.copy_next(b_tiles[(t + 1) % kStages], g.b);
-        copy_async_commit();
-        copy_async_wait<1>();
-      } else {
-        copy_async_wait<0>();
-      }
-      __syncthreads();  // tile t, copied by every thread, is complete
+      await_tile(t, k_tiles, copy_next);  // tile t, copied by every thread, is complete
       const float* a_tile = a_tiles[t % kStages];
       const float* b_tile = b_tiles[t % kStages];
 #pragma unroll

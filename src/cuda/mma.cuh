@@ -1,5 +1,6 @@
-// Tensor-core primitives (sm_80+, also run on sm_90): ldmatrix and the
-// m16n8k16 matrix product with fp32 accumulators, for bf16 and fp16.
+// Tensor-core primitives (sm_80+, also run on sm_90): ldmatrix, the m16n8k16
+// matrix product of bf16 and fp16 and the m16n8k8 product of tf32, with fp32
+// accumulators.
 //
 // Fragment layouts (lane = 4 * g + c): an A fragment (16 x 16, row-major)
 // holds rows g and g + 8, columns 2c, 2c + 1 and 8 + 2c, 9 + 2c; a B fragment
@@ -48,6 +49,24 @@ template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// fp32 -> tf32, rounded to nearest with ties away from zero (the router's error bound assumes it).
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t result;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(result) : "f"(x));
+  return result;
+}
+
+// c += a * b on one m16n8k8 tile of tf32 (lane = 4g + c): a holds A (g, c),
+// (g + 8, c), (g, c + 4), (g + 8, c + 4); b holds B (k c, n g), (k c + 4, n g);
+// the accumulator holds rows g, g + 8, columns 2c, 2c + 1.
+__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));

@@ -21,7 +21,9 @@
 //     below kScoreAbsoluteError (|q̄| + |k̄| + 1).
 // A value beyond fp32's range makes a score or the bound infinite or NaN, and
 // the classifier then takes exact scores for the whole row.
+#include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/route_stages.cuh"
 
 namespace slattn::cuda {
@@ -49,38 +51,6 @@ struct ScoreArgs {
   int64_t rows, cols, dim;
 };
 
-// Copies `bytes` (16 or 0) from global to shared memory, zero-filling the rest of the 16.
-__device__ __forceinline__ void copy_16(float* shared, const float* global, int bytes) {
-  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes));
-}
-
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Waits until at most kPending of this thread's committed copy groups are in flight.
-template <int kPending>
-__device__ __forceinline__ void copy_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-// Round to nearest (ties away), as the bound assumes.
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t result;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(result) : "f"(x));
-  return result;
-}
-
-// c += a * b on one m16n8k8 tile (lane = 4g + c): a holds A (g, c), (g + 8, c),
-// (g, c + 4), (g + 8, c + 4); b holds B (k c, n g), (k c + 4, n g); the
-// accumulator holds rows g, g + 8, columns 2c, 2c + 1.
-__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Starts copying channels c0.. of the tile's rows (`rows_left` of them exist)
 // into `tile`; what lies outside is zero-filled, so it adds nothing.
 __device__ __forceinline__ void stage_chunk(float* tile, const float* rows, int64_t rows_left, int64_t dim,
@@ -89,7 +59,7 @@ __device__ __forceinline__ void stage_chunk(float* tile, const float* rows, int6
   for (int e = threadIdx.x; e < kTile * kRunsPerRow; e += kThreads) {
     const int row = e / kRunsPerRow, run = e % kRunsPerRow * kRun;
     const bool valid = row < rows_left && c0 + run < dim;  // dim is a multiple of kRun
-    copy_16(tile + row * kPitch + run, valid ? rows + row * dim + c0 + run : rows, valid ? 16 : 0);
+    cp_async<16>(tile + row * kPitch + run, valid ? rows + row * dim + c0 + run : rows, valid ? 16 : 0);
   }
 }
 
@@ -107,19 +77,14 @@ __global__ void __launch_bounds__(kThreads) approximate_scores_kernel(const __gr
   const int64_t chunks = ceil_div(a.dim, kChunk);
 
   float acc[kMmasM][kMmasN][4] = {};
-  stage_chunk(q_tiles[0], q, a.rows - row0, a.dim, 0);
-  stage_chunk(k_tiles[0], k, a.cols - col0, a.dim, 0);
-  copy_commit();
+  auto stage = [&](int64_t t) {
+    stage_chunk(q_tiles[t % kStages], q, a.rows - row0, a.dim, t * kChunk);
+    stage_chunk(k_tiles[t % kStages], k, a.cols - col0, a.dim, t * kChunk);
+    cp_async_commit();
+  };
+  stage(0);
   for (int64_t t = 0; t < chunks; ++t) {
-    if (t + 1 < chunks) {
-      stage_chunk(q_tiles[(t + 1) % kStages], q, a.rows - row0, a.dim, (t + 1) * kChunk);
-      stage_chunk(k_tiles[(t + 1) % kStages], k, a.cols - col0, a.dim, (t + 1) * kChunk);
-      copy_commit();
-      copy_wait<1>();
-    } else {
-      copy_wait<0>();
-    }
-    __syncthreads();  // chunk t, copied by every thread, is complete
+    await_tile(t, chunks, stage);  // chunk t, copied by every thread, is complete
     const float* q_tile = q_tiles[t % kStages];
     const float* k_tile = k_tiles[t % kStages];
 #pragma unroll

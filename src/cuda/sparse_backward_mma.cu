@@ -85,21 +85,16 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
   const BlockTiles<kTile> tiles{plan.row_index + plan_row * g.k_blocks, plan.row_count[plan_row], g.block_k,
                                 g.k_len};
   const int32_t total = tiles.count();
-  auto load_keys = [&](int32_t t, int buffer) {
+  auto load_keys = [&](int32_t t) {
+    const int buffer = t & 1;
     load_tile<Element, kHeadDim, kThreads>(k, b, kv, tiles.first(t), kTile, tiles.end(t), s.k[buffer]);
     load_tile<Element, kHeadDim, kThreads>(v, b, kv, tiles.first(t), kTile, tiles.end(t), s.v[buffer]);
     cp_async_commit();
   };
-  if (total > 0) load_keys(0, 0);
+  if (total > 0) load_keys(0);
   for (int32_t t = 0; t < total; ++t) {
     const int buffer = t & 1;
-    if (t + 1 < total) {
-      load_keys(t + 1, buffer ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // tile t (and Q, dOs) is complete for every warp
+    await_tile(t, total, load_keys);  // tile t (and Q, dOs) is complete for every warp
     const int64_t first = tiles.first(t), end = tiles.end(t);
     float p[kTiles8][4] = {}, ds[kTiles8][4] = {};
     mma_a_bt<Element, kHeadDim, kTile>(p, &s.q[local0], s.k[buffer]);     // S
@@ -157,7 +152,8 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
     const int64_t column = pair * g.k_blocks + n;
     const BlockTiles<kTile> tiles{plan.col_index + column * g.q_blocks, plan.col_count[column], g.block_q, g.q_len};
     const int32_t total = tiles.count();
-    auto load_queries = [&](int32_t t, int buffer) {
+    auto load_queries = [&](int32_t t) {
+      const int buffer = t & 1;
       const int64_t first = tiles.first(t), end = tiles.end(t);
       load_tile<Element, kHeadDim, kThreads>(q, b, h, first, kTile, end, s.q[buffer]);
       load_tile<Element, kHeadDim, kThreads>(dos, b, h, first, kTile, end, s.dos[buffer]);
@@ -168,16 +164,10 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
         s.delta[buffer][r] = valid ? a.delta[pair * g.q_rows() + first + r] : 0.0f;
       }
     };
-    if (total > 0) load_queries(0, 0);
+    if (total > 0) load_queries(0);
     for (int32_t t = 0; t < total; ++t) {
       const int buffer = t & 1;
-      if (t + 1 < total) {
-        load_queries(t + 1, buffer ^ 1);
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();  // tile t (and K, V) is complete for every warp
+      await_tile(t, total, load_queries);  // tile t (and K, V) is complete for every warp
       float pt[kTiles8][4] = {}, dst[kTiles8][4] = {};
       mma_a_bt<Element, kHeadDim, kTile>(pt, &s.k[local0], s.q[buffer]);     // Sᵀ
       mma_a_bt<Element, kHeadDim, kTile>(dst, &s.v[local0], s.dos[buffer]);  // dPᵀ

@@ -52,21 +52,16 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
   const BlockTiles<kKeyTile> tiles{plan.row_index + plan_row * g.k_blocks, plan.row_count[plan_row], g.block_k,
                                    g.k_len};
   const int32_t total = tiles.count();
-  auto load_keys = [&](int32_t t, int buffer) {
+  auto load_keys = [&](int32_t t) {
+    const int buffer = t & 1;
     load_tile<Element, kHeadDim, kThreads>(k, b, kv, tiles.first(t), kKeyTile, tiles.end(t), s.k[buffer]);
     load_tile<Element, kHeadDim, kThreads>(v, b, kv, tiles.first(t), kKeyTile, tiles.end(t), s.v[buffer]);
     cp_async_commit();
   };
-  if (total > 0) load_keys(0, 0);
+  if (total > 0) load_keys(0);
   for (int32_t t = 0; t < total; ++t) {
     const int buffer = t & 1;
-    if (t + 1 < total) {
-      load_keys(t + 1, buffer ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // tile t (and Q) is complete for every warp
+    await_tile(t, total, load_keys);  // tile t (and Q) is complete for every warp
     const int64_t first = tiles.first(t), end = tiles.end(t);
     float score[kKeyTiles8][4] = {};
     mma_a_bt<Element, kHeadDim, kKeyTile>(score, q_rows, s.k[buffer]);

@@ -9,6 +9,7 @@
 // dK += dSᵀ Q.
 #pragma once
 
+#include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
 
@@ -21,19 +22,6 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename Element, int kHeadDim>
 using TileRow = Element[kHeadDim + kTilePad];
-
-// Asynchronous 16-byte copies global -> shared (sm_80+). A source size of 0
-// fills the 16 bytes with zeros instead of reading.
-__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool read) {
-  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(read ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most `kPending` committed groups of this thread are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 // Starts copying rows [first, first + rows) of the (b, h) slice of x into
 // tile[0..rows), zero rows from `valid` on: asynchronous 16-byte copies when
@@ -50,7 +38,7 @@ __device__ void load_tile(const DeviceView<const Element>& x, int64_t b, int64_t
     for (int i = threadIdx.x; i < rows * (kHeadDim / kVector); i += kThreads) {
       const int r = i / (kHeadDim / kVector), d = (i % (kHeadDim / kVector)) * kVector;
       const bool read = first + r < valid;
-      cp_async_16(&tile[r][d], read ? &x.at(b, h, first + r, d) : x.data, read);
+      cp_async<16>(&tile[r][d], read ? &x.at(b, h, first + r, d) : x.data, read ? 16 : 0);
     }
   } else {
     for (int i = threadIdx.x; i < rows * kHeadDim; i += kThreads) {
