@@ -11,12 +11,11 @@ backend registered with `supports_context_parallel=True`, which runs
 - the templated path is an `autograd.Function` over a backend's
   `forward_op` / `backward_op` pair whose backward returns gradients for q, k,
   v only. Served by SLA through the SDPA patch (plain `apply_sla` after
-  `enable_parallelism`), the forward is SLA over whole sequences, but the
+  `enable_parallelism`), the forward would be SLA over whole sequences, but the
   backward recomputes SDPA outside the patch (dense attention's gradients)
-  and SLA's weights get none. Inference works that way; training does not.
-  The order matters: `enable_parallelism` hands its config only to
-  processors with a `_parallel_config` attribute, which an SLAProcessor has
-  not, so `apply_sla` *before* it would leave attention on each rank's shard.
+  and SLA's weights would get none. With `apply_sla` *before* it, attention
+  would stay on each rank's shard. A plain SLA processor therefore refuses to
+  run under diffusers' context parallelism, either way round.
 
 `apply_sla_ulysses(model, config)` is the closest working integration: the
 SLA processors switch diffusers' own Ulysses off for their attention call and

@@ -31,6 +31,10 @@ logger = logging.getLogger("slattn")
 class SLAProcessor(nn.Module):
     """An attention processor that runs `original` with SLA serving its SDPA calls."""
 
+    # diffusers' enable_parallelism hands its context-parallel config to the processors that have
+    # this attribute; having it lets a plain SLA processor see, and refuse, what it cannot serve.
+    _parallel_config = None
+
     def __init__(self, original, controller: SLAController, head_dim: int):
         super().__init__()
         self.original = original
@@ -49,7 +53,13 @@ class SLAProcessor(nn.Module):
 
     def _attention_scope(self):
         """Context around the original processor's call, inside the pinned SDPA;
-        sequence parallelism (slattn.distributed.diffusers) redistributes attention here."""
+        sequence parallelism (slattn.distributed.diffusers) redistributes attention here.
+        Under diffusers' context parallelism a plain SLA processor would attend within each
+        rank's shard (enabled after apply_sla) or train with dense attention's gradients
+        (enabled before): refused, never silently wrong."""
+        if self._parallel_config is not None or getattr(self.original, "_parallel_config", None) is not None:
+            raise RuntimeError("apply_sla does not serve diffusers' context parallelism (enable_parallelism): "
+                               "use slattn.distributed.apply_sla_ulysses(model, config) after enable_parallelism")
         return contextlib.nullcontext()
 
 
