@@ -1,6 +1,7 @@
-"""SLA2's hard path on CUDA against the CPU (FlashAttention's tolerance rule of
+"""SLA2 on CUDA: the hard path against the CPU (FlashAttention's tolerance rule of
 reference.py: error <= 2x that of the same math in the input dtype + rounding
-noise): output and the gradients of q, k, v and α. GPU only."""
+noise): output and the gradients of q, k, v and α; the soft path of stage 1 against
+the float64 CPU path, and within one GPU at the Wan2.1-1.3B shape. GPU only."""
 
 from __future__ import annotations
 
@@ -58,3 +59,35 @@ def test_hard_path_cuda_matches_cpu(rng, dim, block_q):
     baseline = run(torch.bfloat16, baseline_layer.to(torch.bfloat16))
     for name, a, e, b in zip(("out", "dq", "dk", "dv", "dalpha"), actual, exact, baseline):
         ref.assert_within_baseline(a.cpu().to(b.dtype), e, b, name=name)
+
+
+def test_soft_path_cuda_agrees_with_the_float64_cpu_path(rng):
+    heads, length, dim = 2, 300, 64
+    q, k, v = (torch.randn(1, heads, length, dim, dtype=torch.float64, generator=rng) for _ in range(3))
+    layer = slattn.SparseLinearAttention2(dim, 0.25, num_heads=heads, block_q=64, block_k=64).double()
+    layer.set_routing("soft")
+    gpu_layer = slattn.SparseLinearAttention2(dim, 0.25, num_heads=heads, block_q=64, block_k=64).cuda()
+    gpu_layer.load_state_dict(layer.state_dict())
+    gpu_layer.set_routing("soft")
+    expected = layer(q, k, v)
+    actual = gpu_layer(*(t.cuda().to(torch.bfloat16) for t in (q, k, v)))
+    actual.float().square().mean().backward()
+    error = (actual.double().cpu() - expected.detach()).norm() / expected.detach().norm()
+    assert error < 2e-2, f"relative L2 error {error:.2e} of the bf16 soft path"
+    router_grads = [p.grad for p in gpu_layer.router.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in router_grads)
+
+
+def test_soft_path_of_a_wan_1_3b_layer_fits_on_one_gpu():
+    """The issue's bound: stage 1 on a (1, 12, 32760, 128) layer within one 80 GB GPU."""
+    shape = (1, 12, 32760, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    layer = slattn.SparseLinearAttention2(128, 0.05, num_heads=12).cuda()
+    layer.set_routing("soft")
+    torch.cuda.reset_peak_memory_stats()
+    out = layer(q, k, v)
+    out.float().square().mean().backward()
+    torch.cuda.synchronize()
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    assert peak_gib < 80, f"peak {peak_gib:.1f} GiB"
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
