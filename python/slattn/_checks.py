@@ -3,6 +3,8 @@ what is allowed; the core checks again for callers of the C++ API."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import torch
@@ -58,6 +60,23 @@ def check_device(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be on the CPU or a CUDA GPU, got device {t.device}")
 
 
+def check_known_keys(what: str, options, fields_of) -> None:
+    """Refuses keys of `options` that are not fields of the dataclass `fields_of`, naming them and the known ones."""
+    known = [f.name for f in dataclasses.fields(fields_of)]
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+
+
+def check_head_dim(head_dim) -> None:
+    """An integer multiple of HEAD_DIM_MULTIPLE, at most MAX_HEAD_DIM (what the core serves)."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise ValueError(f"head_dim must be an integer, got {head_dim!r}")
+    if head_dim % HEAD_DIM_MULTIPLE or not HEAD_DIM_MULTIPLE <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of {HEAD_DIM_MULTIPLE} in "
+                         f"[{HEAD_DIM_MULTIPLE}, {MAX_HEAD_DIM}], got {head_dim}")
+
+
 def check_query_key(q, k, layout: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Checks q and k; returns their (B, H, L, D) shapes."""
     check_choice("layout", layout, LAYOUTS)
@@ -77,10 +96,7 @@ def check_query_key(q, k, layout: str) -> tuple[tuple[int, ...], tuple[int, ...]
         raise ValueError(f"q and k need at least one batch and one head, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if qs[3] != ks[3]:
         raise ValueError(f"head dims of q ({qs[3]}) and k ({ks[3]}) differ")
-    d = qs[3]
-    if d % HEAD_DIM_MULTIPLE or not HEAD_DIM_MULTIPLE <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be a multiple of {HEAD_DIM_MULTIPLE} in "
-                         f"[{HEAD_DIM_MULTIPLE}, {MAX_HEAD_DIM}], got {d}")
+    check_head_dim(qs[3])
     if qs[1] % ks[1]:
         raise ValueError(f"q heads ({qs[1]}) must be a multiple of k/v heads ({ks[1]}) for grouped-query attention")
     return qs, ks

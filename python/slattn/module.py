@@ -38,11 +38,7 @@ class SparseLinearAttention(nn.Module):
                  use_bf16: bool = True, tie_feature_map_qk: bool = True, *, negligible: float = 0.0,
                  linear_scope: str = "marginal", layout: str = "HND", scale: float | None = None):
         super().__init__()
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
-            raise ValueError(f"head_dim must be an integer, got {head_dim!r}")
-        if head_dim % _checks.HEAD_DIM_MULTIPLE or not _checks.HEAD_DIM_MULTIPLE <= head_dim <= _checks.MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be a multiple of {_checks.HEAD_DIM_MULTIPLE} in "
-                             f"[{_checks.HEAD_DIM_MULTIPLE}, {_checks.MAX_HEAD_DIM}], got {head_dim}")
+        _checks.check_head_dim(head_dim)
         _checks.check_fractions(topk, negligible)
         _checks.check_block_sizes(BLKQ, BLKK, names=("BLKQ", "BLKK"))
         _checks.check_choice("feature_map", feature_map, _checks.FEATURE_MAPS)

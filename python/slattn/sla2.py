@@ -54,11 +54,7 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
                  scale: float | None = None, compute_dtype: torch.dtype | None = None,
                  tie_feature_map_qk: bool = True):
         super().__init__()
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
-            raise ValueError(f"head_dim must be an integer, got {head_dim!r}")
-        if head_dim % _checks.HEAD_DIM_MULTIPLE or not _checks.HEAD_DIM_MULTIPLE <= head_dim <= _checks.MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be a multiple of {_checks.HEAD_DIM_MULTIPLE} in "
-                             f"[{_checks.HEAD_DIM_MULTIPLE}, {_checks.MAX_HEAD_DIM}], got {head_dim}")
+        _checks.check_head_dim(head_dim)
         _checks.check_fractions(topk, 0.0)
         _checks.check_block_sizes(block_q, block_k)
         _checks.check_choice("alpha", alpha, ALPHA_MODES)

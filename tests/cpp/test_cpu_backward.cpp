@@ -5,6 +5,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "test_util.h"
@@ -234,18 +235,25 @@ TEST(BackwardHandWrittenMap, RowsWithoutCriticalOrLinearBlocks) {
 
 // Each task sums its share of d_proj_weight / d_proj_bias and the shares are
 // reduced in task order, so the thread count must not change a single bit.
+// The backward of p on one thread and on three (the thread count restored after).
+std::pair<Gradients, Gradients> serial_and_parallel(const Problem& p, uint64_t input_seed, uint64_t upstream_seed,
+                                                    bool dout_linear) {
+  const Inputs<double> in = random_inputs(p, input_seed, DType::float64, true, true, DType::float64);
+  const std::vector<int8_t> map = reference_block_map(p, in.q, in.k);
+  const Upstream up = random_upstream(p, upstream_seed, dout_linear);
+  const int threads_before = slattn::num_threads();
+  slattn::set_num_threads(1);
+  Gradients serial = run_backward(p, map, in, up, Layout::HND);
+  slattn::set_num_threads(3);
+  Gradients parallel = run_backward(p, map, in, up, Layout::HND);
+  slattn::set_num_threads(threads_before);
+  return {std::move(serial), std::move(parallel)};
+}
+
 TEST(BackwardThreads, ResultsDoNotDependOnTheThreadCount) {
   Problem p = ragged_problem(FeatureMap::softmax, LinearScope::all, 4, 2);
   p.batch = 2;
-  const Inputs<double> in = random_inputs(p, 113, DType::float64, true, true, DType::float64);
-  const std::vector<int8_t> map = reference_block_map(p, in.q, in.k);
-  const Upstream up = random_upstream(p, 127, true);
-  const int threads_before = slattn::num_threads();
-  slattn::set_num_threads(1);
-  const Gradients serial = run_backward(p, map, in, up, Layout::HND);
-  slattn::set_num_threads(3);
-  const Gradients parallel = run_backward(p, map, in, up, Layout::HND);
-  slattn::set_num_threads(threads_before);
+  const auto [serial, parallel] = serial_and_parallel(p, 113, 127, true);
   EXPECT_EQ(serial.dq, parallel.dq);
   EXPECT_EQ(serial.dk, parallel.dk);
   EXPECT_EQ(serial.dv, parallel.dv);
@@ -257,15 +265,7 @@ TEST(BackwardThreads, HedgehogWeightGradientsDoNotDependOnTheThreadCount) {
   Problem p = ragged_problem(FeatureMap::hedgehog, LinearScope::all, 4, 2);
   p.batch = 2;
   p.tie_feature_weights = false;
-  const Inputs<double> in = random_inputs(p, 151, DType::float64, true, true, DType::float64);
-  const std::vector<int8_t> map = reference_block_map(p, in.q, in.k);
-  const Upstream up = random_upstream(p, 157, false);
-  const int threads_before = slattn::num_threads();
-  slattn::set_num_threads(1);
-  const Gradients serial = run_backward(p, map, in, up, Layout::HND);
-  slattn::set_num_threads(3);
-  const Gradients parallel = run_backward(p, map, in, up, Layout::HND);
-  slattn::set_num_threads(threads_before);
+  const auto [serial, parallel] = serial_and_parallel(p, 151, 157, false);
   EXPECT_EQ(serial.d_feature_weight_q, parallel.d_feature_weight_q);
   EXPECT_EQ(serial.d_feature_weight_k, parallel.d_feature_weight_k);
 }

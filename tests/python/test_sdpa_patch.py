@@ -227,52 +227,51 @@ def test_patched_model_compiles_with_fullgraph_after_a_warm_up():
     assert model.sla_attention.proj_l.weight.grad.abs().sum() > 0
 
 
-def test_ddp_and_autocast_keep_fp32_master_weights_with_gradients(tmp_path):
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group for the wrappers that need one (DDP, FSDP)."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        model = Block()
-        with slattn.patch_sdpa({"topk": 0.25}) as controller:
-            controller.attach(model)
-            model(tokens())  # the SLA state exists before DDP collects the parameters
-            ddp = nn.parallel.DistributedDataParallel(model)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = ddp(tokens(1))
-            out.float().sum().backward()
-        weight = model.sla_attention.proj_l.weight
-        assert out.dtype == torch.bfloat16
-        assert weight.dtype == weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
-        assert any(p is weight for p in ddp.parameters())
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
 
 
-def test_fsdp_shards_the_sla_weights_and_keeps_the_outputs(tmp_path):
+def test_ddp_and_autocast_keep_fp32_master_weights_with_gradients(process_group):
+    model = Block()
+    with slattn.patch_sdpa({"topk": 0.25}) as controller:
+        controller.attach(model)
+        model(tokens())  # the SLA state exists before DDP collects the parameters
+        ddp = nn.parallel.DistributedDataParallel(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ddp(tokens(1))
+        out.float().sum().backward()
+    weight = model.sla_attention.proj_l.weight
+    assert out.dtype == torch.bfloat16
+    assert weight.dtype == weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
+    assert any(p is weight for p in ddp.parameters())
+
+
+def test_fsdp_shards_the_sla_weights_and_keeps_the_outputs(process_group):
     import copy
 
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        model = Block()
-        with slattn.patch_sdpa({"topk": 0.25}) as controller:
-            controller.attach(model)
-            model(tokens())
-            with torch.no_grad():
-                model.sla_attention.proj_l.weight.normal_(std=0.05)
-            expected = copy.deepcopy(model)(tokens(1))
-            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))  # on a GPU machine too
-            out = model(tokens(1))
-            out.sum().backward()
-        weight = model.sla_attention.proj_l.weight
-        assert isinstance(weight, torch.distributed.tensor.DTensor)  # FSDP manages it like any parameter
-        assert weight.grad is not None and weight.grad.full_tensor().abs().sum() > 0
-        torch.testing.assert_close(out, expected)
-    finally:
-        dist.destroy_process_group()
+    model = Block()
+    with slattn.patch_sdpa({"topk": 0.25}) as controller:
+        controller.attach(model)
+        model(tokens())
+        with torch.no_grad():
+            model.sla_attention.proj_l.weight.normal_(std=0.05)
+        expected = copy.deepcopy(model)(tokens(1))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))  # on a GPU machine too
+        out = model(tokens(1))
+        out.sum().backward()
+    weight = model.sla_attention.proj_l.weight
+    assert isinstance(weight, torch.distributed.tensor.DTensor)  # FSDP manages it like any parameter
+    assert weight.grad is not None and weight.grad.full_tensor().abs().sum() > 0
+    torch.testing.assert_close(out, expected)
 
 
 def test_patches_unwind_in_order_and_an_out_of_order_unpatch_is_refused():

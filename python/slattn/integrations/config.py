@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .._checks import FEATURE_MAPS, LINEAR_SCOPES
+from .._checks import FEATURE_MAPS, LINEAR_SCOPES, check_known_keys
 
 BLOCK_SIZES = (64, 128)  # what the CUDA kernels take
 SHARE_MODES = ("layer", "head_dim")
@@ -86,11 +86,7 @@ class SLAConfig:
         if not isinstance(config, Mapping):
             raise ValueError(f"SLA config must be an SLAConfig, a dict, a JSON or Python-literal string, or None, "
                              f"got {type(config).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [key for key in config if key not in known]
-        if unknown:
-            raise ValueError(f"SLA config: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
-                             f"known keys: {', '.join(known)}")
+        check_known_keys("SLA config", config, cls)
         return cls(**config)
 
     def to_dict(self) -> dict:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._checks import check_fractions
+from .._checks import check_fractions, check_known_keys
 from ..sla2 import ALPHA_MODES
 
 ATTENTIONS = ("full", "sla", "sla2")
@@ -124,11 +124,7 @@ class DiTConfig:
             if preset not in SLA2_PRESETS:
                 raise ValueError(f"DiT config: preset must be one of {tuple(SLA2_PRESETS)}, got {preset!r}")
             options = {**SLA2_PRESETS[preset], **options}
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [key for key in options if key not in known]
-        if unknown:
-            raise ValueError(f"DiT config: unknown option(s) {', '.join(map(repr, unknown))}; "
-                             f"known: {', '.join(known)}")
+        check_known_keys("DiT config", options, cls)
         return cls(**options)
 
     @classmethod
