@@ -8,15 +8,16 @@ import slattn
 
 def main() -> None:
     gen = torch.Generator().manual_seed(0)
-    for q_len, k_len, heads, kv_heads, dim, block in ((130, 70, 2, 1, 64, 64), (65, 200, 2, 2, 128, 128)):
+    cases = ((130, 70, 2, 1, 64, 64, 64), (65, 200, 2, 2, 128, 128, 128), (200, 150, 2, 1, 128, 128, 64))
+    for q_len, k_len, heads, kv_heads, dim, block_q, block_k in cases:
         q = torch.randn(1, heads, q_len, dim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
         k = torch.randn(1, kv_heads, k_len, dim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
         v = torch.randn(1, kv_heads, k_len, dim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
         w = torch.randn(dim, dim, generator=gen).cuda().requires_grad_()
         b = torch.randn(dim, generator=gen).cuda().requires_grad_()
         for projection in ((w, b), (None, None)):
-            out = slattn.sparse_linear_attention(q, k, v, *projection, topk=0.3, negligible=0.2, block_q=block,
-                                                 block_k=block)
+            out = slattn.sparse_linear_attention(q, k, v, *projection, topk=0.3, negligible=0.2, block_q=block_q,
+                                                 block_k=block_k)
             out.float().square().sum().backward()
         slattn.plan_from_block_map(slattn.route(q, k, topk=0.5).block_map)
     torch.cuda.synchronize()

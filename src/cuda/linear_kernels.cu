@@ -1,5 +1,6 @@
 #include "cuda/linear_kernels.h"
 #include "cuda/row_ops.cuh"
+#include "cuda/subset_list.cuh"
 #include "cuda/sla_cuda.h"
 
 namespace slattn::cuda {
@@ -35,64 +36,6 @@ __global__ void column_sums_kernel(const float* src, int64_t batches, int64_t ro
   }
   for (; r < rows; ++r) partial[0] += column[r * width];
   dst[index] = (partial[0] + partial[1]) + (partial[2] + partial[3]);
-}
-
-__device__ __forceinline__ bool in_linear_set(int8_t cls, LinearScope scope) {
-  return scope == LinearScope::marginal ? cls == kMarginal : cls != kNegligible;
-}
-
-// Which rows a subset sum reads: the included rows (summed) when they are at
-// most half of all, else the excluded ones (subtracted from the total), in
-// ascending order. Built by the whole thread block: a count, then a scan of
-// warp ballots chunk by chunk.
-struct SubsetList {
-  int32_t* rows;  // shared memory, room for `count` entries
-  int32_t length;
-  bool direct;
-  int64_t included;
-};
-
-template <typename Include>
-__device__ void build_subset_list(int64_t count, Include include, SubsetList& list) {
-  __shared__ int32_t warp_counts[kWarpSize];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, warps = blockDim.x / kWarpSize;
-  __syncthreads();  // the previous list is no longer read
-  int64_t included = 0;
-  for (int64_t base = 0; base < count; base += blockDim.x)
-    included += __syncthreads_count(base + threadIdx.x < count && include(base + threadIdx.x));
-  const bool direct = included * 2 <= count;
-  int32_t length = 0;
-  for (int64_t base = 0; base < count; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    const bool take = i < count && include(i) == direct;
-    const unsigned ballot = __ballot_sync(0xffffffffu, take);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();
-    int32_t offset = length + __popc(ballot & ((1u << lane) - 1u));
-    for (int w = 0; w < warps; ++w) {
-      if (w < warp) offset += warp_counts[w];
-      length += warp_counts[w];
-    }
-    if (take) list.rows[offset] = static_cast<int32_t>(i);
-    __syncthreads();  // warp_counts is rewritten by the next chunk
-  }
-  list.length = length;
-  list.direct = direct;
-  list.included = included;
-}
-
-// Shared bytes of a list of `count` rows: the compiler reads the list four
-// entries at a time (one 16-byte load), so it gets a slack of three.
-size_t subset_list_bytes(int64_t count) { return (count + 3) * sizeof(int32_t); }
-
-// Σ_{i included} items[i * stride + e], through the list.
-__device__ __forceinline__ float subset_sum(const SubsetList& list, const float* items, int64_t stride,
-                                            const float* total, int64_t e) {
-  if (list.included == 0) return 0.0f;
-  float sum = list.direct ? 0.0f : total[e];
-  const float sign = list.direct ? 1.0f : -1.0f;
-  for (int32_t i = 0; i < list.length; ++i) sum += sign * items[list.rows[i] * stride + e];
-  return sum;
 }
 
 // grid: one block per (query pair, query block); shared: subset_list_bytes(Nk).

@@ -18,6 +18,16 @@ void phi_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_map, 
 
 }  // namespace
 
+KeyStates KeyStates::carve(WorkspaceCarver& carver, const Geometry& g) {
+  const int64_t state = g.features * g.dim;
+  KeyStates s;
+  s.h = carver.take<float>(g.kv_pairs() * g.k_blocks * state);
+  s.z = carver.take<float>(g.kv_pairs() * g.k_blocks * g.features);
+  s.total_h = carver.take<float>(g.kv_pairs() * state);
+  s.total_z = carver.take<float>(g.kv_pairs() * g.features);
+  return s;
+}
+
 LinearBuffers LinearBuffers::carve(WorkspaceCarver& carver, const Geometry& g, FeatureMap feature_map) {
   const int64_t state = g.features * g.dim;
   LinearBuffers b;
@@ -27,10 +37,7 @@ LinearBuffers LinearBuffers::carve(WorkspaceCarver& carver, const Geometry& g, F
   }
   b.phi_k = carver.take<float>(g.kv_pairs() * g.k_rows() * g.features);
   b.v_rows = carver.take<float>(g.kv_pairs() * g.k_rows() * g.dim);
-  b.key_h = carver.take<float>(g.kv_pairs() * g.k_blocks * state);
-  b.key_z = carver.take<float>(g.kv_pairs() * g.k_blocks * g.features);
-  b.total_h = carver.take<float>(g.kv_pairs() * state);
-  b.total_z = carver.take<float>(g.kv_pairs() * g.features);
+  b.keys = KeyStates::carve(carver, g);
   b.phi_q = carver.take<float>(g.q_pairs() * g.q_rows() * g.features);
   b.query.h = carver.take<float>(g.q_pairs() * g.q_blocks * state);
   b.query.z = carver.take<float>(g.q_pairs() * g.q_blocks * g.features);
@@ -48,11 +55,11 @@ void linear_forward(const Geometry& g, const RoutingPlanView& plan, const Tensor
 
   // h_n = φ(K_n)ᵀ V_n for every key block n, as one batched product.
   gemm(g.kv_pairs() * g.k_blocks, dense(buf.phi_k, g.block_k, g.features, /*transposed=*/true),
-       dense(buf.v_rows, g.block_k, g.dim), dense_out(buf.key_h, g.features, g.dim), stream);
-  column_sums(buf.phi_k, g.kv_pairs() * g.k_blocks, g.block_k, g.features, buf.key_z, stream);
-  column_sums(buf.key_h, g.kv_pairs(), g.k_blocks, state, buf.total_h, stream);
-  column_sums(buf.key_z, g.kv_pairs(), g.k_blocks, g.features, buf.total_z, stream);
-  assemble_query_states(g, plan, scope, buf.key_h, buf.key_z, buf.total_h, buf.total_z, buf.query, stream);
+       dense(buf.v_rows, g.block_k, g.dim), dense_out(buf.keys.h, g.features, g.dim), stream);
+  column_sums(buf.phi_k, g.kv_pairs() * g.k_blocks, g.block_k, g.features, buf.keys.z, stream);
+  column_sums(buf.keys.h, g.kv_pairs(), g.k_blocks, state, buf.keys.total_h, stream);
+  column_sums(buf.keys.z, g.kv_pairs(), g.k_blocks, g.features, buf.keys.total_z, stream);
+  assemble_query_states(g, plan, scope, buf.keys.h, buf.keys.z, buf.keys.total_h, buf.keys.total_z, buf.query, stream);
 
   // Numerators φ(Q_m) H_m for every query block m; then the division.
   phi_rows(q, g.q_rows(), feature_map, feature_weights.q, buf.q_in, buf.phi_q, stream);

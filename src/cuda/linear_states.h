@@ -9,15 +9,23 @@
 
 namespace slattn::cuda {
 
+// h_n = φ(K_n)ᵀ V_n (F x D) and z_n = Σ_{j in n} φ(k_j) for every key block,
+// and their totals over the blocks of each (batch, kv head) pair.
+struct KeyStates {
+  float* h;        // (kv pairs * Nk, F, D)
+  float* z;        // (kv pairs * Nk, F)
+  float* total_h;  // (kv pairs, F, D)
+  float* total_z;  // (kv pairs, F)
+
+  static KeyStates carve(WorkspaceCarver& carver, const Geometry& g);
+};
+
 struct LinearBuffers {
   float* k_in = nullptr;  // (kv pairs, k_rows, D): k as fp32 rows; hedgehog only (its products read them)
   float* q_in = nullptr;  // (q pairs, q_rows, D): likewise q
   float* phi_k;    // (kv pairs, k_rows, F)
   float* v_rows;   // (kv pairs, k_rows, D)
-  float* key_h;    // (kv pairs * Nk, F, D)
-  float* key_z;    // (kv pairs * Nk, F)
-  float* total_h;  // (kv pairs, F, D)
-  float* total_z;  // (kv pairs, F)
+  KeyStates keys;
   float* phi_q;    // (q pairs, q_rows, F)
   QueryStates query;
   float* ol;       // (q pairs, q_rows, D)

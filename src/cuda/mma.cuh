@@ -72,6 +72,11 @@ __device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The (row, column) of accumulator element e of 8-column tile j, within the
+// warp's 16 x (8 * tiles) block: rows group and group + 8, columns 2 quad + {0, 1}.
+__device__ __forceinline__ int accumulator_row(int e) { return (threadIdx.x % 32) / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int accumulator_col(int j, int e) { return j * 8 + 2 * (threadIdx.x % 4) + (e & 1); }
+
 // Two floats as one register of two 16-bit elements, `low` in the low half.
 template <typename Element>
 __device__ __forceinline__ uint32_t pack2(float low, float high);

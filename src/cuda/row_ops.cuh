@@ -31,9 +31,10 @@ struct WarpRow {
 
   __device__ __forceinline__ static int index(int t) { return static_cast<int>(threadIdx.x % kWarpSize) + t * kWarpSize; }
 
-  __device__ __forceinline__ void load(const float* row, int64_t width) {
+  template <typename T>  // fp32 rows, or bf16/fp16 rows of a shared tile
+  __device__ __forceinline__ void load(const T* row, int64_t width) {
 #pragma unroll
-    for (int t = 0; t < kMaxPerLane; ++t) v[t] = index(t) < width ? row[index(t)] : 0.0f;
+    for (int t = 0; t < kMaxPerLane; ++t) v[t] = index(t) < width ? to_float(row[index(t)]) : 0.0f;
   }
   template <typename Element>
   __device__ __forceinline__ void load(const DeviceView<const Element>& x, int64_t b, int64_t h, int64_t l,
@@ -41,10 +42,11 @@ struct WarpRow {
 #pragma unroll
     for (int t = 0; t < kMaxPerLane; ++t) v[t] = index(t) < width ? x.load(b, h, l, index(t)) : 0.0f;
   }
-  __device__ __forceinline__ void store(float* row, int64_t width) const {
+  template <typename T>  // fp32 rows, or bf16/fp16 rows of a shared tile
+  __device__ __forceinline__ void store(T* row, int64_t width) const {
 #pragma unroll
     for (int t = 0; t < kMaxPerLane; ++t)
-      if (index(t) < width) row[index(t)] = v[t];
+      if (index(t) < width) row[index(t)] = from_float<T>(v[t]);
   }
   __device__ __forceinline__ float dot(const WarpRow& other) const {
     float sum = 0.0f;

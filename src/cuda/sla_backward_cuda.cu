@@ -1,9 +1,11 @@
 // Backward of SLA on CUDA (SPEC section 5): the sparse gradients over the row
-// and column lists, then the linear branch's, the projection's, and the cast
-// of the fp32 accumulators into the gradient tensors.
+// and column lists, then the linear branch's (fused for the fixed feature maps,
+// linear_backward_fused.h; through fp32 rows otherwise), the projection's, and
+// the cast of the fp32 accumulators into the gradient tensors.
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/hedgehog.h"
+#include "cuda/linear_backward_fused.h"
 #include "cuda/linear_states.h"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
@@ -27,10 +29,16 @@ int64_t dw_chunks(const Geometry& g) { return g.q_pairs() * g.q_blocks / dw_chun
 int64_t feature_q_chunks(const Geometry& g) { return hedgehog_weight_chunks(g.q_pairs() * g.q_rows()); }
 int64_t feature_k_chunks(const Geometry& g) { return hedgehog_weight_chunks(g.kv_pairs() * g.k_rows()); }
 
+bool use_fused_linear(const SlaBackwardParams& p, const Geometry& g) {
+  return fused_linear_backward_supported(g, p.feature_map);
+}
+
 struct BackwardBuffers {
   void* dos_rows;  // 16-bit elements of the input dtype
   float *dout_rows = nullptr, *delta, *dq_rows, *dk_rows, *dv_rows;
-  LinearBuffers linear{};
+  float* ol = nullptr;       // Ol rows for dW: from whichever linear path ran
+  LinearGradBuffers fused{};  // fused path
+  LinearBuffers linear{};     // unfused path, and the rest below
   float *dol = nullptr, *grad_g = nullptr, *grad_c = nullptr, *dqphi = nullptr;
   float *dh_query = nullptr, *dz_query = nullptr, *dh_total = nullptr, *dz_total = nullptr;
   float *dh_key = nullptr, *dz_key = nullptr, *dkphi = nullptr;
@@ -47,8 +55,12 @@ struct BackwardBuffers {
     b.dq_rows = c.take<float>(q_rows * g.dim);
     b.dk_rows = c.take<float>(k_rows * g.dim);
     b.dv_rows = c.take<float>(k_rows * g.dim);
-    if (p.linear_branch()) {
+    if (p.linear_branch() && use_fused_linear(p, g)) {
+      b.fused = LinearGradBuffers::carve(c, g, p.proj_weight != nullptr);
+      b.ol = b.fused.ol;
+    } else if (p.linear_branch()) {
       b.linear = LinearBuffers::carve(c, g, p.feature_map);
+      b.ol = b.linear.ol;
       if (p.proj_weight) b.dol = c.take<float>(q_rows * g.dim);
       b.grad_g = c.take<float>(q_rows * g.dim);
       b.grad_c = c.take<float>(q_rows);
@@ -121,7 +133,7 @@ void projection_backward(const SlaBackwardParams& p, const Geometry& g, const Ba
   // two (batch, head) pairs), then their sum in order.
   const int64_t chunk_rows = dw_chunk_blocks(g) * g.block_q;
   gemm(dw_chunks(g), dense(buf.dout_rows, chunk_rows, g.dim, /*transposed=*/true),
-       dense(buf.linear.ol, chunk_rows, g.dim), dense_out(buf.dw_partial, g.dim, g.dim), stream);
+       dense(buf.ol, chunk_rows, g.dim), dense_out(buf.dw_partial, g.dim, g.dim), stream);
   column_sums(buf.dw_partial, 1, dw_chunks(g), g.dim * g.dim, static_cast<float*>(p.d_proj_weight), stream);
   if (p.has_proj_bias) {
     // db = Σ dO over all rows: by query block, by pair, then in total, so that each pass has enough threads.
@@ -175,12 +187,21 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
                             static_cast<float>(p.scale), buf.dos_rows, buf.dout_rows, buf.delta, buf.dq_rows,
                             buf.dk_rows, buf.dv_rows};
   sparse_backward(g, plan, sparse, stream);
-  if (p.linear_branch()) linear_backward(p, g, plan, buf, stream);
+  const bool fused_linear = p.linear_branch() && use_fused_linear(p, g);
+  if (fused_linear) {  // also stores dq, dk, dv
+    linear_backward_fused(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, buf.dout_rows,
+                          static_cast<const float*>(p.proj_weight), p.dout_linear, buf.dq_rows, buf.dk_rows,
+                          buf.dv_rows, p.dq, p.dk, p.dv, stream);
+  } else if (p.linear_branch()) {
+    linear_backward(p, g, plan, buf, stream);
+  }
   if (p.proj_weight) projection_backward(p, g, buf, stream);
   if (has_feature_weights(p.feature_map)) feature_weight_backward(p, g, buf, stream);
-  store_rows(buf.dq_rows, g.q_rows(), p.dq, stream);
-  store_rows(buf.dk_rows, g.k_rows(), p.dk, stream);
-  store_rows(buf.dv_rows, g.k_rows(), p.dv, stream);
+  if (!fused_linear) {
+    store_rows(buf.dq_rows, g.q_rows(), p.dq, stream);
+    store_rows(buf.dk_rows, g.k_rows(), p.dk, stream);
+    store_rows(buf.dv_rows, g.k_rows(), p.dv, stream);
+  }
 }
 
 }  // namespace slattn::cuda

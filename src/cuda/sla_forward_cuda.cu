@@ -1,7 +1,9 @@
 // Forward of SLA on CUDA: the sparse kernel, then (when asked for) the linear
-// branch and the projection out = Os + Ol Wᵀ + b.
+// branch and the projection out = Os + Ol Wᵀ + b: fused for the fixed feature
+// maps (linear_forward_fused.h), through fp32 rows for hedgehog (linear_states.h).
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/linear_forward_fused.h"
 #include "cuda/linear_states.h"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
@@ -9,17 +11,38 @@
 namespace slattn::cuda {
 namespace {
 
+bool fused(const SlaForwardParams& p) { return fused_linear_forward_supported(p.feature_map); }
+
 struct ForwardBuffers {
-  LinearBuffers linear{};
-  float* os_rows = nullptr;  // (q pairs, q_rows, D): Os, then Os + Ol Wᵀ
+  KeyStates key_states{};    // fused path
+  LinearBuffers linear{};    // unfused path
+  float* os_rows = nullptr;  // unfused path, (q pairs, q_rows, D): Os, then Os + Ol Wᵀ
 
   static ForwardBuffers carve(WorkspaceCarver& carver, const SlaForwardParams& p, const Geometry& g) {
     ForwardBuffers b;
-    if (p.linear_branch()) b.linear = LinearBuffers::carve(carver, g, p.feature_map);
+    if (!p.linear_branch()) return b;
+    if (fused(p)) {
+      b.key_states = KeyStates::carve(carver, g);
+      return b;
+    }
+    b.linear = LinearBuffers::carve(carver, g, p.feature_map);
     if (p.proj_weight) b.os_rows = carver.take<float>(g.q_pairs() * g.q_rows() * g.dim);
     return b;
   }
 };
+
+// Os into out, then the linear branch adds Ol Wᵀ + b to it in place.
+void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPlanView& plan,
+                   const ForwardBuffers& buf, cudaStream_t stream) {
+  SparseForwardArgs sparse{p.q, p.k, p.v, p.out, p.out_sparse, nullptr, static_cast<float*>(p.lse),
+                           static_cast<float>(p.scale)};
+  sparse_forward(g, plan, sparse, stream);
+  if (!p.linear_branch()) return;
+  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, stream);
+  linear_output_fused(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states,
+                      static_cast<const float*>(p.proj_weight), static_cast<const float*>(p.proj_bias), p.out,
+                      p.out_linear, stream);
+}
 
 }  // namespace
 
@@ -34,6 +57,10 @@ void sla_forward(const SlaForwardParams& p, const RoutingPlanView& plan) {
   auto stream = static_cast<cudaStream_t>(p.stream);
   WorkspaceCarver carver(p.workspace, p.workspace_bytes);
   const ForwardBuffers buf = ForwardBuffers::carve(carver, p, g);
+  if (fused(p)) {
+    fused_forward(p, g, plan, buf, stream);
+    return;
+  }
 
   SparseForwardArgs sparse{p.q, p.k, p.v, p.proj_weight ? TensorView{} : p.out, p.out_sparse, buf.os_rows,
                            static_cast<float*>(p.lse), static_cast<float>(p.scale)};

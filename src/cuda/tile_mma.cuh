@@ -112,9 +112,4 @@ __device__ __forceinline__ void mma_p_b(float (&acc)[kHeadDim / 8][4], const flo
   }
 }
 
-// The (row, column) of accumulator element e of 8-column tile j, within the
-// warp's 16 x (8 * tiles) block: rows group and group + 8, columns 2 quad + {0, 1}.
-__device__ __forceinline__ int accumulator_row(int e) { return (threadIdx.x % kWarpSize) / 4 + 8 * (e / 2); }
-__device__ __forceinline__ int accumulator_col(int j, int e) { return j * 8 + 2 * (threadIdx.x % 4) + (e & 1); }
-
 }  // namespace slattn::cuda

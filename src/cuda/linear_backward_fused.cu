@@ -1,0 +1,304 @@
+// Two kernels after the recomputed key-block states:
+// linear_query_grads_kernel, per query block: H_m, φ(Q_m) and Ol as in the
+// forward, then G = dOl / den and c = (dOl·Ol) / den, dQφ = G H_mᵀ − c Z_m
+// through φ into dQ, dH_m = φ(Q_m)ᵀ G and dZ_m = −Σ c φ(q);
+// linear_key_grads_kernel, per key block: dh_n and dz_n summed over the query
+// blocks whose U_m holds n (subset_list.cuh), dKφ = V dh_nᵀ + dz_n through φ
+// into dK, and dV += φ(K_n) dh_n. Products on tf32 tensor cores. Both add the
+// sparse branch's fp32 gradient rows and store dq, dk, dv in the output dtype.
+#include "cuda/gemm.cuh"
+#include "cuda/linear_backward_fused.h"
+#include "cuda/linear_forward_fused.h"
+#include "cuda/linear_kernels.h"
+#include "cuda/linear_tiles.cuh"
+#include "cuda/sla_cuda.h"
+#include "cuda/sparse_kernels.h"
+
+namespace slattn::cuda {
+namespace {
+
+// grid: (Mq, query pairs); warp w owns query rows 16w.. of the block.
+template <typename Element, int kDim, int kBlockQ>
+__global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
+    linear_query_grads_kernel(Geometry g, RoutingPlanView plan, DeviceView<const Element> q, FeatureMap feature_map,
+                              LinearScope scope, KeyStates states, const float* dol,
+                              DeviceView<const Element> dout_linear, float* ol_rows, const float* dq_rows,
+                              DeviceView<Element> dq, float* dh_query, float* dz_query) {
+  using Shared = QueryBlockShared<Element, kDim, kBlockQ>;
+  constexpr int kThreads = kBlockQ / kRowsPerWarp * kWarpSize, kWarps = kThreads / kWarpSize;
+  extern __shared__ __align__(16) unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(raw);
+  SubsetList list{reinterpret_cast<int32_t*>(raw + sizeof(Shared))};
+  const int64_t m = blockIdx.x, pair = blockIdx.y;
+  const int64_t b = pair / g.heads, h = pair % g.heads, row0 = m * kBlockQ;
+  const int warp = threadIdx.x / kWarpSize, local0 = warp * kRowsPerWarp;
+  const int64_t padded0 = pair * g.q_rows() + row0 + local0;  // this warp's first padded row
+
+  stage_query_block<Element, kDim, kBlockQ>(g, plan, q, feature_map, scope, states, b, h, m, s, list);
+  const bool non_empty = list.included > 0;
+  float ol[kDim / 8][4];
+  query_block_output<Element, kDim, kBlockQ>(g, row0, non_empty, s, ol);
+
+  float grad[kDim / 8][4];  // dOl, then G
+#pragma unroll
+  for (int j = 0; j < kDim / 8; ++j) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const float2 from_proj = dol ? accumulator_pair(dol + padded0 * kDim, kDim, j, p)
+                                   : make_float2(0.0f, 0.0f);
+      grad[j][2 * p] = from_proj.x;
+      grad[j][2 * p + 1] = from_proj.y;
+      if (ol_rows) accumulator_pair(ol_rows + padded0 * kDim, kDim, j, p) = make_float2(ol[j][2 * p], ol[j][2 * p + 1]);
+    }
+    if (dout_linear.defined()) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t row = row0 + local0 + accumulator_row(e);
+        if (row < g.q_len) grad[j][e] += dout_linear.load(b, h, row, accumulator_col(j, e));
+      }
+    }
+  }
+  float c[2], inverse[2];
+  accumulator_row_dots<kDim>(grad, ol, c);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int local = local0 + accumulator_row(2 * r);
+    const bool live = non_empty && row0 + local < g.q_len;
+    inverse[r] = live ? 1.0f / s.denominator[local] : 0.0f;
+    c[r] *= inverse[r];
+    if (threadIdx.x % 4 == 0) s.c[local] = c[r];
+  }
+#pragma unroll
+  for (int j = 0; j < kDim / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) grad[j][e] *= inverse[e / 2];
+
+  // dQφ = G H_mᵀ − c Z_m (B (d, f) = H_m[f][d]), then through φ into dQ.
+  float dphi[kDim / 8][4] = {};
+  mma_tf32_from_accumulators<kDim, kDim>(dphi, grad, SharedMatrix<float, 1, kDim + kStatePad>{&s.state[0][0]});
+  float phi[kDim / 8][4];
+  load_accumulator_rows<kDim>(&s.phi[0][0], kDim + kTilePad, phi);
+#pragma unroll
+  for (int j = 0; j < kDim / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dphi[j][e] -= c[e / 2] * s.z[accumulator_col(j, e)];
+  feature_map_backward<kDim>(feature_map, phi, dphi);
+#pragma unroll
+  for (int j = 0; j < kDim / 8; ++j) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {  // dq = the sparse branch's dq rows + this, in the output dtype
+      const int64_t row = row0 + local0 + accumulator_row(2 * p);
+      if (row >= g.q_len) continue;
+      const float2 sparse = accumulator_pair(dq_rows + padded0 * kDim, kDim, j, p);
+      const int d = accumulator_col(j, 0);
+      dq.store(b, h, row, d, sparse.x + dphi[j][2 * p]);
+      dq.store(b, h, row, d + 1, sparse.y + dphi[j][2 * p + 1]);
+    }
+  }
+
+  __syncthreads();  // every warp is done reading H_m: G takes its place
+#pragma unroll
+  for (int j = 0; j < kDim / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s.grad[local0 + accumulator_row(e)][accumulator_col(j, e)] = grad[j][e];
+  __syncthreads();
+
+  // dH_m = φ(Q_m)ᵀ G, 16 rows f per warp and step: A (f, i) = φ(q_i)_f, B (i, d) = G[i][d].
+  float* dh = dh_query + (pair * g.q_blocks + m) * kDim * kDim;
+  for (int f0 = local0; f0 < kDim; f0 += kWarps * kRowsPerWarp) {
+    float acc[kDim / 8][4] = {};
+    mma_tf32<kBlockQ, kDim>(acc, SharedMatrix<Element, 1, kDim + kTilePad>{&s.phi[0][f0]},
+                            SharedMatrix<float, kDim + kStatePad, 1>{&s.grad[0][0]});
+#pragma unroll
+    for (int j = 0; j < kDim / 8; ++j)
+#pragma unroll
+      for (int p = 0; p < 2; ++p)
+        accumulator_pair(dh + f0 * kDim, kDim, j, p) = make_float2(acc[j][2 * p], acc[j][2 * p + 1]);
+  }
+  for (int f = threadIdx.x; f < kDim; f += kThreads) {
+    float sum = 0.0f;
+    for (int i = 0; i < kBlockQ; ++i) sum += s.c[i] * to_float(s.phi[i][f]);
+    dz_query[(pair * g.q_blocks + m) * kDim + f] = -sum;
+  }
+}
+
+template <typename Element, int kDim, int kBlockK>
+struct KeyGradShared {
+  TileRow<Element, kDim> phi[kBlockK];  // K_n as loaded, then φ(K_n) in place: A of dV, and the chain rule
+  TileRow<Element, kDim> v[kBlockK];    // V_n: A of dKφ
+  float dh[kDim][kDim + kStatePad];     // dh_n: B of both products
+  float dz[kDim];                       // dz_n
+  // then the subset list: subset_list_bytes(Mq)
+};
+
+template <typename Element, int kDim, int kBlockK>
+size_t key_grad_shared_bytes(const Geometry& g) {
+  return sizeof(KeyGradShared<Element, kDim, kBlockK>) + subset_list_bytes(g.q_blocks);
+}
+
+// grid: (Nk, kv pairs); warp w owns key rows 16w.. of the block.
+template <typename Element, int kDim, int kBlockK>
+__global__ void __launch_bounds__(kBlockK / kRowsPerWarp * kWarpSize)
+    linear_key_grads_kernel(Geometry g, RoutingPlanView plan, DeviceView<const Element> k,
+                            DeviceView<const Element> v, FeatureMap feature_map, LinearScope scope,
+                            const float* dh_query, const float* dz_query, const float* dh_total,
+                            const float* dz_total, const float* dk_rows, const float* dv_rows,
+                            DeviceView<Element> dk, DeviceView<Element> dv) {
+  using Shared = KeyGradShared<Element, kDim, kBlockK>;
+  constexpr int kThreads = kBlockK / kRowsPerWarp * kWarpSize;
+  constexpr int64_t kState = int64_t(kDim) * kDim;
+  extern __shared__ __align__(16) unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(raw);
+  SubsetList list{reinterpret_cast<int32_t*>(raw + sizeof(Shared))};
+  const int64_t n = blockIdx.x, kv_pair = blockIdx.y;
+  const int64_t b = kv_pair / g.kv_heads, kv = kv_pair % g.kv_heads;
+  const int64_t first = n * kBlockK, end = min(g.k_len, first + kBlockK);
+  const int local0 = threadIdx.x / kWarpSize * kRowsPerWarp;
+  const int64_t padded0 = kv_pair * g.k_rows() + first + local0;  // this warp's first padded row
+
+  load_tile<Element, kDim, kThreads>(k, b, kv, first, kBlockK, end, s.phi);
+  load_tile<Element, kDim, kThreads>(v, b, kv, first, kBlockK, end, s.v);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  stage_phi_rows<Element, kDim>(s.phi, 0, kBlockK, static_cast<int>(end - first), feature_map, &s.phi[0][0],
+                                kDim + kTilePad, [](int, const WarpRow&) {});
+
+  for (int64_t member = 0; member < g.group(); ++member) {
+    const int64_t q_pair = b * g.heads + kv * g.group() + member;
+    const int8_t* map = plan.block_map + q_pair * g.q_blocks * g.k_blocks + n;
+    build_subset_list(g.q_blocks, [&](int64_t m) { return in_linear_set(map[m * g.k_blocks], scope); }, list);
+    subset_sum_to_shared<kDim, kDim, kThreads>(list, dh_query + q_pair * g.q_blocks * kState,
+                                               dh_total + q_pair * kState, &s.dh[0][0], kDim + kStatePad,
+                                               /*accumulate=*/member > 0);
+    for (int f = threadIdx.x; f < kDim; f += kThreads)
+      s.dz[f] = (member > 0 ? s.dz[f] : 0.0f) + subset_sum(list, dz_query + q_pair * g.q_blocks * kDim, kDim,
+                                                          dz_total + q_pair * kDim, f);
+  }
+  __syncthreads();
+
+  // dKφ = V dh_nᵀ + dz_n (B (d, f) = dh_n[f][d]), then through φ into dK.
+  float dphi[kDim / 8][4] = {};
+  mma_tf32<kDim, kDim>(dphi, SharedMatrix<Element, kDim + kTilePad, 1>{&s.v[local0][0]},
+                       SharedMatrix<float, 1, kDim + kStatePad>{&s.dh[0][0]});
+  float phi[kDim / 8][4];
+  load_accumulator_rows<kDim>(&s.phi[0][0], kDim + kTilePad, phi);
+#pragma unroll
+  for (int j = 0; j < kDim / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dphi[j][e] += s.dz[accumulator_col(j, e)];
+  feature_map_backward<kDim>(feature_map, phi, dphi);
+  // dV += φ(K_n) dh_n.
+  float dv_linear[kDim / 8][4] = {};
+  mma_tf32<kDim, kDim>(dv_linear, SharedMatrix<Element, kDim + kTilePad, 1>{&s.phi[local0][0]},
+                       SharedMatrix<float, kDim + kStatePad, 1>{&s.dh[0][0]});
+#pragma unroll
+  for (int j = 0; j < kDim / 8; ++j) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {  // dk, dv = the sparse branch's rows + these, in the output dtype
+      const int64_t key = first + local0 + accumulator_row(2 * p);
+      if (key >= end) continue;
+      const float2 sparse_k = accumulator_pair(dk_rows + padded0 * kDim, kDim, j, p);
+      const float2 sparse_v = accumulator_pair(dv_rows + padded0 * kDim, kDim, j, p);
+      const int d = accumulator_col(j, 0);
+      dk.store(b, kv, key, d, sparse_k.x + dphi[j][2 * p]);
+      dk.store(b, kv, key, d + 1, sparse_k.y + dphi[j][2 * p + 1]);
+      dv.store(b, kv, key, d, sparse_v.x + dv_linear[j][2 * p]);
+      dv.store(b, kv, key, d + 1, sparse_v.y + dv_linear[j][2 * p + 1]);
+    }
+  }
+}
+
+// Calls fn(Element{}, D, BK) as integral constants for g's element type, head dim and key block.
+template <typename Fn>
+void dispatch_key_shape(DType dtype, const Geometry& g, Fn&& fn) {
+  dispatch_element(dtype, [&](auto tag) {
+    dispatch_sparse_shape(g, [&](auto head_dim, auto) {
+      if (g.block_k == 64) return fn(tag, head_dim, std::integral_constant<int, 64>{});
+      return fn(tag, head_dim, std::integral_constant<int, 128>{});
+    });
+  });
+}
+
+size_t max_shared_bytes_per_block() {
+  int device = 0, bytes = 0;
+  SLATTN_CUDA_CHECK(cudaGetDevice(&device));
+  SLATTN_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
+
+}  // namespace
+
+LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geometry& g, bool projection) {
+  const int64_t state = g.features * g.dim, rows = g.q_pairs() * g.q_rows();
+  LinearGradBuffers b;
+  b.keys = KeyStates::carve(carver, g);
+  if (projection) {
+    b.ol = carver.take<float>(rows * g.dim);
+    b.dol = carver.take<float>(rows * g.dim);
+  }
+  b.dh_query = carver.take<float>(g.q_pairs() * g.q_blocks * state);
+  b.dz_query = carver.take<float>(g.q_pairs() * g.q_blocks * g.features);
+  b.dh_total = carver.take<float>(g.q_pairs() * state);
+  b.dz_total = carver.take<float>(g.q_pairs() * g.features);
+  return b;
+}
+
+bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map) {
+  if (!fused_linear_forward_supported(feature_map)) return false;
+  size_t needed = 0;
+  dispatch_key_shape(DType::bfloat16, g, [&](auto tag, auto head_dim, auto block_k) {
+    needed = key_grad_shared_bytes<decltype(tag), decltype(head_dim)::value, decltype(block_k)::value>(g);
+  });
+  return needed <= max_shared_bytes_per_block();
+}
+
+void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
+                           const TensorView& v, FeatureMap feature_map, LinearScope scope,
+                           const LinearGradBuffers& buf, const float* dout_rows, const float* weight,
+                           const TensorView& dout_linear, const float* dq_rows, const float* dk_rows,
+                           const float* dv_rows, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                           cudaStream_t stream) {
+  if (weight) {  // dOl = dO · W
+    const int64_t rows = g.q_pairs() * g.q_rows();
+    gemm(1, dense(dout_rows, rows, g.dim), dense(weight, g.dim, g.dim), dense_out(buf.dol, rows, g.dim), stream);
+  }
+  key_block_states(g, k, v, feature_map, buf.keys, stream);
+  const dim3 query_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.q_pairs()));
+  dispatch_element(q.dtype, [&](auto tag) {
+    using Element = decltype(tag);
+    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
+      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+      auto kernel = linear_query_grads_kernel<Element, D, BQ>;
+      const size_t shared = query_block_shared_bytes<Element, D, BQ>(g);
+      SLATTN_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+      kernel<<<query_grid, BQ / kRowsPerWarp * kWarpSize, shared, stream>>>(
+          g, plan, DeviceView<const Element>::of(q), feature_map, scope, buf.keys, weight ? buf.dol : nullptr,
+          DeviceView<const Element>::of(dout_linear), buf.ol, dq_rows, DeviceView<Element>::of(dq), buf.dh_query,
+          buf.dz_query);
+    });
+  });
+  SLATTN_LAUNCH_CHECK("linear_query_grads_kernel");
+
+  const int64_t state = g.features * g.dim;
+  column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
+  column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);
+
+  const dim3 key_grid(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_pairs()));
+  dispatch_key_shape(k.dtype, g, [&](auto tag, auto head_dim, auto block_k) {
+    using Element = decltype(tag);
+    constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
+    auto kernel = linear_key_grads_kernel<Element, D, BK>;
+    const size_t shared = key_grad_shared_bytes<Element, D, BK>(g);
+    SLATTN_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+    kernel<<<key_grid, BK / kRowsPerWarp * kWarpSize, shared, stream>>>(
+        g, plan, DeviceView<const Element>::of(k), DeviceView<const Element>::of(v), feature_map, scope,
+        buf.dh_query, buf.dz_query, buf.dh_total, buf.dz_total, dk_rows, dv_rows, DeviceView<Element>::of(dk),
+        DeviceView<Element>::of(dv));
+  });
+  SLATTN_LAUNCH_CHECK("linear_key_grads_kernel");
+}
+
+}  // namespace slattn::cuda
