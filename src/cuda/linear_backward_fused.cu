@@ -91,8 +91,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
       if (row >= g.q_len) continue;
       const float2 sparse = accumulator_pair(dq_rows + padded0 * kDim, kDim, j, p);
       const int d = accumulator_col(j, 0);
-      dq.store(b, h, row, d, sparse.x + dphi[j][2 * p]);
-      dq.store(b, h, row, d + 1, sparse.y + dphi[j][2 * p + 1]);
+      store_pair(dq, b, h, row, d, sparse.x + dphi[j][2 * p], sparse.y + dphi[j][2 * p + 1]);
     }
   }
 
@@ -201,10 +200,8 @@ __global__ void __launch_bounds__(kBlockK / kRowsPerWarp * kWarpSize)
       const float2 sparse_k = accumulator_pair(dk_rows + padded0 * kDim, kDim, j, p);
       const float2 sparse_v = accumulator_pair(dv_rows + padded0 * kDim, kDim, j, p);
       const int d = accumulator_col(j, 0);
-      dk.store(b, kv, key, d, sparse_k.x + dphi[j][2 * p]);
-      dk.store(b, kv, key, d + 1, sparse_k.y + dphi[j][2 * p + 1]);
-      dv.store(b, kv, key, d, sparse_v.x + dv_linear[j][2 * p]);
-      dv.store(b, kv, key, d + 1, sparse_v.y + dv_linear[j][2 * p + 1]);
+      store_pair(dk, b, kv, key, d, sparse_k.x + dphi[j][2 * p], sparse_k.y + dphi[j][2 * p + 1]);
+      store_pair(dv, b, kv, key, d, sparse_v.x + dv_linear[j][2 * p], sparse_v.y + dv_linear[j][2 * p + 1]);
     }
   }
 }

@@ -106,9 +106,9 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, kQueryBloc
 #pragma unroll
     for (int j = 0; j < kDim / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t row = row0 + local0 + accumulator_row(e);
-        if (row < g.q_len) out_linear.store(b, h, row, accumulator_col(j, e), ol[j][e]);
+      for (int p = 0; p < 2; ++p) {
+        const int64_t row = row0 + local0 + accumulator_row(2 * p);
+        if (row < g.q_len) store_pair(out_linear, b, h, row, accumulator_col(j, 0), ol[j][2 * p], ol[j][2 * p + 1]);
       }
   }
   if (weight == nullptr) return;
@@ -129,11 +129,13 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, kQueryBloc
 #pragma unroll
     for (int j = 0; j < kHalf / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t row = row0 + local0 + accumulator_row(e);
-        const int d = half * kHalf + accumulator_col(j, e);
-        if (row < g.q_len)
-          out.store(b, h, row, d, out.load(b, h, row, d) + projected[j][e] + (bias ? bias[d] : 0.0f));
+      for (int p = 0; p < 2; ++p) {  // out = Os + Ol Wᵀ + b
+        const int64_t row = row0 + local0 + accumulator_row(2 * p);
+        const int d = half * kHalf + accumulator_col(j, 0);
+        if (row >= g.q_len) continue;
+        const float2 os = load_pair(out, b, h, row, d);
+        store_pair(out, b, h, row, d, os.x + projected[j][2 * p] + (bias ? bias[d] : 0.0f),
+                   os.y + projected[j][2 * p + 1] + (bias ? bias[d + 1] : 0.0f));
       }
     }
   }

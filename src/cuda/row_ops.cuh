@@ -72,9 +72,9 @@ __device__ __forceinline__ WarpRow feature_map_row(FeatureMap feature_map, const
       phi.v[t] = WarpRow::index(t) < width ? __expf(x.v[t] - peak) : 0.0f;
       total += phi.v[t];
     }
-    total = warp_sum(total);
+    const float inverse = 1.0f / warp_sum(total);
 #pragma unroll
-    for (int t = 0; t < kMaxPerLane; ++t) phi.v[t] /= total;
+    for (int t = 0; t < kMaxPerLane; ++t) phi.v[t] *= inverse;
   } else {
 #pragma unroll
     for (int t = 0; t < kMaxPerLane; ++t) {

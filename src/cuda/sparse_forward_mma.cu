@@ -20,8 +20,10 @@ struct ForwardShared {
   TileRow<Element, kHeadDim> v[2][kKeyTile];
 };
 
+// Two thread blocks per SM (registers capped at 128 for 256 threads): their
+// shared memory fits, and the second hides the first's barriers and loads.
 template <typename Element, int kHeadDim, int kBlockQ>
-__global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
+__global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, 2)
     sparse_forward_mma_kernel(Geometry g, RoutingPlanView plan, SparseForwardArgs a) {
   constexpr int kThreads = kBlockQ / kRowsPerWarp * kWarpSize;
   constexpr int kKeyTiles8 = kKeyTile / 8;   // n-tiles of S
