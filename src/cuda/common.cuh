@@ -20,6 +20,16 @@ void check(cudaError_t status, const char* what);
 
 inline constexpr int kWarpSize = 32;
 
+// kernel<<<grid, block, shared, stream>>>(args...), first raising the kernel's
+// dynamic shared memory limit (48 KB by default) to `shared`.
+template <typename... Params, typename... Args>
+void launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
+                        Args&&... args) {
+  SLATTN_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+  kernel<<<grid, block, shared, stream>>>(static_cast<Params>(args)...);
+}
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename Element>

@@ -266,14 +266,11 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
     using Element = decltype(tag);
     dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
       constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      auto kernel = linear_query_grads_kernel<Element, D, BQ>;
-      const size_t shared = query_block_shared_bytes<Element, D, BQ>(g);
-      SLATTN_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-      kernel<<<query_grid, BQ / kRowsPerWarp * kWarpSize, shared, stream>>>(
-          g, plan, DeviceView<const Element>::of(q), feature_map, scope, buf.keys, weight ? buf.dol : nullptr,
-          DeviceView<const Element>::of(dout_linear), buf.ol, dq_rows, DeviceView<Element>::of(dq), buf.dh_query,
-          buf.dz_query);
+      launch_with_shared(linear_query_grads_kernel<Element, D, BQ>, query_grid, BQ / kRowsPerWarp * kWarpSize,
+                         query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan,
+                         DeviceView<const Element>::of(q), feature_map, scope, buf.keys, weight ? buf.dol : nullptr,
+                         DeviceView<const Element>::of(dout_linear), buf.ol, dq_rows, DeviceView<Element>::of(dq),
+                         buf.dh_query, buf.dz_query);
     });
   });
   SLATTN_LAUNCH_CHECK("linear_query_grads_kernel");
@@ -286,14 +283,11 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
   dispatch_key_shape(k.dtype, g, [&](auto tag, auto head_dim, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
-    auto kernel = linear_key_grads_kernel<Element, D, BK>;
-    const size_t shared = key_grad_shared_bytes<Element, D, BK>(g);
-    SLATTN_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-    kernel<<<key_grid, BK / kRowsPerWarp * kWarpSize, shared, stream>>>(
-        g, plan, DeviceView<const Element>::of(k), DeviceView<const Element>::of(v), feature_map, scope,
-        buf.dh_query, buf.dz_query, buf.dh_total, buf.dz_total, dk_rows, dv_rows, DeviceView<Element>::of(dk),
-        DeviceView<Element>::of(dv));
+    launch_with_shared(linear_key_grads_kernel<Element, D, BK>, key_grid, BK / kRowsPerWarp * kWarpSize,
+                       key_grad_shared_bytes<Element, D, BK>(g), stream, g, plan, DeviceView<const Element>::of(k),
+                       DeviceView<const Element>::of(v), feature_map, scope, buf.dh_query, buf.dz_query,
+                       buf.dh_total, buf.dz_total, dk_rows, dv_rows, DeviceView<Element>::of(dk),
+                       DeviceView<Element>::of(dv));
   });
   SLATTN_LAUNCH_CHECK("linear_key_grads_kernel");
 }

@@ -150,12 +150,9 @@ void key_block_states(const Geometry& g, const TensorView& k, const TensorView& 
     using Element = decltype(tag);
     dispatch_sparse_shape(g, [&](auto head_dim, auto) {
       constexpr int D = decltype(head_dim)::value;
-      auto kernel = key_block_states_kernel<Element, D>;
-      const size_t shared = state_shared_bytes<Element, D>(g);
-      SLATTN_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-      kernel<<<static_cast<unsigned>(g.kv_pairs() * g.k_blocks), state_threads<D>(), shared, stream>>>(
-          g, DeviceView<const Element>::of(k), DeviceView<const Element>::of(v), feature_map, states);
+      launch_with_shared(key_block_states_kernel<Element, D>, static_cast<unsigned>(g.kv_pairs() * g.k_blocks),
+                         state_threads<D>(), state_shared_bytes<Element, D>(g), stream, g,
+                         DeviceView<const Element>::of(k), DeviceView<const Element>::of(v), feature_map, states);
     });
   });
   SLATTN_LAUNCH_CHECK("key_block_states_kernel");
@@ -172,13 +169,10 @@ void linear_output_fused(const Geometry& g, const RoutingPlanView& plan, const T
     using Element = decltype(tag);
     dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
       constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      auto kernel = fused_linear_output_kernel<Element, D, BQ>;
-      const size_t shared = query_block_shared_bytes<Element, D, BQ>(g);
-      SLATTN_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-      kernel<<<grid, BQ / kRowsPerWarp * kWarpSize, shared, stream>>>(
-          g, plan, DeviceView<const Element>::of(q), feature_map, scope, states, weight, bias,
-          DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear));
+      launch_with_shared(fused_linear_output_kernel<Element, D, BQ>, grid, BQ / kRowsPerWarp * kWarpSize,
+                         query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan,
+                         DeviceView<const Element>::of(q), feature_map, scope, states, weight, bias,
+                         DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear));
     });
   });
   SLATTN_LAUNCH_CHECK("fused_linear_output_kernel");

@@ -51,7 +51,8 @@ __global__ void assemble_query_states_kernel(Geometry g, const int8_t* block_map
   if (threadIdx.x == 0) out.non_empty[row] = list.included > 0;
   const int64_t state = g.features * g.dim;
   for (int64_t e = threadIdx.x; e < state; e += blockDim.x)
-    out.h[row * state + e] = subset_sum(list, key_h + kv_pair * g.k_blocks * state, state, total_h + kv_pair * state, e);
+    out.h[row * state + e] =
+        subset_sum(list, key_h + kv_pair * g.k_blocks * state, state, total_h + kv_pair * state, e);
   for (int64_t f = threadIdx.x; f < g.features; f += blockDim.x)
     out.z[row * g.features + f] = subset_sum(list, key_z + kv_pair * g.k_blocks * g.features, g.features,
                                              total_z + kv_pair * g.features, f);
@@ -305,8 +306,8 @@ void key_state_grads(const Geometry& g, const RoutingPlanView& plan, LinearScope
                      const float* dz_query, const float* dh_total, const float* dz_total, float* dh_key,
                      float* dz_key, cudaStream_t stream) {
   const size_t shared = subset_list_bytes(g.q_blocks);
-  key_state_grads_kernel<<<static_cast<unsigned>(g.kv_pairs() * g.k_blocks), 256, shared, stream>>>(g, plan.block_map, scope, dh_query, dz_query, dh_total, dz_total, dh_key,
-                                     dz_key);
+  key_state_grads_kernel<<<static_cast<unsigned>(g.kv_pairs() * g.k_blocks), 256, shared, stream>>>(
+      g, plan.block_map, scope, dh_query, dz_query, dh_total, dz_total, dh_key, dz_key);
   SLATTN_LAUNCH_CHECK("key_state_grads_kernel");
 }
 

@@ -29,7 +29,9 @@ struct RowIndex {
 struct WarpRow {
   float v[kMaxPerLane];
 
-  __device__ __forceinline__ static int index(int t) { return static_cast<int>(threadIdx.x % kWarpSize) + t * kWarpSize; }
+  __device__ __forceinline__ static int index(int t) {
+    return static_cast<int>(threadIdx.x % kWarpSize) + t * kWarpSize;
+  }
 
   template <typename T>  // fp32 rows, or bf16/fp16 rows of a shared tile
   __device__ __forceinline__ void load(const T* row, int64_t width) {

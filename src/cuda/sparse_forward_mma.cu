@@ -144,11 +144,8 @@ void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const Sparse
     using Element = decltype(tag);
     dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
       constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      auto kernel = sparse_forward_mma_kernel<Element, D, BQ>;
-      const size_t shared = sizeof(ForwardShared<Element, D, BQ>);
-      SLATTN_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-      kernel<<<grid, BQ / kRowsPerWarp * kWarpSize, shared, stream>>>(g, plan, args);
+      launch_with_shared(sparse_forward_mma_kernel<Element, D, BQ>, grid, BQ / kRowsPerWarp * kWarpSize,
+                         sizeof(ForwardShared<Element, D, BQ>), stream, g, plan, args);
     });
   });
   SLATTN_LAUNCH_CHECK("sparse_forward_mma_kernel");

@@ -71,8 +71,9 @@ __device__ __forceinline__ float subset_sum(const SubsetList& list, const float*
 
 // The subset sum of whole (kRows x kCols) fp32 matrices, items[i] at
 // items + i * kRows * kCols and total likewise, into a shared matrix with rows
-// `pitch` floats apart (added to what it holds when `accumulate`), by kThreads threads. Each thread holds up to 16 float4
-// sums in registers, so that all its loads of one list entry are in flight at once.
+// `pitch` floats apart (added to what it holds when `accumulate`), by kThreads
+// threads. Each thread holds up to 16 float4 sums in registers, so that all its
+// loads of one list entry are in flight at once.
 template <int kRows, int kCols, int kThreads>
 __device__ void subset_sum_to_shared(const SubsetList& list, const float* items, const float* total, float* shared,
                                      int pitch, bool accumulate) {
