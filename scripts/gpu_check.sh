@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds slattn on a GPU machine (offline), runs the GPU tests, the
 # compute-sanitizer checks and the benchmark; logs go to $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|sanitize|profile|bench|bench14b|all]...   (default: all)
+# Usage: bash scripts/gpu_check.sh [tests|cuda-tests|sanitize|profile|ncu|bench|bench14b|all]...   (default: all;
+# cuda-tests: the kernel tests alone, ~15 s; ncu: Nsight Compute sections of the SLA kernels at the 1.3B shape,
+# not part of all). Any other word (say, build) only builds.
 # Optional Python packages the GPU machine lacks (diffusers) may be put as
 # wheels in .whl/; they are installed to /tmp/site for this run.
 set -uo pipefail
@@ -31,6 +33,11 @@ if want tests; then
   (cd tests/python && timeout 420 python3 -m pytest -q -rs -p no:cacheprovider . 2>&1 | tee "$LOGS/tests.log" | tail -25) \
     || status=1
 fi
+if [[ " $STEPS " == *" cuda-tests "* ]]; then
+  echo "== CUDA kernel tests"
+  (cd tests/python && timeout 300 python3 -m pytest -q -p no:cacheprovider test_cuda.py test_hedgehog.py \
+    test_sla2_cuda.py 2>&1 | tee "$LOGS/cuda-tests.log" | tail -15) || status=1
+fi
 if want sanitize; then
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"
@@ -47,6 +54,14 @@ if want profile; then
     timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 "$blocks" 2>&1 | tee "$LOGS/profile-$blocks.log" \
       | grep -v Warning | head -24 | cut -c1-72,144-158,200-215 || status=1
   done
+fi
+if [[ " $STEPS " == *" ncu "* ]]; then
+  echo "== Nsight Compute (speed of light, occupancy, warp states), blocks 128"
+  timeout 400 ncu -k regex:"sparse_|linear_|key_block_states" -c 8 --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section LaunchStats python3 scripts/profile_sla.py 1,12,32760,128 0.05 128 \
+    >"$LOGS/ncu.txt" 2>&1 || status=1
+  grep -E "^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
+    "$LOGS/ncu.txt" | cut -c1-110
 fi
 if want bench; then
   echo "== bench"
