@@ -70,9 +70,12 @@ def sla_forward_op(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor
                    block_map: Tensor, row_count: Tensor, row_index: Tensor, col_count: Tensor, col_index: Tensor,
                    block_q: int, block_k: int, scale: float, feature_map: str, linear_scope: str, layout: str,
                    return_linear: bool, feature_weight_q: Optional[Tensor] = None,
-                   feature_weight_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   feature_weight_k: Optional[Tensor] = None,
+                   quantized: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, out_sparse, out_linear, lse). out_sparse is empty when it
-    equals out (no projection); out_linear is empty unless return_linear."""
+    equals out (no projection); out_linear is empty unless return_linear.
+    quantized: the sparse branch in low bits (SPEC section 6); its backward is
+    the unquantized one with the quantized forward's LSE (straight-through)."""
     # Contiguous copies held here: the view only has their addresses.
     plan_tensors = tuple(t.contiguous() for t in (block_map, row_count, row_index, col_count, col_index))
     plan = _plan(q, k, layout, block_q, block_k, plan_tensors)
@@ -84,14 +87,15 @@ def sla_forward_op(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor
     with Launch(q.device) as launch:
         _C.sla_forward(view(q, layout), view(k, layout), view(v, layout), pointer(weight), pointer(bias), proj_dtype,
                        view(out, layout), view(out_sparse, layout), view(out_linear, layout), lse.data_ptr(), scale,
-                       feature_map, pointer(weight_q), pointer(weight_k), feature_dtype, linear_scope, plan,
-                       launch.stream, launch.allocate)
+                       feature_map, pointer(weight_q), pointer(weight_k), feature_dtype, linear_scope, quantized,
+                       plan, launch.stream, launch.allocate)
     return out, out_sparse, out_linear, lse
 
 
 @sla_forward_op.register_fake
 def _(q, k, v, proj_weight, proj_bias, block_map, row_count, row_index, col_count, col_index, block_q, block_k,
-      scale, feature_map, linear_scope, layout, return_linear, feature_weight_q=None, feature_weight_k=None):
+      scale, feature_map, linear_scope, layout, return_linear, feature_weight_q=None, feature_weight_k=None,
+      quantized=False):
     return _forward_outputs(q, layout, proj_weight is not None, return_linear)
 
 
@@ -145,7 +149,7 @@ def _(q, k, v, out_sparse, lse, proj_weight, proj_bias, dout, dout_sparse, dout_
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, proj_weight, proj_bias, block_map, row_count, row_index, col_count, col_index, block_q, block_k,
-     scale, feature_map, linear_scope, layout, return_linear, feature_weight_q, feature_weight_k) = inputs
+     scale, feature_map, linear_scope, layout, return_linear, feature_weight_q, feature_weight_k, _quantized) = inputs
     out, out_sparse, out_linear, lse = output
     # Without a projection out is Os itself, and the op returned no copy of it.
     saved_sparse = out_sparse if proj_weight is not None else out
@@ -176,9 +180,10 @@ def _backward(ctx, dout, dout_sparse, dout_linear, _dlse):
     def given(grad, weight):
         return grad if weight is not None else None
 
-    # 12 non-tensor or non-differentiable inputs sit between the projection and the feature weights.
+    # 12 non-tensor or non-differentiable inputs sit between the projection and the feature weights;
+    # `quantized` comes last.
     return ((dq, dk, dv, given(d_weight, proj_weight), given(d_bias, proj_bias)) + (None,) * 12
-            + (given(d_feature_q, feature_weight_q), given(d_feature_k, feature_weight_k)))
+            + (given(d_feature_q, feature_weight_q), given(d_feature_k, feature_weight_k), None))
 
 
 sla_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -15,7 +15,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             feature_map: str = "softmax", feature_weight_q: torch.Tensor | None = None,
                             feature_weight_k: torch.Tensor | None = None, linear_scope: str = "marginal",
                             scale: float | None = None, layout: str = "HND", plan: RoutingPlan | None = None,
-                            return_lse: bool = False, return_branches: bool = False):
+                            return_lse: bool = False, return_branches: bool = False, quantized: bool = False):
     """Sparse-Linear Attention (SLA): ``Os + Ol @ proj_weight.T + proj_bias``.
 
     Os is exact softmax attention over the critical key blocks of each query
@@ -38,9 +38,18 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     slattn.route() or slattn.plan_from_block_map() (reused as is; routing
     options given with it must agree with it) must be given.
 
+    quantized computes the sparse branch in low bits (SPEC section 6: INT8 Q
+    and K − mean(K) per block, FP8 e4m3 P and V) for inference or
+    quantization-aware training; its gradients are the unquantized ones at
+    the quantized forward's LSE (straight-through). The CPU path computes it
+    as fake quantization; CUDA raises NotImplementedError until its low-bit
+    kernels land.
+
     Returns out; (out, lse) with return_lse; (Os, Ol, lse) with
     return_branches. lse is (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
     """
+    if not isinstance(quantized, bool):
+        raise TypeError(f"quantized must be a bool, got {type(quantized).__name__}")
     _checks.check_choice("feature_map", feature_map, _checks.FEATURE_MAPS)
     _checks.check_choice("linear_scope", linear_scope, _checks.LINEAR_SCOPES)
     qs, ks = _checks.check_attention_inputs(q, k, v, layout)
@@ -68,7 +77,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
             raise ValueError(f"plan is on {plan.block_map.device} but q is on {q.device}; use plan.to(device)")
     out, out_sparse, out_linear, lse = torch.ops.slattn.sla_forward(
         q, k, v, proj_weight, proj_bias, *plan.tensors, plan.block_q, plan.block_k, scale, feature_map, linear_scope,
-        layout, return_branches, feature_weight_q, feature_weight_k)
+        layout, return_branches, feature_weight_q, feature_weight_k, quantized)
     if return_branches:
         return (out_sparse if proj_weight is not None else out), out_linear, lse
     return (out, lse) if return_lse else out

@@ -28,6 +28,9 @@ class SparseLinearAttention(nn.Module):
     ``feature_map_q``, as in the public reference. For the fixed maps both
     are None.
 
+    ``quantized=True`` (or setting ``layer.quantized``) computes the sparse
+    branch in low bits (SPEC section 6), see ``sparse_linear_attention``.
+
     ``forward(q, k, v, return_sparsity=True)`` returns ``(out, density)``
     where density is the fraction of key blocks computed exactly (the value
     the reference reports under the name "sparsity"); ``last_density`` and
@@ -36,8 +39,11 @@ class SparseLinearAttention(nn.Module):
 
     def __init__(self, head_dim: int, topk: float, feature_map: str = "softmax", BLKQ: int = 64, BLKK: int = 64,
                  use_bf16: bool = True, tie_feature_map_qk: bool = True, *, negligible: float = 0.0,
-                 linear_scope: str = "marginal", layout: str = "HND", scale: float | None = None):
+                 linear_scope: str = "marginal", layout: str = "HND", scale: float | None = None,
+                 quantized: bool = False):
         super().__init__()
+        if not isinstance(quantized, bool):
+            raise TypeError(f"quantized must be a bool, got {type(quantized).__name__}")
         _checks.check_head_dim(head_dim)
         _checks.check_fractions(topk, negligible)
         _checks.check_block_sizes(BLKQ, BLKK, names=("BLKQ", "BLKK"))
@@ -53,6 +59,8 @@ class SparseLinearAttention(nn.Module):
         self.linear_scope = linear_scope
         self.layout = layout
         self.scale = _checks.default_scale(scale, head_dim)
+        # The sparse branch in low bits (SPEC section 6); an attribute, so inference can switch it on a trained layer.
+        self.quantized = quantized
         # With the fixed feature maps there is nothing to tie; hedgehog ties W_k to W_q.
         self.tie_feature_map_qk = tie_feature_map_qk
         self.dtype = torch.bfloat16 if use_bf16 else torch.float16
@@ -67,7 +75,8 @@ class SparseLinearAttention(nn.Module):
         return (f"head_dim={self.head_dim}, topk={self.topk}, negligible={self.negligible}, "
                 f"feature_map={self.feature_map!r}, tie_feature_map_qk={self.tie_feature_map_qk}, "
                 f"linear_scope={self.linear_scope!r}, "
-                f"BLKQ={self.BLKQ}, BLKK={self.BLKK}, dtype={self.dtype}, layout={self.layout!r}")
+                f"BLKQ={self.BLKQ}, BLKK={self.BLKK}, dtype={self.dtype}, layout={self.layout!r}, "
+                f"quantized={self.quantized}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False, *,
                 scale: float | None = None):
@@ -85,7 +94,7 @@ class SparseLinearAttention(nn.Module):
         out = sparse_linear_attention(q, k, v, self.proj_l.weight, self.proj_l.bias, feature_map=self.feature_map,
                                       feature_weight_q=weight_q, feature_weight_k=weight_k,
                                       linear_scope=self.linear_scope, scale=self.scale if scale is None else scale,
-                                      layout=self.layout, plan=plan)
+                                      layout=self.layout, plan=plan, quantized=self.quantized)
         out = out.to(input_dtype)
         if not return_sparsity:
             return out

@@ -87,7 +87,7 @@ void sla_forward(const slattn::TensorView& q, const slattn::TensorView& k, const
                  uintptr_t proj_weight, uintptr_t proj_bias, int proj_dtype, const slattn::TensorView& out,
                  const slattn::TensorView& out_sparse, const slattn::TensorView& out_linear, uintptr_t lse,
                  double scale, const std::string& feature_map, uintptr_t feature_weight_q,
-                 uintptr_t feature_weight_k, int feature_dtype, const std::string& linear_scope,
+                 uintptr_t feature_weight_k, int feature_dtype, const std::string& linear_scope, bool quantized,
                  const slattn::RoutingPlanView& plan, uintptr_t stream, nb::object allocate) {
   slattn::SlaForwardParams params;
   params.q = q;
@@ -104,6 +104,7 @@ void sla_forward(const slattn::TensorView& q, const slattn::TensorView& k, const
   params.feature_map = slattn::parse_feature_map(feature_map);
   params.feature_weights = make_feature_weights(feature_weight_q, feature_weight_k, feature_dtype);
   params.linear_scope = slattn::parse_linear_scope(linear_scope);
+  params.quantized = quantized;
   Launch launch{stream, allocate, nb::none()};
   launch.attach(params, slattn::sla_forward_workspace_bytes(params, plan));
   nb::gil_scoped_release release;
@@ -176,8 +177,8 @@ NB_MODULE(_C, m) {
   m.def("sla_forward", &sla_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("proj_weight"),
         nb::arg("proj_bias"), nb::arg("proj_dtype"), nb::arg("out"), nb::arg("out_sparse"), nb::arg("out_linear"),
         nb::arg("lse"), nb::arg("scale"), nb::arg("feature_map"), nb::arg("feature_weight_q"),
-        nb::arg("feature_weight_k"), nb::arg("feature_dtype"), nb::arg("linear_scope"), nb::arg("plan"),
-        nb::arg("stream"), nb::arg("allocate").none());
+        nb::arg("feature_weight_k"), nb::arg("feature_dtype"), nb::arg("linear_scope"), nb::arg("quantized"),
+        nb::arg("plan"), nb::arg("stream"), nb::arg("allocate").none());
   m.def("sla_backward", &sla_backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out_sparse"),
         nb::arg("lse"), nb::arg("proj_weight"), nb::arg("has_proj_bias"), nb::arg("proj_dtype"), nb::arg("dout"),
         nb::arg("dout_sparse"), nb::arg("dout_linear"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),

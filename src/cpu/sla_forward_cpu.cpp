@@ -4,6 +4,7 @@
 #include "cpu/linear_branch.h"
 #include "cpu/sla_cpu.h"
 #include "cpu/sparse_branch.h"
+#include "cpu/sparse_quantized.h"
 #include "cpu/thread_pool.h"
 
 namespace slattn::cpu {
@@ -34,7 +35,11 @@ void forward_head(const SlaForwardParams& p, const RoutingPlanView& plan, int64_
 
   Matrix<T> os(q.rows, q.cols);
   std::vector<T> lse(static_cast<size_t>(q.rows));
-  sparse_forward(head_plan, q, k, v, static_cast<T>(p.scale), os, lse);
+  if (p.quantized) {
+    sparse_forward_quantized(head_plan, q, k, v, static_cast<T>(p.scale), os, lse);
+  } else {
+    sparse_forward(head_plan, q, k, v, static_cast<T>(p.scale), os, lse);
+  }
 
   Matrix<T> ol;
   if (p.linear_branch()) {

@@ -44,14 +44,24 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
                       p.out_linear, stream);
 }
 
+// The low-bit sparse branch has no CUDA kernels yet: refused, never computed in bf16 instead.
+void check_not_quantized(const SlaForwardParams& p) {
+  if (p.quantized)
+    throw Unsupported(
+        "quantized=True (INT8/FP8 sparse branch) has no CUDA kernels in this build yet; the CPU path computes "
+        "it (fake quantization), or pass quantized=False");
+}
+
 }  // namespace
 
 size_t sla_forward_workspace_bytes(const SlaForwardParams& params, const RoutingPlanView& plan) {
+  check_not_quantized(params);
   return WorkspaceCarver::bytes_for<ForwardBuffers>(
       params, Geometry::of(params.q, params.k, plan.shape, params.feature_map));
 }
 
 void sla_forward(const SlaForwardParams& p, const RoutingPlanView& plan) {
+  check_not_quantized(p);
   const Geometry g = Geometry::of(p.q, p.k, plan.shape, p.feature_map);
   check_cuda_support(g, p.proj_weight, p.proj_dtype, p.feature_map, p.feature_weights);
   auto stream = static_cast<cudaStream_t>(p.stream);

@@ -112,6 +112,43 @@ def sparse_branch(q, k, v, critical: torch.Tensor, scale: float):
     return probs @ v, lse.squeeze(-1).masked_fill(~has_any.squeeze(-1), -math.inf)
 
 
+def _int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, L, D) as integers in [-127, 127] times a step per block of rows
+    (max |x| / 127, ties to even); returns (integers, step per row)."""
+    integers, steps = torch.zeros_like(x), torch.zeros(x.shape[:3], dtype=x.dtype)
+    for start in range(0, x.shape[2], block):
+        chunk = x[:, :, start:start + block]
+        step = chunk.abs().amax(dim=(2, 3)) / 127
+        safe = torch.where(step > 0, step, torch.ones_like(step))[:, :, None, None]
+        integers[:, :, start:start + block] = torch.round(chunk / safe).clamp(-127, 127) * (step > 0)[:, :, None, None]
+        steps[:, :, start:start + block] = step[:, :, None]
+    return integers, steps
+
+
+def _e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to FP8 e4m3 (PyTorch's float8_e4m3fn conversion), saturating at ±448."""
+    return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def sparse_branch_quantized(q, k, v, critical: torch.Tensor, scale: float, block_q: int, block_k: int):
+    """The sparse branch of SPEC section 6 as fake quantization: INT8 Q and
+    K − mean(K) per block, P = exp(x − row max) to e4m3 at scale 448, V to e4m3
+    with a scale per channel; the row sum and LSE from P unrounded."""
+    q_int, q_step = _int8_blocks(q, block_q)
+    k_int, k_step = _int8_blocks(k - k.mean(dim=2, keepdim=True), block_k)
+    logits = (q_int @ k_int.transpose(-1, -2)) * scale * q_step[..., :, None] * k_step[..., None, :]
+    has_any = critical.any(dim=-1, keepdim=True)
+    masked = logits.masked_fill(~critical, -math.inf).masked_fill(~has_any, 0.0)
+    peak = masked.amax(dim=-1, keepdim=True)
+    probs = torch.exp(masked - peak).masked_fill(~critical, 0.0)
+    total = probs.sum(dim=-1, keepdim=True)
+    v_scale = v.abs().amax(dim=2, keepdim=True) / 448
+    v_e4m3 = torch.where(v_scale > 0, _e4m3(v / torch.where(v_scale > 0, v_scale, torch.ones_like(v_scale))), 0.0)
+    out = (_e4m3(probs * 448) / 448) @ v_e4m3 * v_scale / torch.where(has_any, total, torch.ones_like(total))
+    lse = (peak + torch.log(total)).squeeze(-1).masked_fill(~has_any.squeeze(-1), -math.inf)
+    return out.masked_fill(~has_any, 0.0), lse
+
+
 def linear_branch(q, k, v, in_set: torch.Tensor, block_q: int, name: str, weight_q=None,
                   weight_k=None) -> torch.Tensor:
     """Ol_i = φ(q_i) H_m / (φ(q_i) · Z_m + ε) with H_m, Z_m summed over the keys in U_m.
@@ -136,7 +173,7 @@ def linear_branch(q, k, v, in_set: torch.Tensor, block_q: int, name: str, weight
 
 def sla(q, k, v, proj_weight=None, proj_bias=None, *, topk=None, negligible=0.0, block_q=64, block_k=64,
         feature_map="softmax", linear_scope="marginal", scale=None, block_map=None, feature_weight_q=None,
-        feature_weight_k=None) -> Result:
+        feature_weight_k=None, quantized=False) -> Result:
     """SLA on (B, H, L, D) inputs, in their dtype; pass topk (routing here) or a block_map.
 
     Hedgehog takes feature_weight_q, and feature_weight_k or None for one W
@@ -148,7 +185,10 @@ def sla(q, k, v, proj_weight=None, proj_bias=None, *, topk=None, negligible=0.0,
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
 
     classes = dense_classes(block_map, block_q, block_k, q_len, k_len)
-    os, lse = sparse_branch(q, k, v, classes == CRITICAL, scale)
+    if quantized:
+        os, lse = sparse_branch_quantized(q, k, v, classes == CRITICAL, scale, block_q, block_k)
+    else:
+        os, lse = sparse_branch(q, k, v, classes == CRITICAL, scale)
 
     key_classes = block_map[:, :, :, torch.arange(k_len) // block_k]  # (B, H, Mq, Lk)
     in_set = key_classes == MARGINAL if linear_scope == "marginal" else key_classes != NEGLIGIBLE
