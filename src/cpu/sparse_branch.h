@@ -46,32 +46,38 @@ struct CriticalKeys {
   }
 };
 
-// os: (Lq, D) output; lse: (Lq) natural-log LSE. A row with no critical block
-// gets Os = 0 and LSE = -inf.
-template <typename T>
-void sparse_forward(const HeadPlan& plan, const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v, T scale,
-                    Matrix<T>& os, std::vector<T>& lse) {
-  const int64_t dim = q.cols;
+// Walks the query rows block by block with the block's critical keys gathered
+// from k and values: row(i, keys, logits, out) fills os row i (zeroed) and
+// returns its LSE; a row with no critical block gets Os = 0 and LSE = -inf.
+// logits holds room for one value per key.
+template <typename T, typename Row>
+void for_each_query_row(const HeadPlan& plan, const Matrix<T>& k, const Matrix<T>& values, Matrix<T>& os,
+                        std::vector<T>& lse, Row&& row) {
   CriticalKeys<T> keys;
   std::vector<T> logits;
   for (int64_t m = 0; m < plan.q_blocks(); ++m) {
-    keys.gather(plan, m, k, v);
+    keys.gather(plan, m, k, values);
     logits.resize(static_cast<size_t>(keys.count()));
     for (int64_t i = plan.q_begin(m); i < plan.q_end(m); ++i) {
       T* out = os.row(i);
-      std::fill(out, out + dim, T(0));
-      if (keys.count() == 0) {
-        lse[i] = -std::numeric_limits<T>::infinity();
-        continue;
-      }
-      keys.logits(q.row(i), scale, logits.data());
-      const T peak = *std::max_element(logits.begin(), logits.end());
-      T total = 0;
-      for (auto& x : logits) total += x = std::exp(x - peak);
-      lse[i] = peak + std::log(total);
-      for (int64_t t = 0; t < keys.count(); ++t) axpy(logits[t] / total, keys.v.row(t), out, dim);
+      std::fill(out, out + os.cols, T(0));
+      lse[i] = keys.count() == 0 ? -std::numeric_limits<T>::infinity() : row(i, m, keys, logits.data(), out);
     }
   }
+}
+
+// os: (Lq, D) output; lse: (Lq) natural-log LSE.
+template <typename T>
+void sparse_forward(const HeadPlan& plan, const Matrix<T>& q, const Matrix<T>& k, const Matrix<T>& v, T scale,
+                    Matrix<T>& os, std::vector<T>& lse) {
+  for_each_query_row(plan, k, v, os, lse, [&](int64_t i, int64_t, const CriticalKeys<T>& keys, T* logits, T* out) {
+    keys.logits(q.row(i), scale, logits);
+    const T peak = *std::max_element(logits, logits + keys.count());
+    T total = 0;
+    for (int64_t t = 0; t < keys.count(); ++t) total += logits[t] = std::exp(logits[t] - peak);
+    for (int64_t t = 0; t < keys.count(); ++t) axpy(logits[t] / total, keys.v.row(t), out, os.cols);
+    return peak + std::log(total);
+  });
 }
 
 // Accumulates the sparse branch's gradients into dq, dk, dv.

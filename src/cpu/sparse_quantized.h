@@ -78,33 +78,23 @@ void sparse_forward_quantized(const HeadPlan& plan, const Matrix<T>& q, const Ma
   const auto q8 = BlockInt8<T>::of(q, plan.shape.block_q);
   const auto k8 = BlockInt8<T>::of(smoothed_keys(k), plan.shape.block_k);
   const auto v8 = ChannelE4m3<T>::of(v);
-  CriticalKeys<T> keys;
-  std::vector<T> logits, accumulated(static_cast<size_t>(dim));
-  for (int64_t m = 0; m < plan.q_blocks(); ++m) {
-    keys.gather(plan, m, k8.integers, v8.values);
-    logits.resize(static_cast<size_t>(keys.count()));
-    for (int64_t i = plan.q_begin(m); i < plan.q_end(m); ++i) {
-      T* out = os.row(i);
-      std::fill(out, out + dim, T(0));
-      if (keys.count() == 0) {
-        lse[i] = -std::numeric_limits<T>::infinity();
-        continue;
-      }
-      keys.logits(q8.integers.row(i), T(1), logits.data());
-      for (int64_t t = 0; t < keys.count(); ++t)
-        logits[t] *= scale * q8.steps[m] * k8.steps[keys.index[t] / plan.shape.block_k];
-      const T peak = *std::max_element(logits.begin(), logits.end());
-      T total = 0;
-      std::fill(accumulated.begin(), accumulated.end(), T(0));
-      for (int64_t t = 0; t < keys.count(); ++t) {
-        const T p = std::exp(logits[t] - peak);
-        total += p;
-        axpy(round_to_e4m3(p * T(kE4m3Max)) / T(kE4m3Max), keys.v.row(t), accumulated.data(), dim);
-      }
-      lse[i] = peak + std::log(total);
-      for (int64_t c = 0; c < dim; ++c) out[c] = accumulated[c] * v8.scales[c] / total;
-    }
-  }
+  std::vector<T> accumulated(static_cast<size_t>(dim));
+  for_each_query_row(plan, k8.integers, v8.values, os, lse,
+                     [&](int64_t i, int64_t m, const CriticalKeys<T>& keys, T* logits, T* out) {
+                       keys.logits(q8.integers.row(i), T(1), logits);
+                       for (int64_t t = 0; t < keys.count(); ++t)
+                         logits[t] *= scale * q8.steps[m] * k8.steps[keys.index[t] / plan.shape.block_k];
+                       const T peak = *std::max_element(logits, logits + keys.count());
+                       T total = 0;
+                       std::fill(accumulated.begin(), accumulated.end(), T(0));
+                       for (int64_t t = 0; t < keys.count(); ++t) {
+                         const T p = std::exp(logits[t] - peak);
+                         total += p;
+                         axpy(round_to_e4m3(p * T(kE4m3Max)) / T(kE4m3Max), keys.v.row(t), accumulated.data(), dim);
+                       }
+                       for (int64_t c = 0; c < dim; ++c) out[c] = accumulated[c] * v8.scales[c] / total;
+                       return peak + std::log(total);
+                     });
 }
 
 }  // namespace slattn::cpu
