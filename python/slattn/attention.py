@@ -48,8 +48,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     Returns out; (out, lse) with return_lse; (Os, Ol, lse) with
     return_branches. lse is (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
     """
-    if not isinstance(quantized, bool):
-        raise TypeError(f"quantized must be a bool, got {type(quantized).__name__}")
+    _checks.check_flag("quantized", quantized)
     _checks.check_choice("feature_map", feature_map, _checks.FEATURE_MAPS)
     _checks.check_choice("linear_scope", linear_scope, _checks.LINEAR_SCOPES)
     qs, ks = _checks.check_attention_inputs(q, k, v, layout)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from ._plots import pyplot, save
 from ._timing import median_seconds
 from .attention import sparse_linear_attention
 from .metrics import computed_flops, dense_flops
@@ -181,11 +182,8 @@ def environment(device: torch.device) -> dict:
 
 
 def plot(results: list[CaseResult], path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     labels = [f"B{r.shape[0]} H{r.shape[1]}\nL{r.shape[2]} D{r.shape[3]}\ntopk {r.topk}" for r in results]
     series = [("SLA fwd", "sla_fwd_ms"), ("dense fwd", "dense_fwd_ms"), ("SLA fwd+bwd", "sla_fwd_bwd_ms"),
@@ -199,9 +197,7 @@ def plot(results: list[CaseResult], path: str) -> bool:
     ax.set_ylabel("time (ms, lower is better)")
     ax.set_title("slattn SLA vs dense attention (torch SDPA)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(plt, fig, path, dpi=120)
     return True
 
 

@@ -42,8 +42,7 @@ class SparseLinearAttention(nn.Module):
                  linear_scope: str = "marginal", layout: str = "HND", scale: float | None = None,
                  quantized: bool = False):
         super().__init__()
-        if not isinstance(quantized, bool):
-            raise TypeError(f"quantized must be a bool, got {type(quantized).__name__}")
+        _checks.check_flag("quantized", quantized)
         _checks.check_head_dim(head_dim)
         _checks.check_fractions(topk, negligible)
         _checks.check_block_sizes(BLKQ, BLKK, names=("BLKQ", "BLKK"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .._plots import pyplot, save
+
 SAMPLES_SHOWN = 2      # clips per row of the sample grid
 FRAMES_SHOWN = 4       # frames per clip, evenly spaced
 
@@ -48,23 +50,13 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def _smooth(values: list[float]) -> list[float]:
     window = max(1, len(values) // 20)
     return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 def plot_losses(results: dict, path: str) -> bool:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -79,15 +71,13 @@ def plot_losses(results: dict, path: str) -> bool:
         ax.set_ylabel("training loss (velocity MSE, moving average)")
         ax.set_yscale("log")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(plt, fig, path, dpi=110)
     return True
 
 
 def plot_samples(rows: dict[str, torch.Tensor], path: str) -> bool:
     """rows: label -> clips (N, 3, T, H, W) in [-1, 1]; the first SAMPLES_SHOWN clips of each, FRAMES_SHOWN frames."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     frames = next(iter(rows.values())).shape[2]
@@ -103,7 +93,5 @@ def plot_samples(rows: dict[str, torch.Tensor], path: str) -> bool:
         row[0].set_ylabel(label, rotation=0, ha="right", va="center")
     for ax, (clip, frame) in zip(axes[0], columns):
         ax.set_title(f"clip {clip}, frame {frame}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(plt, fig, path, dpi=100)
     return True
