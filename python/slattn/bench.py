@@ -54,6 +54,7 @@ class CaseResult:
     dense_fwd_tflops: float
     dense_backends: dict  # backend -> {"fwd_ms", "fwd_bwd_ms"} or {"unavailable": reason}
     flex: dict  # FlexAttention on the same plan, sparse branch only: as above, or {"skipped": why}
+    mma_mainloop_fwd_ms: float | None = None  # on Hopper: SLA fwd with the sparse forward on mma.sync, not wgmma
 
 
 def dense_backends(device: torch.device) -> dict:
@@ -148,6 +149,7 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=Fals
         t_route = median_seconds(lambda: route(q, k, topk=topk, block_q=block_q, block_k=block_k), device,
                                  repeats=repeats)
         t_fwd = median_seconds(sla, device, repeats=repeats)
+        t_fwd_mma = time_with_mma_mainloop(sla, device, repeats) if is_hopper(device) else None
     t_fwd_bwd = median_seconds(sla_fwd_bwd, device, repeats=repeats)
     dense = {name: time_dense(q, k, v, grad, backend, device, repeats)
              for name, backend in dense_backends(torch.device(device)).items()}
@@ -170,7 +172,26 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=Fals
                       sla_fwd_computed_tflops=sparse / t_fwd / 1e12,
                       sla_fwd_bwd_effective_tflops=FWD_BWD_FLOPS_FACTOR * full / t_fwd_bwd / 1e12,
                       sla_fwd_bwd_computed_tflops=FWD_BWD_FLOPS_FACTOR * sparse / t_fwd_bwd / 1e12,
-                      dense_fwd_tflops=full / t_dense / 1e12, dense_backends=dense, flex=flex_result)
+                      dense_fwd_tflops=full / t_dense / 1e12, dense_backends=dense, flex=flex_result,
+                      mma_mainloop_fwd_ms=None if t_fwd_mma is None else 1e3 * t_fwd_mma)
+
+
+def is_hopper(device) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def time_with_mma_mainloop(fn, device, repeats) -> float:
+    """fn timed with the sparse forward on its sm_80 mainloop (SLATTN_CUDA_MAINLOOP=mma), for comparison."""
+    previous = os.environ.get("SLATTN_CUDA_MAINLOOP")
+    os.environ["SLATTN_CUDA_MAINLOOP"] = "mma"
+    try:
+        return median_seconds(fn, device, repeats=repeats)
+    finally:
+        if previous is None:
+            del os.environ["SLATTN_CUDA_MAINLOOP"]
+        else:
+            os.environ["SLATTN_CUDA_MAINLOOP"] = previous
 
 
 def environment(device: torch.device) -> dict:
@@ -219,13 +240,15 @@ def run_bench(*, device: str = "auto", shapes=None, topk: float = 0.05, block_q:
              f"blocks {block_q}x{block_k}; times in ms, median of {repeats}")
     print_fn(header)
     for r in results:
-        print_fn(f"{str(r.shape):20s}{r.density:8.3f}{r.route_ms:9.1f}{r.sla_fwd_ms:10.1f}{r.dense_fwd_ms:11.1f}"
-                 f"{r.sla_fwd_bwd_ms:10.1f}{r.dense_fwd_bwd_ms:11.1f}{r.sla_fwd_effective_tflops:8.1f}"
+        print_fn(f"{str(r.shape):20s}{r.density:8.3f}{r.route_ms:9.2f}{r.sla_fwd_ms:10.2f}{r.dense_fwd_ms:11.1f}"
+                 f"{r.sla_fwd_bwd_ms:10.2f}{r.dense_fwd_bwd_ms:11.1f}{r.sla_fwd_effective_tflops:8.1f}"
                  f"{r.sla_fwd_computed_tflops:9.2f}")
         for name, timing in r.dense_backends.items():
             detail = (f"fwd {timing['fwd_ms']:.2f} ms, fwd+bwd {timing['fwd_bwd_ms']:.2f} ms" if "fwd_ms" in timing
                       else f"unavailable: {timing['unavailable']}")
             print_fn(f"    dense {name}: {detail}")
+        if r.mma_mainloop_fwd_ms is not None:
+            print_fn(f"    SLA fwd with the sparse forward on mma.sync instead of wgmma: {r.mma_mainloop_fwd_ms:.2f} ms")
         if "fwd_ms" in r.flex:
             backward = (f"fwd+bwd {r.flex['fwd_bwd_ms']:.2f} ms" if "fwd_bwd_ms" in r.flex
                         else f"fwd+bwd unavailable: {r.flex['fwd_bwd_unavailable']}")

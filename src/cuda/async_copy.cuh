@@ -27,12 +27,22 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// Orders this thread's ordinary shared-memory writes (cp.async included)
+// before later reads by the tensor cores' asynchronous proxy (wgmma); a
+// barrier follows. Nothing to order before sm_90.
+__device__ __forceinline__ void fence_shared_for_tensor_cores() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // Step t of a walk over `total` double-buffered tiles: starts the copies of
 // tile t + 1 (load_next(t + 1) issues them and commits its group), waits for
 // tile t's, and synchronises the block, after which tile t is complete for
 // every thread. The caller synchronises again once it is done with tile t,
-// before tile t + 2 is copied into the same buffer.
-template <typename Index, typename LoadNext>
+// before tile t + 2 is copied into the same buffer. kForTensorCoreReads: the
+// tile is read by wgmma, which needs the copies fenced first.
+template <bool kForTensorCoreReads = false, typename Index, typename LoadNext>
 __device__ __forceinline__ void await_tile(Index t, Index total, LoadNext&& load_next) {
   if (t + 1 < total) {
     load_next(t + 1);
@@ -40,6 +50,7 @@ __device__ __forceinline__ void await_tile(Index t, Index total, LoadNext&& load
   } else {
     cp_async_wait<0>();
   }
+  if constexpr (kForTensorCoreReads) fence_shared_for_tensor_cores();
   __syncthreads();
 }
 

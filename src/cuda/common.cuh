@@ -77,6 +77,20 @@ struct DeviceView {
   __host__ __device__ bool defined() const { return data != nullptr; }
 };
 
+// True when every row of x (b, h, l) is contiguous and starts on 16 bytes:
+// rows may then be copied in 16-byte vectors.
+template <typename Element>
+__device__ __forceinline__ bool rows_are_16_byte_aligned(const DeviceView<Element>& x) {
+  constexpr int kVector = 16 / sizeof(Element);
+  return x.stride_d == 1 && x.stride_l % kVector == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0 &&
+         x.stride_b % kVector == 0 && x.stride_h % kVector == 0;
+}
+
+// Two adjacent fp32 values (an accumulator's columns 2c, 2c + 1) as one 8-byte store.
+__device__ __forceinline__ void store_float_pair(float* row, int64_t column, float value0, float value1) {
+  *reinterpret_cast<float2*>(row + column) = make_float2(value0, value1);
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;

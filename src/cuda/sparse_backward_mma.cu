@@ -10,6 +10,7 @@
 #include "cuda/common.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
+#include "cuda/sparse_mainloops.h"
 #include "cuda/tile_mma.cuh"
 
 namespace slattn::cuda {
@@ -36,18 +37,6 @@ struct KeyTileShared {
   float lse_log2[2][kTile];  // +inf past the sequence: P = 0 there
   float delta[2][kTile];
 };
-
-// The padded dOs rows of the workspace, seen as a (B, H, q_rows, D) tensor.
-template <typename Element>
-DeviceView<const Element> dos_view(const Geometry& g, const void* dos_rows) {
-  DeviceView<const Element> view;
-  view.data = static_cast<const Element*>(dos_rows);
-  view.stride_d = 1;
-  view.stride_l = g.dim;
-  view.stride_h = g.q_rows() * g.dim;
-  view.stride_b = g.heads * view.stride_h;
-  return view;
-}
 
 template <typename Element, int kHeadDim, int kBlockQ>
 __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
@@ -207,10 +196,8 @@ void set_shared(Kernel kernel, size_t bytes) {
 
 }  // namespace
 
-void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
-                     cudaStream_t stream) {
-  check_sparse_support(g);
-  sparse_delta(g, args, stream);
+void sparse_backward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                         cudaStream_t stream) {
   dispatch_element(args.q.dtype, [&](auto tag) {
     using Element = decltype(tag);
     const auto dos = dos_view<Element>(g, args.dos_rows);

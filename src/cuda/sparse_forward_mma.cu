@@ -5,7 +5,9 @@
 // registers.
 #include "cuda/common.cuh"
 #include "cuda/sla_cuda.h"
+#include "cuda/sparse_forward_steps.cuh"
 #include "cuda/sparse_kernels.h"
+#include "cuda/sparse_mainloops.h"
 #include "cuda/tile_mma.cuh"
 
 namespace slattn::cuda {
@@ -32,8 +34,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, 2)
   extern __shared__ __align__(16) unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(raw);
 
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int group = lane / 4, quad = lane % 4;  // accumulator rows group and group + 8, columns 2 quad + {0, 1}
+  const int warp = threadIdx.x / kWarpSize;
   const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t kv = h / g.group();
   const int64_t pair = b * g.heads + h;
@@ -64,81 +65,22 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, 2)
   for (int32_t t = 0; t < total; ++t) {
     const int buffer = t & 1;
     await_tile(t, total, load_keys);  // tile t (and Q) is complete for every warp
-    const int64_t first = tiles.first(t), end = tiles.end(t);
+    const int64_t first = tiles.first(t), end = tiles.end(t);  // read before the products: fewer live registers
     float score[kKeyTiles8][4] = {};
     mma_a_bt<Element, kHeadDim, kKeyTile>(score, q_rows, s.k[buffer]);
-
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kKeyTiles8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t key = first + j * 8 + 2 * quad + (e & 1);
-        score[j][e] = key < end ? score[j][e] * scale_log2 : -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
-      }
-    }
-    float correction[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: the tile's first key is valid
-      correction[r] = exp2f(row_max[r] - new_max);
-      row_max[r] = new_max;
-      row_sum[r] *= correction[r];
-    }
-#pragma unroll
-    for (int j = 0; j < kKeyTiles8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        score[j][e] = exp2f(score[j][e] - row_max[e / 2]);
-        row_sum[e / 2] += score[j][e];  // this thread's share; summed over the quad at the end
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kDimTiles8; ++j) {
-      out[j][0] *= correction[0];
-      out[j][1] *= correction[0];
-      out[j][2] *= correction[1];
-      out[j][3] *= correction[1];
-    }
-
+    online_softmax_step(score, out, row_max, row_sum, first, end, scale_log2);
     mma_p_b<Element, kHeadDim, kKeyTile>(out, score, s.v[buffer]);  // O += P V
     __syncthreads();  // every warp is done with `buffer` before tile t + 2 is loaded into it
   }
 
   cp_async_wait<0>();  // nothing left in flight when no tile was walked
-  const auto out_view = DeviceView<Element>::of(a.out);
-  const auto sparse_view = DeviceView<Element>::of(a.out_sparse);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-    const int64_t row = row0 + warp * kRowsPerWarp + group + 8 * r;
-    if (row >= g.q_len) continue;
-    const bool any = row_sum[r] > 0.0f;
-    const float inverse = any ? 1.0f / row_sum[r] : 0.0f;
-#pragma unroll
-    for (int j = 0; j < kDimTiles8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int d = j * 8 + 2 * quad + e;
-        const float value = out[j][2 * r + e] * inverse;
-        if (out_view.defined()) out_view.store(b, h, row, d, value);
-        if (sparse_view.defined()) sparse_view.store(b, h, row, d, value);
-        if (a.os_rows) a.os_rows[(pair * g.q_rows() + row) * kHeadDim + d] = value;
-      }
-    }
-    if (quad == 0) a.lse[pair * g.q_len + row] = any ? (row_max[r] + __log2f(row_sum[r])) * kLn2 : -INFINITY;
-  }
+  store_forward_rows<Element, kHeadDim>(g, a, b, h, row0 + warp * kRowsPerWarp, out, row_max, row_sum);
 }
 
 }  // namespace
 
-void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                    cudaStream_t stream) {
-  check_sparse_support(g);
+void sparse_forward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                        cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
   dispatch_element(args.q.dtype, [&](auto tag) {
     using Element = decltype(tag);

@@ -1,12 +1,18 @@
+#include <cstdlib>
+#include <string_view>
+
 #include "cuda/common.cuh"
 #include "cuda/row_ops.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
+#include "cuda/sparse_mainloops.h"
 
 namespace slattn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr const char* kWgmmaUnavailable =
+    "SLATTN_CUDA_MAINLOOP=wgmma needs a compute capability 9.0 GPU and a build with sm_90a code";
 constexpr int kWarps = kThreads / kWarpSize;
 
 // Warp per padded query row: dOs = dout + dout_sparse, D_i = dOs · Os.
@@ -54,6 +60,41 @@ void check_cuda_support(const Geometry& g, const void* proj_weight, DType proj_d
   SLATTN_CHECK(!has_feature_weights(feature_map) || feature_weights.dtype == DType::float32,
                "the CUDA path takes float32 feature weights (feature_weight_q/feature_weight_k), got ",
                dtype_name(feature_weights.dtype));
+}
+
+Mainloop requested_mainloop() {
+  const char* value = std::getenv("SLATTN_CUDA_MAINLOOP");
+  const std::string_view name = value ? value : "";
+  if (name.empty() || name == "auto") return Mainloop::automatic;
+  if (name == "mma") return Mainloop::mma;
+  if (name == "wgmma") return Mainloop::wgmma;
+  throw Error(detail::concat("SLATTN_CUDA_MAINLOOP must be auto, mma or wgmma, got '", name, "'"));
+}
+
+bool current_device_is_hopper() {
+  int device = 0, major = 0;
+  SLATTN_CUDA_CHECK(cudaGetDevice(&device));
+  SLATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9;
+}
+
+void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                    cudaStream_t stream) {
+  check_sparse_support(g);
+  const Mainloop mainloop = requested_mainloop();
+  if (mainloop != Mainloop::mma && current_device_is_hopper() && sparse_forward_wgmma(g, plan, args, stream)) return;
+  if (mainloop == Mainloop::wgmma) throw Unsupported(kWgmmaUnavailable);
+  sparse_forward_mma(g, plan, args, stream);
+}
+
+void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                     cudaStream_t stream) {
+  check_sparse_support(g);
+  sparse_delta(g, args, stream);
+  const Mainloop mainloop = requested_mainloop();
+  if (mainloop != Mainloop::mma && current_device_is_hopper() && sparse_backward_wgmma(g, plan, args, stream)) return;
+  if (mainloop == Mainloop::wgmma) throw Unsupported(kWgmmaUnavailable);
+  sparse_backward_mma(g, plan, args, stream);
 }
 
 void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream) {

@@ -1,0 +1,108 @@
+// The steps both sparse forward mainloops share (sparse_forward_mma.cu for
+// sm_80+, sparse_forward_wgmma.cu for sm_90a): the online softmax over one
+// tile of scores and the epilogue, for one warp's 16 query rows held as
+// mma accumulators (rows group and group + 8, columns 2 quad + {0, 1}).
+#pragma once
+
+#include "cuda/common.cuh"
+#include "cuda/geometry.h"
+#include "cuda/sparse_kernels.h"
+#include "cuda/tile_mma.cuh"
+
+namespace slattn::cuda {
+
+// Masks keys at or past `end` (the tile's keys start at `first`), moves the
+// running maxima (log2 units), turns the scores into P = exp2(S - max) and
+// rescales the running sums and the output accumulators to the new maxima.
+template <int kKeyTiles8, int kDimTiles8>
+__device__ __forceinline__ void online_softmax_step(float (&score)[kKeyTiles8][4], float (&out)[kDimTiles8][4],
+                                                    float (&row_max)[2], float (&row_sum)[2], int64_t first,
+                                                    int64_t end, float scale_log2) {
+  const int quad = (threadIdx.x % kWarpSize) % 4;
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < kKeyTiles8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t key = first + j * 8 + 2 * quad + (e & 1);
+      score[j][e] = key < end ? score[j][e] * scale_log2 : -INFINITY;
+      tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
+    }
+  }
+  float correction[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+    const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: the tile's first key is valid
+    correction[r] = exp2f(row_max[r] - new_max);
+    row_max[r] = new_max;
+    row_sum[r] *= correction[r];
+  }
+#pragma unroll
+  for (int j = 0; j < kKeyTiles8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      score[j][e] = exp2f(score[j][e] - row_max[e / 2]);
+      row_sum[e / 2] += score[j][e];  // this thread's share; summed over the quad at the end
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kDimTiles8; ++j) {
+    out[j][0] *= correction[0];
+    out[j][1] *= correction[0];
+    out[j][2] *= correction[1];
+    out[j][3] *= correction[1];
+  }
+}
+
+// Elements d (even) and d + 1 of row (b, h, l) of x, when x is defined: one
+// 4-byte store where the pair is contiguous and aligned.
+template <typename Element>
+__device__ __forceinline__ void store_pair(const DeviceView<Element>& x, int64_t b, int64_t h, int64_t l, int64_t d,
+                                           float value0, float value1) {
+  if (!x.defined()) return;
+  Element& first = x.at(b, h, l, d);
+  if (x.stride_d == 1 && reinterpret_cast<uintptr_t>(&first) % 4 == 0) {
+    *reinterpret_cast<uint32_t*>(&first) = pack2<Element>(value0, value1);
+  } else {
+    first = from_float<Element>(value0);
+    x.at(b, h, l, d + 1) = from_float<Element>(value1);
+  }
+}
+
+// Normalises the warp's rows (from `warp_row0` on) and writes Os to every
+// destination the caller asked for (out, out_sparse, padded fp32 rows) and
+// the LSE (natural log; -inf for a row with no critical key).
+template <typename Element, int kHeadDim>
+__device__ __forceinline__ void store_forward_rows(const Geometry& g, const SparseForwardArgs& a, int64_t b,
+                                                   int64_t h, int64_t warp_row0, float (&out)[kHeadDim / 8][4],
+                                                   const float (&row_max)[2], float (&row_sum)[2]) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, quad = lane % 4;
+  const int64_t pair = b * g.heads + h;
+  const auto out_view = DeviceView<Element>::of(a.out);
+  const auto sparse_view = DeviceView<Element>::of(a.out_sparse);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    const int64_t row = warp_row0 + group + 8 * r;
+    if (row >= g.q_len) continue;
+    const bool any = row_sum[r] > 0.0f;
+    const float inverse = any ? 1.0f / row_sum[r] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      const int d = j * 8 + 2 * quad;
+      const float value0 = out[j][2 * r] * inverse, value1 = out[j][2 * r + 1] * inverse;
+      store_pair(out_view, b, h, row, d, value0, value1);
+      store_pair(sparse_view, b, h, row, d, value0, value1);
+      if (a.os_rows) {
+        a.os_rows[(pair * g.q_rows() + row) * kHeadDim + d] = value0;
+        a.os_rows[(pair * g.q_rows() + row) * kHeadDim + d + 1] = value1;
+      }
+    }
+    if (quad == 0) a.lse[pair * g.q_len + row] = any ? (row_max[r] + __log2f(row_sum[r])) * kLn2 : -INFINITY;
+  }
+}
+
+}  // namespace slattn::cuda

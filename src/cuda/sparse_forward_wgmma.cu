@@ -1,0 +1,151 @@
+// Forward of the sparse branch on Hopper (sm_90a): the FlashAttention-2
+// schedule of sparse_forward_mma.cu on warpgroup products. A thread block owns
+// one query block, each warpgroup 64 of its rows; every thread helps copy the
+// key tiles of the row list (double-buffered, 128-byte swizzled) while the
+// warpgroups compute S = Q Kᵀ from shared memory and O += P V with P in
+// registers. Built for sm_90a only; other targets get an empty body that is
+// never launched (sparse_forward checks the loaded binary).
+#include "cuda/common.cuh"
+#include "cuda/sparse_forward_steps.cuh"
+#include "cuda/sla_cuda.h"
+#include "cuda/sparse_mainloops.h"
+#include "cuda/wgmma.cuh"
+
+namespace slattn::cuda {
+namespace {
+
+template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
+struct WgmmaForwardShared {
+  SwizzledTile<Element, kBlockQ, kHeadDim> q;
+  SwizzledTile<Element, kKeyTile, kHeadDim> k[2];  // double-buffered: the next tile loads during this one's math
+  SwizzledTile<Element, kKeyTile, kHeadDim> v[2];
+};
+
+template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
+constexpr size_t wgmma_forward_shared_bytes() {  // with room to align the dynamic buffer to the swizzle atom
+  return sizeof(WgmmaForwardShared<Element, kHeadDim, kBlockQ, kKeyTile>) + kSwizzleAtomBytes;
+}
+
+template <int kBlockQ>
+constexpr int wgmma_forward_threads() {
+  return kBlockQ / kWarpgroupRows * kWarpgroupThreads;
+}
+
+// Two thread blocks per SM where their shared memory fits: the second hides
+// the first's prologue, epilogue and barriers (a block walks ~13 tiles at 95% sparsity).
+template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
+constexpr int wgmma_forward_blocks_per_sm() {
+  constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
+  return 2 * (wgmma_forward_shared_bytes<Element, kHeadDim, kBlockQ, kKeyTile>() + kReservedPerBlock) <= kSharedPerSm
+             ? 2
+             : 1;
+}
+
+template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
+__global__ void __launch_bounds__(wgmma_forward_threads<kBlockQ>(),
+                                  (wgmma_forward_blocks_per_sm<Element, kHeadDim, kBlockQ, kKeyTile>()))
+    sparse_forward_wgmma_kernel(Geometry g, RoutingPlanView plan, SparseForwardArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kThreads = wgmma_forward_threads<kBlockQ>();
+  using Shared = WgmmaForwardShared<Element, kHeadDim, kBlockQ, kKeyTile>;
+  using QTile = decltype(Shared::q);
+  using KeyTile = SwizzledTile<Element, kKeyTile, kHeadDim>;
+  extern __shared__ unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
+
+  const int warp = threadIdx.x / kWarpSize;  // owns query rows 16 warp .. 16 warp + 15 of the block
+  const int warpgroup_row0 = threadIdx.x / kWarpgroupThreads * kWarpgroupRows;
+  const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t kv = h / g.group();
+  const int64_t row0 = m * kBlockQ;
+  const auto k = DeviceView<const Element>::of(a.k);
+  const auto v = DeviceView<const Element>::of(a.v);
+
+  s.q.template load<kThreads>(DeviceView<const Element>::of(a.q), b, h, row0, g.q_len);
+  cp_async_commit();
+
+  const float scale_log2 = a.scale * kLog2e;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  float out[kHeadDim / 8][4] = {};
+
+  const int64_t plan_row = (b * g.heads + h) * g.q_blocks + m;
+  const BlockTiles<kKeyTile> tiles{plan.row_index + plan_row * g.k_blocks, plan.row_count[plan_row], g.block_k,
+                                   g.k_len};
+  const int32_t total = tiles.count();
+  auto load_keys = [&](int32_t t) {
+    s.k[t & 1].template load<kThreads>(k, b, kv, tiles.first(t), tiles.end(t));
+    s.v[t & 1].template load<kThreads>(v, b, kv, tiles.first(t), tiles.end(t));
+    cp_async_commit();
+  };
+  if (total > 0) load_keys(0);
+  for (int32_t t = 0; t < total; ++t) {
+    const int buffer = t & 1;
+    await_tile<true>(t, total, load_keys);  // tile t (and Q) is complete and visible to the tensor cores
+    const int64_t first = tiles.first(t), end = tiles.end(t);
+
+    uint64_t q_desc = k_major_descriptor(s.q), k_desc = k_major_descriptor(s.k[buffer]);
+    opaque(q_desc);
+    float score[kKeyTile / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < kHeadDim / 16; ++step) {  // S = Q Kᵀ, 16 head dims a step
+      wgmma_ss<Element, kKeyTile, 0, 0>(score, q_desc + k_major_offset<QTile>(warpgroup_row0, step),
+                                        k_desc + k_major_offset<KeyTile>(0, step), step > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulators(score);
+
+    online_softmax_step(score, out, row_max, row_sum, first, end, scale_log2);
+
+    uint64_t v_desc = mn_major_descriptor(s.v[buffer]);
+    opaque(v_desc);
+    fence_accumulators(out);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < kKeyTile / 16; ++step) {  // O += P V, 16 keys a step; V is read N-major
+      const uint32_t p[4] = {pack2<Element>(score[2 * step][0], score[2 * step][1]),
+                             pack2<Element>(score[2 * step][2], score[2 * step][3]),
+                             pack2<Element>(score[2 * step + 1][0], score[2 * step + 1][1]),
+                             pack2<Element>(score[2 * step + 1][2], score[2 * step + 1][3])};
+      wgmma_rs<Element, kHeadDim, 1>(out, p, v_desc + mn_major_offset<KeyTile>(step), true);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulators(out);
+    __syncthreads();  // every warpgroup is done with `buffer` before tile t + 2 is loaded into it
+  }
+
+  cp_async_wait<0>();  // nothing left in flight when no tile was walked
+  store_forward_rows<Element, kHeadDim>(g, a, b, h, row0 + warp * kRowsPerWarp, out, row_max, row_sum);
+#endif
+}
+
+}  // namespace
+
+bool sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                          cudaStream_t stream) {
+  bool launched = false;
+  const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
+  dispatch_element(args.q.dtype, [&](auto tag) {
+    using Element = decltype(tag);
+    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
+      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+      auto launch = [&](auto key_tile) {
+        constexpr int KT = decltype(key_tile)::value;
+        const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT>;
+        static const bool available = loaded_for_hopper(kernel);
+        if (!available) return;
+        launch_with_shared(kernel, grid, wgmma_forward_threads<BQ>(), wgmma_forward_shared_bytes<Element, D, BQ, KT>(),
+                           stream, g, plan, args);
+        launched = true;
+      };
+      if (g.block_k == 64) return launch(std::integral_constant<int, 64>{});
+      launch(std::integral_constant<int, 128>{});
+    });
+  });
+  if (launched) SLATTN_LAUNCH_CHECK("sparse_forward_wgmma_kernel");
+  return launched;
+}
+
+}  // namespace slattn::cuda

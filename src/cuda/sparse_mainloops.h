@@ -1,0 +1,57 @@
+// The mainloops behind sparse_forward and sparse_backward (sparse_kernels.h) and how one is
+// chosen: warpgroup products (wgmma) on Hopper when the build carries sm_90a
+// code, mma.sync elsewhere. SLATTN_CUDA_MAINLOOP=mma or wgmma forces one
+// (tests hold both to the reference; benchmarks compare them).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/common.cuh"
+#include "cuda/geometry.h"
+#include "cuda/sparse_kernels.h"
+
+namespace slattn::cuda {
+
+enum class Mainloop { automatic, mma, wgmma };
+
+// SLATTN_CUDA_MAINLOOP read at each call; an unknown value is refused.
+Mainloop requested_mainloop();
+
+// True when the current device has compute capability 9.x.
+bool current_device_is_hopper();
+
+// True when `kernel` was loaded as sm_90 machine code: the build has an
+// sm_90a target (an sm_80-only build gives wgmma kernels an empty body).
+template <typename Kernel>
+bool loaded_for_hopper(Kernel kernel) {
+  cudaFuncAttributes attributes{};
+  SLATTN_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.binaryVersion == 90;
+}
+
+// The padded dOs rows of the backward's workspace, seen as a (B, H, q_rows, D) tensor.
+template <typename Element>
+DeviceView<const Element> dos_view(const Geometry& g, const void* dos_rows) {
+  DeviceView<const Element> view;
+  view.data = static_cast<const Element*>(dos_rows);
+  view.stride_d = 1;
+  view.stride_l = g.dim;
+  view.stride_h = g.q_rows() * g.dim;
+  view.stride_b = g.heads * view.stride_h;
+  return view;
+}
+
+void sparse_forward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                        cudaStream_t stream);
+// False (nothing launched) when the build has no sm_90a code for this shape.
+bool sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                          cudaStream_t stream);
+
+// The dQ and dK/dV kernels, after sparse_delta.
+void sparse_backward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                         cudaStream_t stream);
+// False (nothing launched) when the build has no sm_90a code for this shape.
+bool sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                           cudaStream_t stream);
+
+}  // namespace slattn::cuda

@@ -1,0 +1,219 @@
+// Hopper warpgroup matrix products (wgmma, sm_90a) and the shared-memory
+// tiles they read. A warpgroup (4 consecutive warps, 128 threads) multiplies
+// a 64-row A (shared memory or registers) by a B in shared memory into fp32
+// accumulators; the accumulators of warp w hold rows 16w..16w+15 laid out
+// as mma.sync's (mma.cuh): float acc[N / 8][4], acc[j][e] at row
+// 16w + lane / 4 + 8 (e / 2), column 8j + 2 (lane % 4) + e % 2. An A held in
+// registers is, per warp, an m16n8k16 A fragment (four b16x2 registers).
+//
+// Shared operands use the 128-byte swizzle: a (rows x cols) tile is stored
+// as cols / 64 column chunks of (rows x 64) elements, each row 128 bytes
+// whose 16-byte units are permuted by unit ^ (row % 8); chunks are
+// 1024-byte aligned, so the permutation the tensor cores apply to the
+// address bits matches the one the copies applied.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/async_copy.cuh"
+#include "cuda/common.cuh"
+
+namespace slattn::cuda {
+
+inline constexpr int kWarpgroupThreads = 128;
+inline constexpr int kWarpgroupRows = 64;  // the M of one wgmma
+inline constexpr int kSwizzleBytes = 128;  // one row of a column chunk
+inline constexpr int kSwizzleAtomBytes = 1024;  // 8 rows: the period of the swizzle
+
+// (kRows x kCols) elements, 128-byte swizzled in column chunks of 64 (2-byte elements).
+template <typename Element, int kRows, int kCols>
+struct alignas(kSwizzleAtomBytes) SwizzledTile {
+  static_assert(sizeof(Element) == 2, "16-bit elements: 64 per 128-byte row");
+  static constexpr int kChunkCols = kSwizzleBytes / sizeof(Element);
+  static constexpr int kUnitElements = 16 / sizeof(Element);
+  static constexpr int kChunkBytes = kRows * kSwizzleBytes;
+  static_assert(kRows % 8 == 0 && kCols % kChunkCols == 0, "whole swizzle atoms");
+  Element data[kRows * kCols];
+
+  // The 16-byte unit u (columns 8u..8u+7) of row r.
+  __device__ __forceinline__ Element* unit(int r, int u) {
+    const int chunk = u / (kChunkCols / kUnitElements), within = u % (kChunkCols / kUnitElements);
+    return data + (chunk * kRows + r) * kChunkCols + (within ^ (r % 8)) * kUnitElements;
+  }
+
+  // Starts copying rows [first, first + kRows) of the (b, h) slice of x,
+  // zero rows from `valid` on (as load_tile in tile_mma.cuh).
+  template <int kThreads>
+  __device__ void load(const DeviceView<const Element>& x, int64_t b, int64_t h, int64_t first, int64_t valid) {
+    constexpr int kUnits = kCols / kUnitElements;
+    if (rows_are_16_byte_aligned(x)) {
+      for (int i = threadIdx.x; i < kRows * kUnits; i += kThreads) {
+        const int r = i / kUnits, u = i % kUnits;
+        const bool read = first + r < valid;
+        cp_async<16>(unit(r, u), read ? &x.at(b, h, first + r, u * kUnitElements) : x.data, read ? 16 : 0);
+      }
+    } else {
+      for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
+        const int r = i / kCols, c = i % kCols;
+        unit(r, c / kUnitElements)[c % kUnitElements] =
+            first + r < valid ? x.at(b, h, first + r, c) : from_float<Element>(0.0f);
+      }
+    }
+  }
+};
+
+// `raw` (the dynamic shared memory) advanced to the next multiple of `alignment` bytes of the shared window;
+// the launch asks for `alignment` bytes more than the layout needs.
+__device__ __forceinline__ unsigned char* align_shared(unsigned char* raw, uint32_t alignment) {
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(raw));
+  return raw + ((address + alignment - 1) / alignment * alignment - address);
+}
+
+// The shared-memory matrix descriptor of a 128-byte-swizzled operand at
+// `start`: `leading` bytes between column chunks along M/N (used by
+// MN-major operands), `stride` bytes between 8-row groups along K or M/N.
+__device__ __forceinline__ uint64_t swizzled_descriptor(const void* start, uint32_t leading, uint32_t stride) {
+  const auto address = static_cast<uint64_t>(__cvta_generic_to_shared(start));
+  constexpr uint64_t kSwizzle128 = 1;
+  return ((address & 0x3FFFF) >> 4) | (uint64_t(leading >> 4) << 16) | (uint64_t(stride >> 4) << 32) |
+         (kSwizzle128 << 62);
+}
+
+// Descriptors of a SwizzledTile from its first element, read K-major (rows
+// along M or N, columns along K: Q and K in S = Q Kᵀ) or MN-major (rows along
+// K: V in O += P V).
+template <typename Tile>
+__device__ __forceinline__ uint64_t k_major_descriptor(const Tile& tile) {
+  return swizzled_descriptor(tile.data, 16, kSwizzleAtomBytes);
+}
+template <typename Tile>
+__device__ __forceinline__ uint64_t mn_major_descriptor(const Tile& tile) {
+  return swizzled_descriptor(tile.data, Tile::kChunkBytes, kSwizzleAtomBytes);
+}
+
+// What to add to a tile's descriptor for the operand at `row` (a multiple
+// of 8) and K step `step16` (16 columns each), K-major; and for K step
+// `step16` (16 rows each), MN-major. The start address is in 16-byte units.
+template <typename Tile>
+__device__ __forceinline__ uint64_t k_major_offset(int row, int step16) {
+  constexpr int kStepsPerChunk = Tile::kChunkCols / 16;
+  return ((step16 / kStepsPerChunk) * Tile::kChunkBytes + row * kSwizzleBytes +
+          (step16 % kStepsPerChunk) * 16 * int(sizeof(Tile::data[0]))) >> 4;
+}
+template <typename Tile>
+__device__ __forceinline__ uint64_t mn_major_offset(int step16) {
+  return (step16 * 16 * kSwizzleBytes) >> 4;
+}
+
+// Hides `value`'s origin from the compiler, so that descriptors derived from
+// it are formed next to their use instead of being hoisted out of the loop
+// and held (two registers each) across it.
+__device__ __forceinline__ void opaque(uint64_t& value) { asm volatile("" : "+l"(value)); }
+
+// The wgmma instructions exist on sm_90a only: on other targets (and in the
+// host pass) the functions below are empty, and the kernels that call them
+// are never launched there (loaded_for_hopper, sparse_mainloops.h).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SLATTN_SM90A(...) __VA_ARGS__
+#else
+#define SLATTN_SM90A(...)
+#endif
+
+// Before the first wgmma of a batch: earlier register writes (accumulators, A fragments) are visible to it.
+__device__ __forceinline__ void wgmma_fence() {
+  SLATTN_SM90A(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"));
+}
+__device__ __forceinline__ void wgmma_commit() {
+  SLATTN_SM90A(asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"));
+}
+// Waits until at most kPending committed batches of this warpgroup are in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  SLATTN_SM90A(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory"));
+}
+
+// Keeps the compiler from moving accesses of the accumulators across the asynchronous products.
+template <int kTiles>
+__device__ __forceinline__ void fence_accumulators(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[j][e])::"memory");
+}
+
+#define SLATTN_WGMMA_ACC64(d) \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define SLATTN_WGMMA_REGS64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define SLATTN_WGMMA_ACC128(d) \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
+    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
+    "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
+    "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
+    "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define SLATTN_WGMMA_REGS128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+
+// The operand numbers after the N / 2 accumulators are spelled out: %N/2 on.
+#define SLATTN_WGMMA_SS(N, TYPE, A, B, S, TA, TB)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." \
+               TYPE "." TYPE " " SLATTN_WGMMA_REGS##N ", " A ", " B ", p, 1, 1, " TA ", " TB ";\n}\n"        \
+               : SLATTN_WGMMA_ACC##N(d)                                                                    \
+               : "l"(a), "l"(b), "r"(int(accumulate)), "n"(kTransA), "n"(kTransB))
+#define SLATTN_WGMMA_RS(N, TYPE, A, B, S, TB)                                                               \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." \
+               TYPE "." TYPE " " SLATTN_WGMMA_REGS##N ", " A ", " B ", p, 1, 1, " TB ";\n}\n"                \
+               : SLATTN_WGMMA_ACC##N(d)                                                                    \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)), "n"(kTransB))
+
+// d (64 x N) = A (64 x 16) · B (N x 16)ᵀ [+ d], both from shared memory
+// (kTransA / kTransB: the operand is M-/N-major instead of K-major).
+template <typename Element, int N, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t a, uint64_t b, bool accumulate) {
+  static_assert(N == 64 || N == 128, "instantiated for N = 64 and 128");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (N == 64 && std::is_same_v<Element, __nv_bfloat16>)
+    SLATTN_WGMMA_SS(64, "bf16", "%32", "%33", "%34", "%35", "%36");
+  else if constexpr (N == 64)
+    SLATTN_WGMMA_SS(64, "f16", "%32", "%33", "%34", "%35", "%36");
+  else if constexpr (std::is_same_v<Element, __nv_bfloat16>)
+    SLATTN_WGMMA_SS(128, "bf16", "%64", "%65", "%66", "%67", "%68");
+  else
+    SLATTN_WGMMA_SS(128, "f16", "%64", "%65", "%66", "%67", "%68");
+#endif
+}
+
+// d (64 x N) = A (64 x 16, this warp's m16n8k16 A fragment) · B (N x 16)ᵀ [+ d], B from shared memory.
+template <typename Element, int N, int kTransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
+  static_assert(N == 64 || N == 128, "instantiated for N = 64 and 128");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (N == 64 && std::is_same_v<Element, __nv_bfloat16>)
+    SLATTN_WGMMA_RS(64, "bf16", "{%32, %33, %34, %35}", "%36", "%37", "%38");
+  else if constexpr (N == 64)
+    SLATTN_WGMMA_RS(64, "f16", "{%32, %33, %34, %35}", "%36", "%37", "%38");
+  else if constexpr (std::is_same_v<Element, __nv_bfloat16>)
+    SLATTN_WGMMA_RS(128, "bf16", "{%64, %65, %66, %67}", "%68", "%69", "%70");
+  else
+    SLATTN_WGMMA_RS(128, "f16", "{%64, %65, %66, %67}", "%68", "%69", "%70");
+#endif
+}
+
+#undef SLATTN_WGMMA_SS
+#undef SLATTN_WGMMA_RS
+#undef SLATTN_WGMMA_ACC64
+#undef SLATTN_WGMMA_ACC128
+#undef SLATTN_WGMMA_REGS64
+#undef SLATTN_WGMMA_REGS128
+#undef SLATTN_SM90A
+
+}  // namespace slattn::cuda

@@ -1,0 +1,77 @@
+"""The two mainloops of the CUDA sparse branch (forward and backward), each held to the float64
+composite with FlashAttention's tolerance rule: warpgroup products (wgmma,
+compute capability 9.0, the default there) and mma.sync (sm_80+; on Hopper
+when SLATTN_CUDA_MAINLOOP=mma). GPU only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slattn
+from test_cuda import check_against_composite, layer
+
+pytestmark = pytest.mark.gpu
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+MAINLOOPS = ["mma", pytest.param("wgmma", marks=pytest.mark.skipif(not HOPPER, reason="wgmma needs a Hopper GPU"))]
+
+
+@pytest.fixture(params=MAINLOOPS)
+def mainloop(request, monkeypatch):
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("blocks", [(64, 64), (128, 128), (64, 128), (128, 64)])
+def test_head_dims_block_sizes_and_dtypes(rng, mainloop, dtype, dim, blocks):
+    q, k, v, w, b = layer(rng, heads=2, q_len=333, k_len=290, dim=dim, dtype=dtype)
+    check_against_composite(q, k, v, w, b, topk=0.4, block_q=blocks[0], block_k=blocks[1])
+
+
+@pytest.mark.parametrize("shape", [dict(q_len=1, k_len=1), dict(q_len=1, k_len=200), dict(q_len=65, k_len=63),
+                                   dict(heads=6, kv_heads=1, q_len=150, k_len=100, dim=128),
+                                   dict(batch=2, heads=2, q_len=64, k_len=64)])
+@pytest.mark.parametrize("blocks", [(64, 64), (128, 128)])
+def test_edge_shapes(rng, mainloop, shape, blocks):
+    q, k, v, w, b = layer(rng, **shape)
+    check_against_composite(q, k, v, w, b, topk=0.5, block_q=blocks[0], block_k=blocks[1])
+
+
+def test_long_sequence_many_tiles(rng, mainloop):
+    q, k, v, w, b = layer(rng, heads=2, q_len=8192, k_len=8192, dim=128)
+    check_against_composite(q, k, v, w, b, topk=0.05, block_q=128, block_k=128, grads=False)
+
+
+def test_dense_rows_equal_sdpa(rng, mainloop):
+    q, k, v, _, _ = (t.cuda() if t is not None else None for t in layer(rng, heads=2, q_len=700, k_len=650, dim=128))
+    out = slattn.sparse_linear_attention(q, k, v, topk=1.0, block_q=128, block_k=128)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=0)
+
+
+def test_strided_head_dim_matches_contiguous(rng, mainloop):
+    """Rows that are not 16-byte vectors (every other element of a wider tensor) take the element-wise copies."""
+    q, k, v, w, b = (t.cuda() for t in layer(rng, heads=2, q_len=200, k_len=170, dim=64))
+    strided = [torch.stack((t, torch.zeros_like(t)), dim=-1).flatten(-2)[..., ::2] for t in (q, k, v)]
+    assert strided[0].stride(-1) == 2
+    plan = slattn.route(q, k, topk=0.3, block_q=128, block_k=128)
+    expected = slattn.sparse_linear_attention(q, k, v, w, b, plan=plan)
+    assert torch.equal(slattn.sparse_linear_attention(*strided, w, b, plan=plan), expected)
+
+
+def test_an_unknown_mainloop_is_refused(rng, monkeypatch):
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "fastest")
+    q, k, v, _, _ = (t.cuda() if t is not None else None for t in layer(rng))
+    with pytest.raises(ValueError, match="SLATTN_CUDA_MAINLOOP must be auto, mma or wgmma, got 'fastest'"):
+        slattn.sparse_linear_attention(q, k, v, topk=0.5)
+
+
+@pytest.mark.skipif(HOPPER, reason="the refusal is for GPUs without wgmma")
+def test_wgmma_off_hopper_is_refused(rng, monkeypatch):
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "wgmma")
+    q, k, v, _, _ = (t.cuda() if t is not None else None for t in layer(rng))
+    with pytest.raises(NotImplementedError, match="compute capability 9.0"):
+        slattn.sparse_linear_attention(q, k, v, topk=0.5)
