@@ -30,6 +30,14 @@ void launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block, size_t
   kernel<<<grid, block, shared, stream>>>(static_cast<Params>(args)...);
 }
 
+// The opt-in shared memory limit of a thread block on the current device.
+inline size_t max_shared_per_block() {
+  int device = 0, bytes = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  return static_cast<size_t>(bytes);
+}
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename Element>

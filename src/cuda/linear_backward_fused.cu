@@ -217,13 +217,6 @@ void dispatch_key_shape(DType dtype, const Geometry& g, Fn&& fn) {
   });
 }
 
-size_t max_shared_bytes_per_block() {
-  int device = 0, bytes = 0;
-  SLATTN_CUDA_CHECK(cudaGetDevice(&device));
-  SLATTN_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<size_t>(bytes);
-}
-
 }  // namespace
 
 LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geometry& g, bool projection) {
@@ -247,7 +240,7 @@ bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map) 
   dispatch_key_shape(DType::bfloat16, g, [&](auto tag, auto head_dim, auto block_k) {
     needed = key_grad_shared_bytes<decltype(tag), decltype(head_dim)::value, decltype(block_k)::value>(g);
   });
-  return needed <= max_shared_bytes_per_block();
+  return needed <= max_shared_per_block();
 }
 
 void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,

@@ -313,11 +313,9 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize) classify_kernel(const _
 
 void launch_classify(const ClassifyArgs& args, cudaStream_t stream) {
   const int k_blocks = static_cast<int>(args.shape.k_blocks());
-  int device = 0, shared_limit = 0;
-  SLATTN_CUDA_CHECK(cudaGetDevice(&device));
-  SLATTN_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t shared_limit = max_shared_per_block();
   const size_t per_warp = RowScratch::bytes(k_blocks);
-  const int warps = static_cast<int>(std::min<size_t>(kMaxWarps, static_cast<size_t>(shared_limit) / per_warp));
+  const int warps = static_cast<int>(std::min<size_t>(kMaxWarps, shared_limit / per_warp));
   SLATTN_CHECK(warps >= 1, "the CUDA router needs ", per_warp, " bytes of shared memory per row, the device has ",
                shared_limit);
   const size_t shared = warps * per_warp;

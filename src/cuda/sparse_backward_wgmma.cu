@@ -9,6 +9,8 @@
 // K in dQ += dS K, and dOs, Q in the dK/dV products, are read MN-major from
 // the same swizzled tiles the first products read K-major. Built for sm_90a
 // only (see sparse_forward_wgmma.cu).
+#include <algorithm>
+
 #include "cuda/common.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_mainloops.h"
@@ -113,8 +115,9 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockQ>(), 1)
   float dq[kHeadDim / 8][4] = {};
 
   const int64_t plan_row = pair * g.q_blocks + m;
-  const BlockTiles<kTile> tiles{plan.row_index + plan_row * g.k_blocks, plan.row_count[plan_row], g.block_k,
-                                g.k_len};
+  const BlockTiles<kTile> tiles{copy_block_list<kThreads>(plan.row_index + plan_row * g.k_blocks,
+                                                          plan.row_count[plan_row], reinterpret_cast<int32_t*>(&s + 1)),
+                                plan.row_count[plan_row], g.block_k, g.k_len};
   const int32_t total = tiles.count();
   auto load_keys = [&](int32_t t) {
     s.k[t & 1].template load<kThreads>(k, b, kv, tiles.first(t), tiles.end(t));
@@ -184,7 +187,9 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockK>(), 1)
     const int64_t h = kv * g.group() + member;
     const int64_t pair = b * g.heads + h;
     const int64_t column = pair * g.k_blocks + n;
-    const BlockTiles<kTile> tiles{plan.col_index + column * g.q_blocks, plan.col_count[column], g.block_q, g.q_len};
+    const BlockTiles<kTile> tiles{copy_block_list<kThreads>(plan.col_index + column * g.q_blocks,
+                                                            plan.col_count[column], reinterpret_cast<int32_t*>(&s + 1)),
+                                  plan.col_count[column], g.block_q, g.q_len};
     const int32_t total = tiles.count();
     auto load_queries = [&](int32_t t) {
       const int buffer = t & 1;
@@ -258,14 +263,18 @@ bool sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const
         const auto dq_kernel = sparse_dq_wgmma_kernel<Element, D, BQ>;
         const auto dkv_kernel = sparse_dkv_wgmma_kernel<Element, D, BK>;
         static const bool available = loaded_for_hopper(dq_kernel) && loaded_for_hopper(dkv_kernel);
-        if (!available) return;
-        launch_with_shared(dq_kernel, dim3(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch)), warpgroup_threads<BQ>(),
-                           sizeof(WgmmaQueryBlockShared<Element, D, BQ>) + kSwizzleAtomBytes, stream, g, plan, args,
-                           dos);
+        const size_t dq_shared = kSwizzleAtomBytes + sizeof(WgmmaQueryBlockShared<Element, D, BQ>) +
+                                 g.k_blocks * sizeof(int32_t);  // + the row list
+        const size_t dkv_shared = kSwizzleAtomBytes + sizeof(WgmmaKeyBlockShared<Element, D, BK>) +
+                                  g.q_blocks * sizeof(int32_t);  // + the column list
+        if (!available || std::max(dq_shared, dkv_shared) > max_shared_per_block()) return;
+        const dim3 dq_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
+                           static_cast<unsigned>(g.batch));
+        launch_with_shared(dq_kernel, dq_grid, warpgroup_threads<BQ>(), dq_shared, stream, g, plan, args, dos);
         SLATTN_LAUNCH_CHECK("sparse_dq_wgmma_kernel");
-        launch_with_shared(dkv_kernel, dim3(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_heads), static_cast<unsigned>(g.batch)), warpgroup_threads<BK>(),
-                           sizeof(WgmmaKeyBlockShared<Element, D, BK>) + kSwizzleAtomBytes, stream, g, plan, args,
-                           dos);
+        const dim3 dkv_grid(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_heads),
+                            static_cast<unsigned>(g.batch));
+        launch_with_shared(dkv_kernel, dkv_grid, warpgroup_threads<BK>(), dkv_shared, stream, g, plan, args, dos);
         SLATTN_LAUNCH_CHECK("sparse_dkv_wgmma_kernel");
         launched = true;
       };

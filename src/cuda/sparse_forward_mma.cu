@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, 2)
     const int64_t first = tiles.first(t), end = tiles.end(t);  // read before the products: fewer live registers
     float score[kKeyTiles8][4] = {};
     mma_a_bt<Element, kHeadDim, kKeyTile>(score, q_rows, s.k[buffer]);
-    online_softmax_step(score, out, row_max, row_sum, first, end, scale_log2);
+    online_softmax_step<KeyMask::every_tile>(score, out, row_max, row_sum, first, end, scale_log2);
     mma_p_b<Element, kHeadDim, kKeyTile>(out, score, s.v[buffer]);  // O += P V
     __syncthreads();  // every warp is done with `buffer` before tile t + 2 is loaded into it
   }

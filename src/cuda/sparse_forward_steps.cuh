@@ -11,25 +11,31 @@
 
 namespace slattn::cuda {
 
+// Which score tiles are masked key by key: every one, or only one that
+// reaches past the sequence (its last). The check costs a branch per tile
+// and registers: the mma.sync kernel, capped at 128, keeps `every_tile`.
+enum class KeyMask { every_tile, partial_tiles };
+
 // Masks keys at or past `end` (the tile's keys start at `first`), moves the
 // running maxima (log2 units), turns the scores into P = exp2(S - max) and
-// rescales the running sums and the output accumulators to the new maxima.
-template <int kKeyTiles8, int kDimTiles8>
-__device__ __forceinline__ void online_softmax_step(float (&score)[kKeyTiles8][4], float (&out)[kDimTiles8][4],
-                                                    float (&row_max)[2], float (&row_sum)[2], int64_t first,
-                                                    int64_t end, float scale_log2) {
+// rescales the running sums; `correction` receives the factor by which the
+// output accumulators are to be rescaled (rescale_rows).
+template <KeyMask kMask, int kKeyTiles8>
+__device__ __forceinline__ void softmax_scores(float (&score)[kKeyTiles8][4], float (&row_max)[2],
+                                               float (&row_sum)[2], int64_t first, int64_t end, float scale_log2,
+                                               float (&correction)[2]) {
   const int quad = (threadIdx.x % kWarpSize) % 4;
+  const bool full = kMask == KeyMask::partial_tiles && end - first >= kKeyTiles8 * 8;
   float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int j = 0; j < kKeyTiles8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t key = first + j * 8 + 2 * quad + (e & 1);
-      score[j][e] = key < end ? score[j][e] * scale_log2 : -INFINITY;
+      score[j][e] = full || key < end ? score[j][e] * scale_log2 : -INFINITY;
       tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
     }
   }
-  float correction[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
@@ -47,13 +53,28 @@ __device__ __forceinline__ void online_softmax_step(float (&score)[kKeyTiles8][4
       row_sum[e / 2] += score[j][e];  // this thread's share; summed over the quad at the end
     }
   }
+}
+
+// Accumulator rows group and group + 8 multiplied by correction[0] and [1].
+template <int kTiles8>
+__device__ __forceinline__ void rescale_rows(float (&acc)[kTiles8][4], const float (&correction)[2]) {
 #pragma unroll
-  for (int j = 0; j < kDimTiles8; ++j) {
-    out[j][0] *= correction[0];
-    out[j][1] *= correction[0];
-    out[j][2] *= correction[1];
-    out[j][3] *= correction[1];
+  for (int j = 0; j < kTiles8; ++j) {
+    acc[j][0] *= correction[0];
+    acc[j][1] *= correction[0];
+    acc[j][2] *= correction[1];
+    acc[j][3] *= correction[1];
   }
+}
+
+// One step of the online softmax: softmax_scores, then the output rescaled.
+template <KeyMask kMask, int kKeyTiles8, int kDimTiles8>
+__device__ __forceinline__ void online_softmax_step(float (&score)[kKeyTiles8][4], float (&out)[kDimTiles8][4],
+                                                    float (&row_max)[2], float (&row_sum)[2], int64_t first,
+                                                    int64_t end, float scale_log2) {
+  float correction[2];
+  softmax_scores<kMask>(score, row_max, row_sum, first, end, scale_log2, correction);
+  rescale_rows(out, correction);
 }
 
 // Elements d (even) and d + 1 of row (b, h, l) of x, when x is defined: one

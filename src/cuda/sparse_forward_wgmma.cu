@@ -23,7 +23,7 @@ struct WgmmaForwardShared {
 
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
 constexpr size_t wgmma_forward_shared_bytes() {  // with room to align the dynamic buffer to the swizzle atom
-  return sizeof(WgmmaForwardShared<Element, kHeadDim, kBlockQ, kKeyTile>) + kSwizzleAtomBytes;
+  return sizeof(WgmmaForwardShared<Element, kHeadDim, kBlockQ, kKeyTile>) + kSwizzleAtomBytes;  // + the row list
 }
 
 template <int kBlockQ>
@@ -69,8 +69,10 @@ __global__ void __launch_bounds__(wgmma_forward_threads<kBlockQ>(),
   float out[kHeadDim / 8][4] = {};
 
   const int64_t plan_row = (b * g.heads + h) * g.q_blocks + m;
-  const BlockTiles<kKeyTile> tiles{plan.row_index + plan_row * g.k_blocks, plan.row_count[plan_row], g.block_k,
-                                   g.k_len};
+  const int32_t blocks = plan.row_count[plan_row];
+  const BlockTiles<kKeyTile> tiles{copy_block_list<kThreads>(plan.row_index + plan_row * g.k_blocks, blocks,
+                                                             reinterpret_cast<int32_t*>(&s + 1)),  // after the tiles
+                                   blocks, g.block_k, g.k_len};
   const int32_t total = tiles.count();
   auto load_keys = [&](int32_t t) {
     s.k[t & 1].template load<kThreads>(k, b, kv, tiles.first(t), tiles.end(t));
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(wgmma_forward_threads<kBlockQ>(),
     wgmma_wait<0>();
     fence_accumulators(score);
 
-    online_softmax_step(score, out, row_max, row_sum, first, end, scale_log2);
+    online_softmax_step<KeyMask::partial_tiles>(score, out, row_max, row_sum, first, end, scale_log2);
 
     uint64_t v_desc = mn_major_descriptor(s.v[buffer]);
     opaque(v_desc);
@@ -136,8 +138,9 @@ bool sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const 
         const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT>;
         static const bool available = loaded_for_hopper(kernel);
         if (!available) return;
-        launch_with_shared(kernel, grid, wgmma_forward_threads<BQ>(), wgmma_forward_shared_bytes<Element, D, BQ, KT>(),
-                           stream, g, plan, args);
+        const size_t shared = wgmma_forward_shared_bytes<Element, D, BQ, KT>() + g.k_blocks * sizeof(int32_t);
+        if (shared > max_shared_per_block()) return;  // a row list this long: the mma.sync mainloop serves it
+        launch_with_shared(kernel, grid, wgmma_forward_threads<BQ>(), shared, stream, g, plan, args);
         launched = true;
       };
       if (g.block_k == 64) return launch(std::integral_constant<int, 64>{});
