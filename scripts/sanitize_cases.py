@@ -1,5 +1,8 @@
 """Small ragged SLA cases for compute-sanitizer (memcheck, racecheck): forward
-and backward of every CUDA kernel, with and without the linear branch."""
+and backward of every CUDA kernel, with and without the linear branch, on
+every sparse mainloop the GPU has (wgmma and mma.sync on Hopper)."""
+
+import os
 
 import torch
 
@@ -7,6 +10,15 @@ import slattn
 
 
 def main() -> None:
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    for mainloop in ("wgmma", "mma") if hopper else ("mma",):
+        os.environ["SLATTN_CUDA_MAINLOOP"] = mainloop
+        run_cases()
+    torch.cuda.synchronize()
+    print("sanitize cases ran")
+
+
+def run_cases() -> None:
     gen = torch.Generator().manual_seed(0)
     cases = ((130, 70, 2, 1, 64, 64, 64), (65, 200, 2, 2, 128, 128, 128), (200, 150, 2, 1, 128, 128, 64))
     for q_len, k_len, heads, kv_heads, dim, block_q, block_k in cases:
@@ -20,8 +32,6 @@ def main() -> None:
                                                  block_k=block_k)
             out.float().square().sum().backward()
         slattn.plan_from_block_map(slattn.route(q, k, topk=0.5).block_map)
-    torch.cuda.synchronize()
-    print("sanitize cases ran")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ namespace {
 
 constexpr int kTile = 64;  // keys per tile in the dQ kernel, queries per tile in the dK/dV kernel
 using Accumulators64 = float[kTile / 8][4];
+using Fragments64 = uint32_t[kTile / 16][4];
 
 template <typename Element, int kHeadDim, int kBlockQ>
 struct WgmmaQueryBlockShared {
@@ -54,20 +55,15 @@ __device__ __forceinline__ void product_a_bt(float (&acc)[N / 8][4], const TileA
                                step > 0);
 }
 
-// acc (64 x kHeadDim) += P · B, P (64 x kTile) the fp32 accumulators of an
-// earlier product rounded to Element, B a (kTile x kHeadDim) tile read MN-major.
+// acc (64 x kHeadDim) += P · B, P (64 x kTile) given as A fragments
+// (accumulators_to_fragments), B a (kTile x kHeadDim) tile read MN-major.
 template <typename Element, int kHeadDim, typename TileB>
-__device__ __forceinline__ void product_p_b(float (&acc)[kHeadDim / 8][4], const Accumulators64& p, const TileB& b) {
+__device__ __forceinline__ void product_p_b(float (&acc)[kHeadDim / 8][4], const Fragments64& p, const TileB& b) {
   uint64_t b_desc = mn_major_descriptor(b);
   opaque(b_desc);
 #pragma unroll
-  for (int step = 0; step < kTile / 16; ++step) {
-    const uint32_t fragment[4] = {pack2<Element>(p[2 * step][0], p[2 * step][1]),
-                                  pack2<Element>(p[2 * step][2], p[2 * step][3]),
-                                  pack2<Element>(p[2 * step + 1][0], p[2 * step + 1][1]),
-                                  pack2<Element>(p[2 * step + 1][2], p[2 * step + 1][3])};
-    wgmma_rs<Element, kHeadDim, 1>(acc, fragment, b_desc + mn_major_offset<TileB>(step), true);
-  }
+  for (int step = 0; step < kTile / 16; ++step)
+    wgmma_rs<Element, kHeadDim, 1>(acc, p[step], b_desc + mn_major_offset<TileB>(step), true);
 }
 
 // Issues the batch `issue` on the warpgroup's tensor cores and waits for it; `acc` are its accumulators.
@@ -145,7 +141,9 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockQ>(), 1)
         ds[j][e] = p[j][e] * (ds[j][e] - delta[e / 2]);
       }
     }
-    run_products([&] { product_p_b<Element, kHeadDim>(dq, ds, s.k[buffer]); }, dq);
+    Fragments64 ds_fragments;
+    accumulators_to_fragments<Element, kTile>(ds, ds_fragments);
+    run_products([&] { product_p_b<Element, kHeadDim>(dq, ds_fragments, s.k[buffer]); }, dq);
     __syncthreads();  // every warpgroup is done with `buffer` before tile t + 2 is loaded into it
   }
   cp_async_wait<0>();  // nothing left in flight when no tile was walked
@@ -223,10 +221,13 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockK>(), 1)
           dst[j][e] = pt[j][e] * (dst[j][e] - s.delta[buffer][query]);
         }
       }
+      Fragments64 pt_fragments, dst_fragments;
+      accumulators_to_fragments<Element, kTile>(pt, pt_fragments);
+      accumulators_to_fragments<Element, kTile>(dst, dst_fragments);
       run_products(
           [&] {
-            product_p_b<Element, kHeadDim>(dv, pt, s.dos[buffer]);
-            product_p_b<Element, kHeadDim>(dk, dst, s.q[buffer]);
+            product_p_b<Element, kHeadDim>(dv, pt_fragments, s.dos[buffer]);
+            product_p_b<Element, kHeadDim>(dk, dst_fragments, s.q[buffer]);
           },
           dv, dk);
       __syncthreads();  // every warpgroup is done with `buffer` before tile t + 2 is loaded into it

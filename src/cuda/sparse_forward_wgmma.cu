@@ -100,18 +100,15 @@ __global__ void __launch_bounds__(wgmma_forward_threads<kBlockQ>(),
 
     online_softmax_step<KeyMask::partial_tiles>(score, out, row_max, row_sum, first, end, scale_log2);
 
+    uint32_t p[kKeyTile / 16][4];
+    accumulators_to_fragments<Element, kKeyTile>(score, p);
     uint64_t v_desc = mn_major_descriptor(s.v[buffer]);
     opaque(v_desc);
     fence_accumulators(out);
     wgmma_fence();
 #pragma unroll
-    for (int step = 0; step < kKeyTile / 16; ++step) {  // O += P V, 16 keys a step; V is read N-major
-      const uint32_t p[4] = {pack2<Element>(score[2 * step][0], score[2 * step][1]),
-                             pack2<Element>(score[2 * step][2], score[2 * step][3]),
-                             pack2<Element>(score[2 * step + 1][0], score[2 * step + 1][1]),
-                             pack2<Element>(score[2 * step + 1][2], score[2 * step + 1][3])};
-      wgmma_rs<Element, kHeadDim, 1>(out, p, v_desc + mn_major_offset<KeyTile>(step), true);
-    }
+    for (int step = 0; step < kKeyTile / 16; ++step)  // O += P V, 16 keys a step; V is read N-major
+      wgmma_rs<Element, kHeadDim, 1>(out, p[step], v_desc + mn_major_offset<KeyTile>(step), true);
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(out);

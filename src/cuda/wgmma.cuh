@@ -21,6 +21,7 @@
 
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 
 namespace slattn::cuda {
 
@@ -134,6 +135,21 @@ __device__ __forceinline__ void wgmma_commit() {
 template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
   SLATTN_SM90A(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory"));
+}
+
+// P (64 x kCols, a warpgroup's fp32 accumulators) rounded to Element as the
+// A fragments of kCols / 16 register-A products. Formed before the
+// wgmma_fence of their batch: ptxas otherwise fences each product again.
+template <typename Element, int kCols>
+__device__ __forceinline__ void accumulators_to_fragments(const float (&p)[kCols / 8][4],
+                                                          uint32_t (&fragments)[kCols / 16][4]) {
+#pragma unroll
+  for (int step = 0; step < kCols / 16; ++step) {
+    fragments[step][0] = pack2<Element>(p[2 * step][0], p[2 * step][1]);
+    fragments[step][1] = pack2<Element>(p[2 * step][2], p[2 * step][3]);
+    fragments[step][2] = pack2<Element>(p[2 * step + 1][0], p[2 * step + 1][1]);
+    fragments[step][3] = pack2<Element>(p[2 * step + 1][2], p[2 * step + 1][3]);
+  }
 }
 
 // Keeps the compiler from moving accesses of the accumulators across the asynchronous products.
