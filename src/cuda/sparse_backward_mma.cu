@@ -9,6 +9,7 @@
 // dS enter the second product rounded to the input dtype, as in FlashAttention.
 #include "cuda/common.cuh"
 #include "cuda/sla_cuda.h"
+#include "cuda/sparse_backward_steps.cuh"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
 #include "cuda/tile_mma.cuh"
@@ -61,12 +62,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
   cp_async_commit();
   const int local0 = warp * kRowsPerWarp;
   float lse_log2[2], delta[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row0 + local0 + accumulator_row(2 * r);
-    lse_log2[r] = row < g.q_len ? a.lse[pair * g.q_len + row] * kLog2e : INFINITY;
-    delta[r] = a.delta[padded0 + local0 + accumulator_row(2 * r)];
-  }
+  load_query_row_stats(g, a, pair, row0 + local0, lse_log2, delta);
   const float scale_log2 = a.scale * kLog2e;
   float dq[kDimTiles8][4] = {};
 
@@ -88,15 +84,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
     float p[kTiles8][4] = {}, ds[kTiles8][4] = {};
     mma_a_bt<Element, kHeadDim, kTile>(p, &s.q[local0], s.k[buffer]);     // S
     mma_a_bt<Element, kHeadDim, kTile>(ds, &s.dos[local0], s.v[buffer]);  // dP
-#pragma unroll
-    for (int j = 0; j < kTiles8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool valid = first + accumulator_col(j, e) < end;
-        p[j][e] = valid ? exp2f(p[j][e] * scale_log2 - lse_log2[e / 2]) : 0.0f;
-        ds[j][e] = p[j][e] * (ds[j][e] - delta[e / 2]);
-      }
-    }
+    score_grads(p, ds, first, end, scale_log2, lse_log2, delta);
     mma_p_b<Element, kHeadDim, kTile>(dq, ds, s.k[buffer]);
     __syncthreads();  // every warp is done with `buffer` before tile t + 2 is loaded into it
   }
@@ -147,11 +135,7 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
       load_tile<Element, kHeadDim, kThreads>(q, b, h, first, kTile, end, s.q[buffer]);
       load_tile<Element, kHeadDim, kThreads>(dos, b, h, first, kTile, end, s.dos[buffer]);
       cp_async_commit();
-      for (int r = threadIdx.x; r < kTile; r += kThreads) {
-        const bool valid = first + r < end;
-        s.lse_log2[buffer][r] = valid ? a.lse[pair * g.q_len + first + r] * kLog2e : INFINITY;
-        s.delta[buffer][r] = valid ? a.delta[pair * g.q_rows() + first + r] : 0.0f;
-      }
+      load_query_tile_stats<kTile, kThreads>(g, a, pair, first, end, s.lse_log2[buffer], s.delta[buffer]);
     };
     if (total > 0) load_queries(0);
     for (int32_t t = 0; t < total; ++t) {
@@ -160,15 +144,7 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
       float pt[kTiles8][4] = {}, dst[kTiles8][4] = {};
       mma_a_bt<Element, kHeadDim, kTile>(pt, &s.k[local0], s.q[buffer]);     // Sᵀ
       mma_a_bt<Element, kHeadDim, kTile>(dst, &s.v[local0], s.dos[buffer]);  // dPᵀ
-#pragma unroll
-      for (int j = 0; j < kTiles8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = accumulator_col(j, e);
-          pt[j][e] = exp2f(pt[j][e] * scale_log2 - s.lse_log2[buffer][query]);
-          dst[j][e] = pt[j][e] * (dst[j][e] - s.delta[buffer][query]);
-        }
-      }
+      score_grads_transposed(pt, dst, scale_log2, s.lse_log2[buffer], s.delta[buffer]);
       mma_p_b<Element, kHeadDim, kTile>(dv, pt, s.dos[buffer]);
       mma_p_b<Element, kHeadDim, kTile>(dk, dst, s.q[buffer]);
       __syncthreads();  // every warp is done with `buffer` before tile t + 2 is loaded into it

@@ -13,6 +13,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/sla_cuda.h"
+#include "cuda/sparse_backward_steps.cuh"
 #include "cuda/sparse_mainloops.h"
 #include "cuda/tile_mma.cuh"
 #include "cuda/wgmma.cuh"
@@ -101,12 +102,7 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockQ>(), 1)
   cp_async_commit();
   const int local0 = warp * kRowsPerWarp;
   float lse_log2[2], delta[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row0 + local0 + accumulator_row(2 * r);
-    lse_log2[r] = row < g.q_len ? a.lse[pair * g.q_len + row] * kLog2e : INFINITY;
-    delta[r] = a.delta[padded0 + local0 + accumulator_row(2 * r)];
-  }
+  load_query_row_stats(g, a, pair, row0 + local0, lse_log2, delta);
   const float scale_log2 = a.scale * kLog2e;
   float dq[kHeadDim / 8][4] = {};
 
@@ -116,9 +112,7 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockQ>(), 1)
                                 plan.row_count[plan_row], g.block_k, g.k_len};
   const int32_t total = tiles.count();
   auto load_keys = [&](int32_t t) {
-    s.k[t & 1].template load<kThreads>(k, b, kv, tiles.first(t), tiles.end(t));
-    s.v[t & 1].template load<kThreads>(v, b, kv, tiles.first(t), tiles.end(t));
-    cp_async_commit();
+    load_tile_pair<kThreads>(s.k[t & 1], s.v[t & 1], k, v, b, kv, tiles.first(t), tiles.end(t));
   };
   if (total > 0) load_keys(0);
   for (int32_t t = 0; t < total; ++t) {
@@ -132,15 +126,7 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockQ>(), 1)
           product_a_bt<Element, kHeadDim, kTile>(ds, s.dos, warpgroup_row0, s.v[buffer]);  // dP
         },
         p, ds);
-#pragma unroll
-    for (int j = 0; j < kTile / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool valid = first + accumulator_col(j, e) < end;
-        p[j][e] = valid ? exp2f(p[j][e] * scale_log2 - lse_log2[e / 2]) : 0.0f;
-        ds[j][e] = p[j][e] * (ds[j][e] - delta[e / 2]);
-      }
-    }
+    score_grads(p, ds, first, end, scale_log2, lse_log2, delta);
     Fragments64 ds_fragments;
     accumulators_to_fragments<Element, kTile>(ds, ds_fragments);
     run_products([&] { product_p_b<Element, kHeadDim>(dq, ds_fragments, s.k[buffer]); }, dq);
@@ -192,14 +178,8 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockK>(), 1)
     auto load_queries = [&](int32_t t) {
       const int buffer = t & 1;
       const int64_t first = tiles.first(t), end = tiles.end(t);
-      s.q[buffer].template load<kThreads>(q, b, h, first, end);
-      s.dos[buffer].template load<kThreads>(dos, b, h, first, end);
-      cp_async_commit();
-      for (int r = threadIdx.x; r < kTile; r += kThreads) {
-        const bool valid = first + r < end;
-        s.lse_log2[buffer][r] = valid ? a.lse[pair * g.q_len + first + r] * kLog2e : INFINITY;
-        s.delta[buffer][r] = valid ? a.delta[pair * g.q_rows() + first + r] : 0.0f;
-      }
+      load_tile_pair<kThreads>(s.q[buffer], s.dos[buffer], q, dos, b, h, first, end);
+      load_query_tile_stats<kTile, kThreads>(g, a, pair, first, end, s.lse_log2[buffer], s.delta[buffer]);
     };
     if (total > 0) load_queries(0);
     for (int32_t t = 0; t < total; ++t) {
@@ -212,15 +192,7 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockK>(), 1)
             product_a_bt<Element, kHeadDim, kTile>(dst, s.v, warpgroup_row0, s.dos[buffer]);  // dPᵀ
           },
           pt, dst);
-#pragma unroll
-      for (int j = 0; j < kTile / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = accumulator_col(j, e);
-          pt[j][e] = exp2f(pt[j][e] * scale_log2 - s.lse_log2[buffer][query]);
-          dst[j][e] = pt[j][e] * (dst[j][e] - s.delta[buffer][query]);
-        }
-      }
+      score_grads_transposed(pt, dst, scale_log2, s.lse_log2[buffer], s.delta[buffer]);
       Fragments64 pt_fragments, dst_fragments;
       accumulators_to_fragments<Element, kTile>(pt, pt_fragments);
       accumulators_to_fragments<Element, kTile>(dst, dst_fragments);

@@ -75,9 +75,7 @@ __global__ void __launch_bounds__(wgmma_forward_threads<kBlockQ>(),
                                    blocks, g.block_k, g.k_len};
   const int32_t total = tiles.count();
   auto load_keys = [&](int32_t t) {
-    s.k[t & 1].template load<kThreads>(k, b, kv, tiles.first(t), tiles.end(t));
-    s.v[t & 1].template load<kThreads>(v, b, kv, tiles.first(t), tiles.end(t));
-    cp_async_commit();
+    load_tile_pair<kThreads>(s.k[t & 1], s.v[t & 1], k, v, b, kv, tiles.first(t), tiles.end(t));
   };
   if (total > 0) load_keys(0);
   for (int32_t t = 0; t < total; ++t) {

@@ -74,6 +74,17 @@ __device__ __forceinline__ unsigned char* align_shared(unsigned char* raw, uint3
   return raw + ((address + alignment - 1) / alignment * alignment - address);
 }
 
+// Starts copying rows [first, first + rows) of the (b, h) slices of x and y
+// (K and V, or Q and dO) into a pair of tiles, rows from `valid` on zero, as one cp.async group.
+template <int kThreads, typename Tile, typename Element>
+__device__ __forceinline__ void load_tile_pair(Tile& x_tile, Tile& y_tile, const DeviceView<const Element>& x,
+                                               const DeviceView<const Element>& y, int64_t b, int64_t h,
+                                               int64_t first, int64_t valid) {
+  x_tile.template load<kThreads>(x, b, h, first, valid);
+  y_tile.template load<kThreads>(y, b, h, first, valid);
+  cp_async_commit();
+}
+
 // The shared-memory matrix descriptor of a 128-byte-swizzled operand at
 // `start`: `leading` bytes between column chunks along M/N (used by
 // MN-major operands), `stride` bytes between 8-row groups along K or M/N.
