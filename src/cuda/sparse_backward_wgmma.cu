@@ -64,7 +64,7 @@ __device__ __forceinline__ void product_p_b(float (&acc)[kHeadDim / 8][4], const
   opaque(b_desc);
 #pragma unroll
   for (int step = 0; step < kTile / 16; ++step)
-    wgmma_rs<Element, kHeadDim, 1>(acc, p[step], b_desc + mn_major_offset<TileB>(step), true);
+    wgmma_rs<Element, kHeadDim, 1>(acc, p[step], b_desc + mn_major_offset(step), true);
 }
 
 // Issues the batch `issue` on the warpgroup's tensor cores and waits for it; `acc` are its accumulators.

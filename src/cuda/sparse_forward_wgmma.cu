@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(wgmma_forward_threads<kBlockQ>(),
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < kKeyTile / 16; ++step)  // O += P V, 16 keys a step; V is read N-major
-      wgmma_rs<Element, kHeadDim, 1>(out, p[step], v_desc + mn_major_offset<KeyTile>(step), true);
+      wgmma_rs<Element, kHeadDim, 1>(out, p[step], v_desc + mn_major_offset(step), true);
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(out);

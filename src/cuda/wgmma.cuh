@@ -116,7 +116,6 @@ __device__ __forceinline__ uint64_t k_major_offset(int row, int step16) {
   return ((step16 / kStepsPerChunk) * Tile::kChunkBytes + row * kSwizzleBytes +
           (step16 % kStepsPerChunk) * 16 * int(sizeof(Tile::data[0]))) >> 4;
 }
-template <typename Tile>
 __device__ __forceinline__ uint64_t mn_major_offset(int step16) {
   return (step16 * 16 * kSwizzleBytes) >> 4;
 }
