@@ -4,7 +4,9 @@
 // key tiles of the row list (double-buffered, 128-byte swizzled) while the
 // warpgroups compute S = Q Kᵀ from shared memory and O += P V with P in
 // registers. Built for sm_90a only; other targets get an empty body that is
-// never launched (sparse_forward checks the loaded binary).
+// never launched (sparse_forward checks the loaded binary). FlashAttention-3's
+// intra-warpgroup overlap was tried here and was slower without a producer
+// warp (docs/performance.md).
 #include "cuda/common.cuh"
 #include "cuda/sparse_forward_steps.cuh"
 #include "cuda/sla_cuda.h"
@@ -21,9 +23,11 @@ struct WgmmaForwardShared {
   SwizzledTile<Element, kKeyTile, kHeadDim> v[2];
 };
 
+// The tiles, with room to align the dynamic buffer to the swizzle atom; the
+// launch adds the row list (k_blocks entries), copied after the tiles.
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
-constexpr size_t wgmma_forward_shared_bytes() {  // with room to align the dynamic buffer to the swizzle atom
-  return sizeof(WgmmaForwardShared<Element, kHeadDim, kBlockQ, kKeyTile>) + kSwizzleAtomBytes;  // + the row list
+constexpr size_t wgmma_forward_shared_bytes() {
+  return sizeof(WgmmaForwardShared<Element, kHeadDim, kBlockQ, kKeyTile>) + kSwizzleAtomBytes;
 }
 
 template <int kBlockQ>
