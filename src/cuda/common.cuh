@@ -94,11 +94,6 @@ __device__ __forceinline__ bool rows_are_16_byte_aligned(const DeviceView<Elemen
          x.stride_b % kVector == 0 && x.stride_h % kVector == 0;
 }
 
-// Two adjacent fp32 values (an accumulator's columns 2c, 2c + 1) as one 8-byte store.
-__device__ __forceinline__ void store_float_pair(float* row, int64_t column, float value0, float value1) {
-  *reinterpret_cast<float2*>(row + column) = make_float2(value0, value1);
-}
-
 __device__ __forceinline__ float warp_sum(float x) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;

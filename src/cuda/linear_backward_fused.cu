@@ -206,17 +206,6 @@ __global__ void __launch_bounds__(kBlockK / kRowsPerWarp * kWarpSize)
   }
 }
 
-// Calls fn(Element{}, D, BK) as integral constants for g's element type, head dim and key block.
-template <typename Fn>
-void dispatch_key_shape(DType dtype, const Geometry& g, Fn&& fn) {
-  dispatch_element(dtype, [&](auto tag) {
-    dispatch_sparse_shape(g, [&](auto head_dim, auto) {
-      if (g.block_k == 64) return fn(tag, head_dim, std::integral_constant<int, 64>{});
-      return fn(tag, head_dim, std::integral_constant<int, 128>{});
-    });
-  });
-}
-
 }  // namespace
 
 LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geometry& g, bool projection) {
@@ -237,7 +226,7 @@ LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geomet
 bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map) {
   if (!fused_linear_forward_supported(feature_map)) return false;
   size_t needed = 0;
-  dispatch_key_shape(DType::bfloat16, g, [&](auto tag, auto head_dim, auto block_k) {
+  dispatch_sparse_kernel(DType::bfloat16, g, [&](auto tag, auto head_dim, auto, auto block_k) {
     needed = key_grad_shared_bytes<decltype(tag), decltype(head_dim)::value, decltype(block_k)::value>(g);
   });
   return needed <= max_shared_per_block();
@@ -255,16 +244,14 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
   }
   key_block_states(g, k, v, feature_map, buf.keys, stream);
   const dim3 query_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.q_pairs()));
-  dispatch_element(q.dtype, [&](auto tag) {
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
     using Element = decltype(tag);
-    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
-      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      launch_with_shared(linear_query_grads_kernel<Element, D, BQ>, query_grid, BQ / kRowsPerWarp * kWarpSize,
-                         query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan,
-                         DeviceView<const Element>::of(q), feature_map, scope, buf.keys, weight ? buf.dol : nullptr,
-                         DeviceView<const Element>::of(dout_linear), buf.ol, dq_rows, DeviceView<Element>::of(dq),
-                         buf.dh_query, buf.dz_query);
-    });
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+    launch_with_shared(linear_query_grads_kernel<Element, D, BQ>, query_grid, BQ / kRowsPerWarp * kWarpSize,
+                       query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan, DeviceView<const Element>::of(q),
+                       feature_map, scope, buf.keys, weight ? buf.dol : nullptr,
+                       DeviceView<const Element>::of(dout_linear), buf.ol, dq_rows, DeviceView<Element>::of(dq),
+                       buf.dh_query, buf.dz_query);
   });
   SLATTN_LAUNCH_CHECK("linear_query_grads_kernel");
 
@@ -273,7 +260,7 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
   column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);
 
   const dim3 key_grid(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_pairs()));
-  dispatch_key_shape(k.dtype, g, [&](auto tag, auto head_dim, auto block_k) {
+  dispatch_sparse_kernel(k.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
     launch_with_shared(linear_key_grads_kernel<Element, D, BK>, key_grid, BK / kRowsPerWarp * kWarpSize,

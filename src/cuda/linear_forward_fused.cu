@@ -146,14 +146,12 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, kQueryBloc
 void key_block_states(const Geometry& g, const TensorView& k, const TensorView& v, FeatureMap feature_map,
                       const KeyStates& states, cudaStream_t stream) {
   SLATTN_CHECK(fused_linear_forward_supported(feature_map), "key_block_states: fixed feature maps only");
-  dispatch_element(k.dtype, [&](auto tag) {
+  dispatch_sparse_kernel(k.dtype, g, [&](auto tag, auto head_dim, auto, auto) {
     using Element = decltype(tag);
-    dispatch_sparse_shape(g, [&](auto head_dim, auto) {
-      constexpr int D = decltype(head_dim)::value;
-      launch_with_shared(key_block_states_kernel<Element, D>, static_cast<unsigned>(g.kv_pairs() * g.k_blocks),
-                         state_threads<D>(), state_shared_bytes<Element, D>(g), stream, g,
-                         DeviceView<const Element>::of(k), DeviceView<const Element>::of(v), feature_map, states);
-    });
+    constexpr int D = decltype(head_dim)::value;
+    launch_with_shared(key_block_states_kernel<Element, D>, static_cast<unsigned>(g.kv_pairs() * g.k_blocks),
+                       state_threads<D>(), state_shared_bytes<Element, D>(g), stream, g,
+                       DeviceView<const Element>::of(k), DeviceView<const Element>::of(v), feature_map, states);
   });
   SLATTN_LAUNCH_CHECK("key_block_states_kernel");
   const int64_t state = g.features * g.dim;
@@ -165,15 +163,13 @@ void linear_output_fused(const Geometry& g, const RoutingPlanView& plan, const T
                          LinearScope scope, const KeyStates& states, const float* weight, const float* bias,
                          const TensorView& out, const TensorView& out_linear, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.q_pairs()));
-  dispatch_element(q.dtype, [&](auto tag) {
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
     using Element = decltype(tag);
-    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
-      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      launch_with_shared(fused_linear_output_kernel<Element, D, BQ>, grid, BQ / kRowsPerWarp * kWarpSize,
-                         query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan,
-                         DeviceView<const Element>::of(q), feature_map, scope, states, weight, bias,
-                         DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear));
-    });
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+    launch_with_shared(fused_linear_output_kernel<Element, D, BQ>, grid, BQ / kRowsPerWarp * kWarpSize,
+                       query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan, DeviceView<const Element>::of(q),
+                       feature_map, scope, states, weight, bias, DeviceView<Element>::of(out),
+                       DeviceView<Element>::of(out_linear));
   });
   SLATTN_LAUNCH_CHECK("fused_linear_output_kernel");
 }

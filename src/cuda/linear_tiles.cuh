@@ -172,35 +172,6 @@ __device__ __forceinline__ void feature_map_backward(FeatureMap feature_map, con
   }
 }
 
-// Accumulator elements 2p and 2p + 1 of a tile are adjacent columns of row
-// accumulator_row(2p): global rows are read and written as float2 pairs.
-template <typename F>  // float, or const float for a read-only pair
-__device__ __forceinline__ auto& accumulator_pair(F* row_major, int pitch, int j, int p) {
-  using Pair = std::conditional_t<std::is_const_v<F>, const float2, float2>;
-  return *reinterpret_cast<Pair*>(row_major + accumulator_row(2 * p) * pitch + accumulator_col(j, 0));
-}
-
-// Columns d and d + 1 of row (b, h, l) of a tensor, as fp32.
-template <typename Element>
-__device__ __forceinline__ float2 load_pair(const DeviceView<Element>& view, int64_t b, int64_t h, int64_t l, int d) {
-  const Element* at = &view.at(b, h, l, d);
-  return make_float2(to_float(at[0]), to_float(at[view.stride_d]));
-}
-
-// x at column d and y at d + 1 of row (b, h, l) of a tensor: one 32-bit
-// store when the head dim is contiguous (d is even: the address is aligned).
-template <typename Element>
-__device__ __forceinline__ void store_pair(const DeviceView<Element>& view, int64_t b, int64_t h, int64_t l, int d,
-                                           float x, float y) {
-  Element* at = &view.at(b, h, l, d);
-  if (view.stride_d == 1 && reinterpret_cast<uintptr_t>(at) % 4 == 0) {
-    *reinterpret_cast<uint32_t*>(at) = pack2<Element>(x, y);
-  } else {
-    at[0] = from_float<Element>(x);
-    at[view.stride_d] = from_float<Element>(y);
-  }
-}
-
 // Loads this warp's rows of a shared matrix at the accumulator positions, as fp32.
 template <int kCols, typename T>
 __device__ __forceinline__ void load_accumulator_rows(const T* shared, int pitch, float (&out)[kCols / 8][4]) {

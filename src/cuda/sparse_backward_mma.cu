@@ -165,36 +165,27 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
   }
 }
 
-template <typename Kernel>
-void set_shared(Kernel kernel, size_t bytes) {
-  SLATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
 }  // namespace
 
 void sparse_backward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                          cudaStream_t stream) {
-  dispatch_element(args.q.dtype, [&](auto tag) {
+  dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
     using Element = decltype(tag);
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
     const auto dos = dos_view<Element>(g, args.dos_rows);
-    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
-      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      auto dq_kernel = sparse_dq_kernel<Element, D, BQ>;
-      const size_t dq_shared = sizeof(QueryBlockShared<Element, D, BQ>);
-      set_shared(dq_kernel, dq_shared);
-      dq_kernel<<<dim3(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
-                       static_cast<unsigned>(g.batch)),
-                  BQ / kRowsPerWarp * kWarpSize, dq_shared, stream>>>(g, plan, args, dos);
-      SLATTN_LAUNCH_CHECK("sparse_dq_kernel");
-      auto dkv_kernel = sparse_dkv_kernel<Element, D>;
-      const size_t dkv_shared = sizeof(KeyTileShared<Element, D>);
-      set_shared(dkv_kernel, dkv_shared);
-      const int64_t tiles = ceil_div(g.block_k, kTile);
-      dkv_kernel<<<dim3(static_cast<unsigned>(g.k_blocks * tiles), static_cast<unsigned>(g.kv_heads),
-                        static_cast<unsigned>(g.batch)),
-                   kTile / kRowsPerWarp * kWarpSize, dkv_shared, stream>>>(g, plan, args, dos);
-      SLATTN_LAUNCH_CHECK("sparse_dkv_kernel");
-    });
+    launch_with_shared(sparse_dq_kernel<Element, D, BQ>,
+                       dim3(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
+                            static_cast<unsigned>(g.batch)),
+                       BQ / kRowsPerWarp * kWarpSize, sizeof(QueryBlockShared<Element, D, BQ>), stream, g, plan,
+                       args, dos);
+    SLATTN_LAUNCH_CHECK("sparse_dq_kernel");
+    const int64_t tiles = ceil_div(g.block_k, kTile);
+    launch_with_shared(sparse_dkv_kernel<Element, D>,
+                       dim3(static_cast<unsigned>(g.k_blocks * tiles), static_cast<unsigned>(g.kv_heads),
+                            static_cast<unsigned>(g.batch)),
+                       kTile / kRowsPerWarp * kWarpSize, sizeof(KeyTileShared<Element, D>), stream, g, plan, args,
+                       dos);
+    SLATTN_LAUNCH_CHECK("sparse_dkv_kernel");
   });
 }
 

@@ -136,10 +136,9 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockQ>(), 1)
 #pragma unroll
   for (int j = 0; j < kHeadDim / 8; ++j) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float* row = a.dq_rows + (padded0 + local0 + accumulator_row(2 * r)) * kHeadDim;
-      store_float_pair(row, accumulator_col(j, 0), a.scale * dq[j][2 * r], a.scale * dq[j][2 * r + 1]);
-    }
+    for (int r = 0; r < 2; ++r)
+      accumulator_pair(a.dq_rows + (padded0 + local0) * kHeadDim, kHeadDim, j, r) =
+          make_float2(a.scale * dq[j][2 * r], a.scale * dq[j][2 * r + 1]);
   }
 #endif
 }
@@ -211,11 +210,12 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockK>(), 1)
   for (int r = 0; r < 2; ++r) {
     const int64_t key = key0 + local0 + accumulator_row(2 * r);
     if (key >= key_end) continue;
-    const int64_t offset = (kv_pair * g.k_rows() + key) * kHeadDim;
+    const int64_t warp_rows = (kv_pair * g.k_rows() + key0 + local0) * kHeadDim;
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
-      store_float_pair(a.dk_rows + offset, accumulator_col(j, 0), a.scale * dk[j][2 * r], a.scale * dk[j][2 * r + 1]);
-      store_float_pair(a.dv_rows + offset, accumulator_col(j, 0), dv[j][2 * r], dv[j][2 * r + 1]);
+      accumulator_pair(a.dk_rows + warp_rows, kHeadDim, j, r) =
+          make_float2(a.scale * dk[j][2 * r], a.scale * dk[j][2 * r + 1]);
+      accumulator_pair(a.dv_rows + warp_rows, kHeadDim, j, r) = make_float2(dv[j][2 * r], dv[j][2 * r + 1]);
     }
   }
 #endif
@@ -226,34 +226,27 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockK>(), 1)
 bool sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                            cudaStream_t stream) {
   bool launched = false;
-  dispatch_element(args.q.dtype, [&](auto tag) {
+  dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, BK = decltype(block_k)::value;
     const auto dos = dos_view<Element>(g, args.dos_rows);
-    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
-      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      auto launch_dkv = [&](auto block_k) {
-        constexpr int BK = decltype(block_k)::value;
-        const auto dq_kernel = sparse_dq_wgmma_kernel<Element, D, BQ>;
-        const auto dkv_kernel = sparse_dkv_wgmma_kernel<Element, D, BK>;
-        static const bool available = loaded_for_hopper(dq_kernel) && loaded_for_hopper(dkv_kernel);
-        const size_t dq_shared = kSwizzleAtomBytes + sizeof(WgmmaQueryBlockShared<Element, D, BQ>) +
-                                 g.k_blocks * sizeof(int32_t);  // + the row list
-        const size_t dkv_shared = kSwizzleAtomBytes + sizeof(WgmmaKeyBlockShared<Element, D, BK>) +
-                                  g.q_blocks * sizeof(int32_t);  // + the column list
-        if (!available || std::max(dq_shared, dkv_shared) > max_shared_per_block()) return;
-        const dim3 dq_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
-                           static_cast<unsigned>(g.batch));
-        launch_with_shared(dq_kernel, dq_grid, warpgroup_threads<BQ>(), dq_shared, stream, g, plan, args, dos);
-        SLATTN_LAUNCH_CHECK("sparse_dq_wgmma_kernel");
-        const dim3 dkv_grid(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_heads),
-                            static_cast<unsigned>(g.batch));
-        launch_with_shared(dkv_kernel, dkv_grid, warpgroup_threads<BK>(), dkv_shared, stream, g, plan, args, dos);
-        SLATTN_LAUNCH_CHECK("sparse_dkv_wgmma_kernel");
-        launched = true;
-      };
-      if (g.block_k == 64) return launch_dkv(std::integral_constant<int, 64>{});
-      launch_dkv(std::integral_constant<int, 128>{});
-    });
+    const auto dq_kernel = sparse_dq_wgmma_kernel<Element, D, BQ>;
+    const auto dkv_kernel = sparse_dkv_wgmma_kernel<Element, D, BK>;
+    static const bool available = loaded_for_hopper(dq_kernel) && loaded_for_hopper(dkv_kernel);
+    const size_t dq_shared = kSwizzleAtomBytes + sizeof(WgmmaQueryBlockShared<Element, D, BQ>) +
+                             g.k_blocks * sizeof(int32_t);  // + the row list
+    const size_t dkv_shared = kSwizzleAtomBytes + sizeof(WgmmaKeyBlockShared<Element, D, BK>) +
+                              g.q_blocks * sizeof(int32_t);  // + the column list
+    if (!available || std::max(dq_shared, dkv_shared) > max_shared_per_block()) return;
+    const dim3 dq_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
+                       static_cast<unsigned>(g.batch));
+    launch_with_shared(dq_kernel, dq_grid, warpgroup_threads<BQ>(), dq_shared, stream, g, plan, args, dos);
+    SLATTN_LAUNCH_CHECK("sparse_dq_wgmma_kernel");
+    const dim3 dkv_grid(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_heads),
+                        static_cast<unsigned>(g.batch));
+    launch_with_shared(dkv_kernel, dkv_grid, warpgroup_threads<BK>(), dkv_shared, stream, g, plan, args, dos);
+    SLATTN_LAUNCH_CHECK("sparse_dkv_wgmma_kernel");
+    launched = true;
   });
   return launched;
 }

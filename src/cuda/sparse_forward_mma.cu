@@ -82,13 +82,11 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, 2)
 void sparse_forward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
                         cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
-  dispatch_element(args.q.dtype, [&](auto tag) {
+  dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
     using Element = decltype(tag);
-    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
-      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      launch_with_shared(sparse_forward_mma_kernel<Element, D, BQ>, grid, BQ / kRowsPerWarp * kWarpSize,
-                         sizeof(ForwardShared<Element, D, BQ>), stream, g, plan, args);
-    });
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+    launch_with_shared(sparse_forward_mma_kernel<Element, D, BQ>, grid, BQ / kRowsPerWarp * kWarpSize,
+                       sizeof(ForwardShared<Element, D, BQ>), stream, g, plan, args);
   });
   SLATTN_LAUNCH_CHECK("sparse_forward_mma_kernel");
 }

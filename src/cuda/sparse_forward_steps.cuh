@@ -77,21 +77,6 @@ __device__ __forceinline__ void online_softmax_step(float (&score)[kKeyTiles8][4
   rescale_rows(out, correction);
 }
 
-// Elements d (even) and d + 1 of row (b, h, l) of x, when x is defined: one
-// 4-byte store where the pair is contiguous and aligned.
-template <typename Element>
-__device__ __forceinline__ void store_pair(const DeviceView<Element>& x, int64_t b, int64_t h, int64_t l, int64_t d,
-                                           float value0, float value1) {
-  if (!x.defined()) return;
-  Element& first = x.at(b, h, l, d);
-  if (x.stride_d == 1 && reinterpret_cast<uintptr_t>(&first) % 4 == 0) {
-    *reinterpret_cast<uint32_t*>(&first) = pack2<Element>(value0, value1);
-  } else {
-    first = from_float<Element>(value0);
-    x.at(b, h, l, d + 1) = from_float<Element>(value1);
-  }
-}
-
 // Normalises the warp's rows (from `warp_row0` on) and writes Os to every
 // destination the caller asked for (out, out_sparse, padded fp32 rows) and
 // the LSE (natural log; -inf for a row with no critical key).
@@ -115,8 +100,8 @@ __device__ __forceinline__ void store_forward_rows(const Geometry& g, const Spar
     for (int j = 0; j < kHeadDim / 8; ++j) {
       const int d = j * 8 + 2 * quad;
       const float value0 = out[j][2 * r] * inverse, value1 = out[j][2 * r + 1] * inverse;
-      store_pair(out_view, b, h, row, d, value0, value1);
-      store_pair(sparse_view, b, h, row, d, value0, value1);
+      if (out_view.defined()) store_pair(out_view, b, h, row, d, value0, value1);
+      if (sparse_view.defined()) store_pair(sparse_view, b, h, row, d, value0, value1);
       if (a.os_rows) {
         a.os_rows[(pair * g.q_rows() + row) * kHeadDim + d] = value0;
         a.os_rows[(pair * g.q_rows() + row) * kHeadDim + d + 1] = value1;

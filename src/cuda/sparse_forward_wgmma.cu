@@ -128,23 +128,16 @@ bool sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const 
                           cudaStream_t stream) {
   bool launched = false;
   const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
-  dispatch_element(args.q.dtype, [&](auto tag) {
+  dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
-    dispatch_sparse_shape(g, [&](auto head_dim, auto block_q) {
-      constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-      auto launch = [&](auto key_tile) {
-        constexpr int KT = decltype(key_tile)::value;
-        const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT>;
-        static const bool available = loaded_for_hopper(kernel);
-        if (!available) return;
-        const size_t shared = wgmma_forward_shared_bytes<Element, D, BQ, KT>() + g.k_blocks * sizeof(int32_t);
-        if (shared > max_shared_per_block()) return;  // a row list this long: the mma.sync mainloop serves it
-        launch_with_shared(kernel, grid, wgmma_forward_threads<BQ>(), shared, stream, g, plan, args);
-        launched = true;
-      };
-      if (g.block_k == 64) return launch(std::integral_constant<int, 64>{});
-      launch(std::integral_constant<int, 128>{});
-    });
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, KT = decltype(block_k)::value;
+    const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT>;  // key tiles of a whole block
+    static const bool available = loaded_for_hopper(kernel);
+    if (!available) return;
+    const size_t shared = wgmma_forward_shared_bytes<Element, D, BQ, KT>() + g.k_blocks * sizeof(int32_t);
+    if (shared > max_shared_per_block()) return;  // a row list this long: the mma.sync mainloop serves it
+    launch_with_shared(kernel, grid, wgmma_forward_threads<BQ>(), shared, stream, g, plan, args);
+    launched = true;
   });
   if (launched) SLATTN_LAUNCH_CHECK("sparse_forward_wgmma_kernel");
   return launched;

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "cuda/geometry.h"
+#include "cuda/sla_cuda.h"
 #include "slattn/plan.h"
 #include "slattn/tensor_view.h"
 
@@ -53,16 +54,25 @@ void check_sparse_support(const Geometry& g);
 void check_cuda_support(const Geometry& g, const void* proj_weight, DType proj_dtype, FeatureMap feature_map,
                         const FeatureWeights& feature_weights);
 
-// Calls fn(std::integral_constant<int, D>{}, std::integral_constant<int, BQ>{})
-// for the head dim and query block size of g (after check_sparse_support).
+// Calls fn(Element{}, D, BQ, BK), the last three as std::integral_constant,
+// for `dtype` and the head dim and block sizes of g (after
+// check_sparse_support): the one dispatch of the kernels built per shape.
 template <typename Fn>
-void dispatch_sparse_shape(const Geometry& g, Fn&& fn) {
-  auto by_block = [&](auto head_dim) {
-    if (g.block_q == 64) return fn(head_dim, std::integral_constant<int, 64>{});
-    return fn(head_dim, std::integral_constant<int, 128>{});
-  };
-  if (g.dim == 64) return by_block(std::integral_constant<int, 64>{});
-  return by_block(std::integral_constant<int, 128>{});
+void dispatch_sparse_kernel(DType dtype, const Geometry& g, Fn&& fn) {
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  dispatch_element(dtype, [&](auto tag) {
+    auto by_block_k = [&](auto head_dim, auto block_q) {
+      if (g.block_k == 64) return fn(tag, head_dim, block_q, D64{});
+      return fn(tag, head_dim, block_q, D128{});
+    };
+    auto by_block_q = [&](auto head_dim) {
+      if (g.block_q == 64) return by_block_k(head_dim, D64{});
+      return by_block_k(head_dim, D128{});
+    };
+    if (g.dim == 64) return by_block_q(D64{});
+    return by_block_q(D128{});
+  });
 }
 
 }  // namespace slattn::cuda

@@ -9,6 +9,8 @@
 // dK += dSᵀ Q.
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
@@ -120,6 +122,35 @@ __device__ __forceinline__ void mma_p_b(float (&acc)[kHeadDim / 8][4], const flo
       mma_16816<Element>(acc[2 * d16], pf, bf[0], bf[1]);
       mma_16816<Element>(acc[2 * d16 + 1], pf, bf[2], bf[3]);
     }
+  }
+}
+
+// Accumulator elements 2p and 2p + 1 of a tile are adjacent columns of row
+// accumulator_row(2p): global rows are read and written as float2 pairs.
+template <typename F>  // float, or const float for a read-only pair
+__device__ __forceinline__ auto& accumulator_pair(F* row_major, int pitch, int j, int p) {
+  using Pair = std::conditional_t<std::is_const_v<F>, const float2, float2>;
+  return *reinterpret_cast<Pair*>(row_major + accumulator_row(2 * p) * pitch + accumulator_col(j, 0));
+}
+
+// Columns d and d + 1 of row (b, h, l) of a tensor, as fp32.
+template <typename Element>
+__device__ __forceinline__ float2 load_pair(const DeviceView<Element>& view, int64_t b, int64_t h, int64_t l, int d) {
+  const Element* at = &view.at(b, h, l, d);
+  return make_float2(to_float(at[0]), to_float(at[view.stride_d]));
+}
+
+// x at column d and y at d + 1 of row (b, h, l) of a tensor: one 32-bit
+// store when the head dim is contiguous (d is even: the address is aligned).
+template <typename Element>
+__device__ __forceinline__ void store_pair(const DeviceView<Element>& view, int64_t b, int64_t h, int64_t l, int d,
+                                           float x, float y) {
+  Element* at = &view.at(b, h, l, d);
+  if (view.stride_d == 1 && reinterpret_cast<uintptr_t>(at) % 4 == 0) {
+    *reinterpret_cast<uint32_t*>(at) = pack2<Element>(x, y);
+  } else {
+    at[0] = from_float<Element>(x);
+    at[view.stride_d] = from_float<Element>(y);
   }
 }
 
