@@ -112,17 +112,17 @@ PRESETS = {
         budget_seconds={"pretrain": 10, "per variant": 10}),
     # The claim: 16 frames of 64 x 64 pixels in (2, 2, 2) patches, 8 x 32 x 32 = 8192 tokens, so that with
     # 64 x 64 blocks each query block picks from 128 key blocks: topk 0.05 keeps 6 (95.3% sparse), 0.03
-    # keeps 3 (97.7%). Head dim 64, bf16 on one H100. The budget is an estimate from FLOP counts and the
-    # kernel times of docs/performance.md (SLA's backward still runs on CUDA cores), to be replaced by
-    # the measured step times in the report.
+    # keeps 3 (97.7%). Head dim 64, bf16 on one H100. The budget is the wall time measured on one H100
+    # 80GB HBM3 on 2026-11-24 (docs/quality.md), rounded to 10 s, each variant with its evaluation; all
+    # SLA kernels, forward and backward, run on tensor cores.
     "gpu": StudyPreset(
         name="gpu", frames=16, height=64, width=64, train_clips=1024, val_clips=128,
         patch_size=2, temporal_patch_size=2, hidden_size=384, depth=8, num_heads=6, block_q=64, block_k=64,
         batch_size=8, pretrain_steps=2000, pretrain_lr=3e-4, finetune_steps=400, finetune_lr=1e-4,
         distill_batches=8, distill_batch_size=2, distill_steps=100, eval_timesteps=(0.1, 0.3, 0.5, 0.7, 0.9),
         sample_count=128, sample_steps=25,
-        budget_seconds={"pretrain (once, cached)": 400, "full": 90, "sla": 150, "sparse only": 140,
-                        "linear only": 60, "L+S": 150, "sla2 (stage 1 + 2)": 200, "sla2 + QAT": 0}),
+        budget_seconds={"pretrain (once, cached)": 210, "full": 60, "sla": 50, "sparse only": 50,
+                        "linear only": 50, "L+S": 50, "sla2 (stage 1 + 2)": 120, "sla2 + QAT": 0}),
 }
 
 
