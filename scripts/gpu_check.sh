@@ -36,7 +36,7 @@ fi
 if [[ " $STEPS " == *" cuda-tests "* ]]; then
   echo "== CUDA kernel tests"
   (cd tests/python && timeout 300 python3 -m pytest -q -p no:cacheprovider test_cuda.py test_cuda_mainloops.py test_hedgehog.py \
-    test_sla2_cuda.py test_quantized.py 2>&1 | tee "$LOGS/cuda-tests.log" | tail -15) || status=1
+    test_sla2_cuda.py test_quantized.py test_quantized_cuda.py 2>&1 | tee "$LOGS/cuda-tests.log" | tail -15) || status=1
 fi
 if want sanitize; then
   for tool in memcheck racecheck; do

@@ -1,6 +1,7 @@
 """Small ragged SLA cases for compute-sanitizer (memcheck, racecheck): forward
 and backward of every CUDA kernel, with and without the linear branch, on
-every sparse mainloop the GPU has (wgmma and mma.sync on Hopper)."""
+every sparse mainloop the GPU has (wgmma and mma.sync on Hopper), and the
+low-bit forward (quantized=True) on Hopper."""
 
 import os
 
@@ -13,12 +14,14 @@ def main() -> None:
     hopper = torch.cuda.get_device_capability()[0] == 9
     for mainloop in ("wgmma", "mma") if hopper else ("mma",):
         os.environ["SLATTN_CUDA_MAINLOOP"] = mainloop
-        run_cases()
+        run_cases(quantized=False)
+    if hopper:
+        run_cases(quantized=True)
     torch.cuda.synchronize()
     print("sanitize cases ran")
 
 
-def run_cases() -> None:
+def run_cases(quantized: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     cases = ((130, 70, 2, 1, 64, 64, 64), (65, 200, 2, 2, 128, 128, 128), (200, 150, 2, 1, 128, 128, 64))
     for q_len, k_len, heads, kv_heads, dim, block_q, block_k in cases:
@@ -29,7 +32,7 @@ def run_cases() -> None:
         b = torch.randn(dim, generator=gen).cuda().requires_grad_()
         for projection in ((w, b), (None, None)):
             out = slattn.sparse_linear_attention(q, k, v, *projection, topk=0.3, negligible=0.2, block_q=block_q,
-                                                 block_k=block_k)
+                                                 block_k=block_k, quantized=quantized)
             out.float().square().sum().backward()
         slattn.plan_from_block_map(slattn.route(q, k, topk=0.5).block_map)
 

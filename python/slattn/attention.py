@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, _low_bit
 from ._ops import sla_forward_op  # noqa: F401  (registers torch.ops.slattn.*)
 from .plan import RoutingPlan, route
 
@@ -42,8 +42,9 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     and K − mean(K) per block, FP8 e4m3 P and V) for inference or
     quantization-aware training; its gradients are the unquantized ones at
     the quantized forward's LSE (straight-through). The CPU path computes it
-    as fake quantization; CUDA raises NotImplementedError until its low-bit
-    kernels land.
+    as fake quantization, Hopper GPUs on INT8/FP8 tensor cores (P rounded
+    against the running row maximum); other GPUs compute the branch
+    unquantized, with a one-time RuntimeWarning.
 
     Returns out; (out, lse) with return_lse; (Os, Ol, lse) with
     return_branches. lse is (B, Hq, Lq), fp32 (fp64 for fp64 inputs).
@@ -74,6 +75,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         plan.check_matches(qs, ks)
         if plan.block_map.device != q.device:
             raise ValueError(f"plan is on {plan.block_map.device} but q is on {q.device}; use plan.to(device)")
+    quantized = _low_bit.resolve_quantized(quantized, q.device)
     out, out_sparse, out_linear, lse = torch.ops.slattn.sla_forward(
         q, k, v, proj_weight, proj_bias, *plan.tensors, plan.block_q, plan.block_k, scale, feature_map, linear_scope,
         layout, return_branches, feature_weight_q, feature_weight_k, quantized)

@@ -5,7 +5,9 @@ Each case times routing, the forward pass and forward+backward of the whole
 SLA op (routing included, with a non-zero projection so the linear branch
 runs), and dense attention through torch SDPA. Effective TFLOPS divide the
 dense count 4·B·H·L²·D by the time (the public reference's convention);
-computed TFLOPS divide the FLOPs of the critical blocks only.
+computed TFLOPS divide the FLOPs of the critical blocks only. On Hopper it
+also times the low-bit forward (quantized=True), whole and for the sparse
+branch alone, against bf16 in the same process.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class CaseResult:
     dense_backends: dict  # backend -> {"fwd_ms", "fwd_bwd_ms"} or {"unavailable": reason}
     flex: dict  # FlexAttention on the same plan, sparse branch only: as above, or {"skipped": why}
     mma_mainloop_fwd_ms: float | None = None  # on Hopper: SLA fwd with the sparse forward on mma.sync, not wgmma
+    low_bit: dict | None = None  # on Hopper: quantized=True timings (LowBitTimes)
 
 
 def dense_backends(device: torch.device) -> dict:
@@ -150,6 +153,7 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=Fals
                                  repeats=repeats)
         t_fwd = median_seconds(sla, device, repeats=repeats)
         t_fwd_mma = time_with_mma_mainloop(sla, device, repeats) if is_hopper(device) else None
+        low_bit = time_low_bit(q, k, v, weight, bias, plan, topk, t_fwd, device, repeats) if is_hopper(device) else None
     t_fwd_bwd = median_seconds(sla_fwd_bwd, device, repeats=repeats)
     dense = {name: time_dense(q, k, v, grad, backend, device, repeats)
              for name, backend in dense_backends(torch.device(device)).items()}
@@ -173,7 +177,22 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=Fals
                       sla_fwd_bwd_effective_tflops=FWD_BWD_FLOPS_FACTOR * full / t_fwd_bwd / 1e12,
                       sla_fwd_bwd_computed_tflops=FWD_BWD_FLOPS_FACTOR * sparse / t_fwd_bwd / 1e12,
                       dense_fwd_tflops=full / t_dense / 1e12, dense_backends=dense, flex=flex_result,
-                      mma_mainloop_fwd_ms=None if t_fwd_mma is None else 1e3 * t_fwd_mma)
+                      mma_mainloop_fwd_ms=None if t_fwd_mma is None else 1e3 * t_fwd_mma, low_bit=low_bit)
+
+
+def time_low_bit(q, k, v, weight, bias, plan, topk, t_fwd, device, repeats) -> dict:
+    """The low-bit forward against bf16: the whole SLA forward (routing included, as t_fwd), and the sparse
+    branch alone on a given plan (quantization of Q, K and V included), with TOPS on its computed blocks."""
+    whole = median_seconds(lambda: sparse_linear_attention(q, k, v, weight, bias, topk=topk, block_q=plan.block_q,
+                                                           block_k=plan.block_k, quantized=True), device, repeats=repeats)
+    sparse = median_seconds(lambda: sparse_linear_attention(q, k, v, plan=plan), device, repeats=repeats)
+    sparse_low = median_seconds(lambda: sparse_linear_attention(q, k, v, plan=plan, quantized=True), device,
+                                repeats=repeats)
+    computed = computed_flops(plan, q.shape[-1])
+    return {"sla_fwd_ms": 1e3 * whole, "sla_fwd_speedup": t_fwd / whole, "sparse_fwd_ms": 1e3 * sparse,
+            "sparse_fwd_low_bit_ms": 1e3 * sparse_low, "sparse_speedup": sparse / sparse_low,
+            "sparse_low_bit_computed_tops": computed / sparse_low / 1e12,
+            "sparse_computed_tflops": computed / sparse / 1e12}
 
 
 def is_hopper(device) -> bool:
@@ -249,6 +268,12 @@ def run_bench(*, device: str = "auto", shapes=None, topk: float = 0.05, block_q:
             print_fn(f"    dense {name}: {detail}")
         if r.mma_mainloop_fwd_ms is not None:
             print_fn(f"    SLA fwd with the sparse forward on mma.sync instead of wgmma: {r.mma_mainloop_fwd_ms:.2f} ms")
+        if r.low_bit is not None:
+            lb = r.low_bit
+            print_fn(f"    low bits (quantized=True): SLA fwd {lb['sla_fwd_ms']:.2f} ms ({lb['sla_fwd_speedup']:.2f}x); "
+                     f"sparse branch alone on the plan {lb['sparse_fwd_ms']:.2f} -> {lb['sparse_fwd_low_bit_ms']:.2f} ms "
+                     f"({lb['sparse_speedup']:.2f}x, quantization included; {lb['sparse_computed_tflops']:.0f} -> "
+                     f"{lb['sparse_low_bit_computed_tops']:.0f} TOPS on computed blocks)")
         if "fwd_ms" in r.flex:
             backward = (f"fwd+bwd {r.flex['fwd_bwd_ms']:.2f} ms" if "fwd_bwd_ms" in r.flex
                         else f"fwd+bwd unavailable: {r.flex['fwd_bwd_unavailable']}")

@@ -25,8 +25,6 @@ from .soft_topk import check_tau, soft_topk_logits
 
 ALPHA_MODES = ("head", "block")
 ROUTING_MODES = ("hard", "soft", "dense")
-QAT_UNAVAILABLE = ("SLA2 quantization-aware training needs the low-bit sparse kernels of SPEC section 6, "
-                   "which slattn does not have yet")
 
 
 class SparseLinearAttention2(LazyModuleMixin, nn.Module):
@@ -42,6 +40,10 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
     `num_heads` (and, for "block", `q_len`) are given.
     compute_dtype: None computes in the inputs' dtype, except fp32 on CUDA,
     which runs in bf16 (what the kernels take); the output has the inputs' dtype.
+    qat (attribute too; slattn.training.enable_sla2_qat switches every layer):
+    quantization-aware training, the hard-routing path's sparse branch in low
+    bits (quantized=True of slattn.sparse_linear_attention: INT8 Q Kᵀ, FP8
+    P V, straight-through gradients); the soft and dense paths are unchanged.
     feature_map "hedgehog" is learnable, with ``feature_map_q`` /
     ``feature_map_k`` as in SparseLinearAttention (tied unless
     ``tie_feature_map_qk=False``); W_k applies to K~ under smooth_k_features.
@@ -69,14 +71,13 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not isinstance(tie_feature_map_qk, bool):
             raise ValueError(f"tie_feature_map_qk must be a bool, got {tie_feature_map_qk!r}")
-        if qat:
-            raise NotImplementedError(f"qat=True: {QAT_UNAVAILABLE}")
+        _checks.check_flag("qat", qat)
         self.router = LearnedRouter(head_dim, compression_ratio)
         self.head_dim = head_dim
         self.compression_ratio = compression_ratio
         self._topk = float(topk)
         self.alpha_mode = alpha
-        self.qat = False
+        self.qat = qat
         self.softtopk_tau = check_tau(softtopk_tau)
         self.block_q = block_q
         self.block_k = block_k
@@ -219,7 +220,7 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
             os_, ol, _ = sparse_linear_attention(q, k_branch, v, plan=plan, feature_map=self.feature_map,
                                                  feature_weight_q=weight_q, feature_weight_k=weight_k,
                                                  linear_scope="marginal", scale=scale, layout=self.layout,
-                                                 return_branches=True)
+                                                 return_branches=True, quantized=self.qat)
             density = plan.density
         out = alpha * os_.to(mix) + (1 - alpha) * ol.to(mix)
         return out.to(q.dtype), density
@@ -233,7 +234,8 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, topk={self.topk}, compression_ratio={self.compression_ratio}, "
-                f"alpha={self.alpha_mode!r}, routing={self.routing!r}, softtopk_tau={self.softtopk_tau}, "
+                f"alpha={self.alpha_mode!r}, routing={self.routing!r}, qat={self.qat}, "
+                f"softtopk_tau={self.softtopk_tau}, "
                 f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
                 f"tie_feature_map_qk={self.tie_feature_map_qk}, "
                 f"smooth_k_features={self.smooth_k_features}, layout={self.layout!r}")

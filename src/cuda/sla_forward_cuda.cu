@@ -7,6 +7,7 @@
 #include "cuda/linear_states.h"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
+#include "cuda/sparse_quantized.h"
 
 namespace slattn::cuda {
 namespace {
@@ -14,12 +15,14 @@ namespace {
 bool fused(const SlaForwardParams& p) { return fused_linear_forward_supported(p.feature_map); }
 
 struct ForwardBuffers {
+  QuantizedOperands quantized{};  // quantized=True
   KeyStates key_states{};    // fused path
   LinearBuffers linear{};    // unfused path
   float* os_rows = nullptr;  // unfused path, (q pairs, q_rows, D): Os, then Os + Ol Wᵀ
 
   static ForwardBuffers carve(WorkspaceCarver& carver, const SlaForwardParams& p, const Geometry& g) {
     ForwardBuffers b;
+    if (p.quantized) b.quantized = QuantizedOperands::carve(carver, g);
     if (!p.linear_branch()) return b;
     if (fused(p)) {
       b.key_states = KeyStates::carve(carver, g);
@@ -31,12 +34,23 @@ struct ForwardBuffers {
   }
 };
 
+// The sparse branch, in low bits when asked for (sparse_quantized.h).
+void run_sparse_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPlanView& plan,
+                        const SparseForwardArgs& args, const ForwardBuffers& buf, cudaStream_t stream) {
+  if (!p.quantized) {
+    sparse_forward(g, plan, args, stream);
+    return;
+  }
+  quantize_operands(g, p.q, p.k, p.v, buf.quantized, stream);
+  sparse_forward_quantized(g, plan, args, buf.quantized, stream);
+}
+
 // Os into out, then the linear branch adds Ol Wᵀ + b to it in place.
 void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPlanView& plan,
                    const ForwardBuffers& buf, cudaStream_t stream) {
   SparseForwardArgs sparse{p.q, p.k, p.v, p.out, p.out_sparse, nullptr, static_cast<float*>(p.lse),
                            static_cast<float>(p.scale)};
-  sparse_forward(g, plan, sparse, stream);
+  run_sparse_forward(p, g, plan, sparse, buf, stream);
   if (!p.linear_branch()) return;
   key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, stream);
   linear_output_fused(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states,
@@ -44,26 +58,17 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
                       p.out_linear, stream);
 }
 
-// The low-bit sparse branch has no CUDA kernels yet: refused, never computed in bf16 instead.
-void check_not_quantized(const SlaForwardParams& p) {
-  if (p.quantized)
-    throw Unsupported(
-        "quantized=True (INT8/FP8 sparse branch) has no CUDA kernels in this build yet; the CPU path computes "
-        "it (fake quantization), or pass quantized=False");
-}
-
 }  // namespace
 
 size_t sla_forward_workspace_bytes(const SlaForwardParams& params, const RoutingPlanView& plan) {
-  check_not_quantized(params);
   return WorkspaceCarver::bytes_for<ForwardBuffers>(
       params, Geometry::of(params.q, params.k, plan.shape, params.feature_map));
 }
 
 void sla_forward(const SlaForwardParams& p, const RoutingPlanView& plan) {
-  check_not_quantized(p);
   const Geometry g = Geometry::of(p.q, p.k, plan.shape, p.feature_map);
   check_cuda_support(g, p.proj_weight, p.proj_dtype, p.feature_map, p.feature_weights);
+  if (p.quantized) check_quantized_support(g, p.q.dtype);  // refused before any work is queued
   auto stream = static_cast<cudaStream_t>(p.stream);
   WorkspaceCarver carver(p.workspace, p.workspace_bytes);
   const ForwardBuffers buf = ForwardBuffers::carve(carver, p, g);
@@ -74,7 +79,7 @@ void sla_forward(const SlaForwardParams& p, const RoutingPlanView& plan) {
 
   SparseForwardArgs sparse{p.q, p.k, p.v, p.proj_weight ? TensorView{} : p.out, p.out_sparse, buf.os_rows,
                            static_cast<float*>(p.lse), static_cast<float>(p.scale)};
-  sparse_forward(g, plan, sparse, stream);
+  run_sparse_forward(p, g, plan, sparse, buf, stream);
   if (!p.linear_branch()) return;
   linear_forward(g, plan, p.q, p.k, p.v, p.feature_map, p.feature_weights, p.linear_scope, buf.linear, p.out_linear,
                  stream);

@@ -19,11 +19,13 @@ enum class KeyMask { every_tile, partial_tiles };
 // Masks keys at or past `end` (the tile's keys start at `first`), moves the
 // running maxima (log2 units), turns the scores into P = exp2(S - max) and
 // rescales the running sums; `correction` receives the factor by which the
-// output accumulators are to be rescaled (rescale_rows).
+// output accumulators are to be rescaled (rescale_rows). With an
+// `exponent_offset` c, P and the sums are 2^c times larger (the low-bit
+// kernel's P at the scale of its e4m3 format), at no cost per score.
 template <KeyMask kMask, int kKeyTiles8>
 __device__ __forceinline__ void softmax_scores(float (&score)[kKeyTiles8][4], float (&row_max)[2],
                                                float (&row_sum)[2], int64_t first, int64_t end, float scale_log2,
-                                               float (&correction)[2]) {
+                                               float (&correction)[2], float exponent_offset = 0.0f) {
   const int quad = (threadIdx.x % kWarpSize) % 4;
   const bool full = kMask == KeyMask::partial_tiles && end - first >= kKeyTiles8 * 8;
   float tile_max[2] = {-INFINITY, -INFINITY};
@@ -45,11 +47,12 @@ __device__ __forceinline__ void softmax_scores(float (&score)[kKeyTiles8][4], fl
     row_max[r] = new_max;
     row_sum[r] *= correction[r];
   }
+  const float anchor[2] = {row_max[0] - exponent_offset, row_max[1] - exponent_offset};
 #pragma unroll
   for (int j = 0; j < kKeyTiles8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      score[j][e] = exp2f(score[j][e] - row_max[e / 2]);
+      score[j][e] = exp2f(score[j][e] - anchor[e / 2]);
       row_sum[e / 2] += score[j][e];  // this thread's share; summed over the quad at the end
     }
   }
@@ -71,9 +74,9 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[kTiles8][4], const flo
 template <KeyMask kMask, int kKeyTiles8, int kDimTiles8>
 __device__ __forceinline__ void online_softmax_step(float (&score)[kKeyTiles8][4], float (&out)[kDimTiles8][4],
                                                     float (&row_max)[2], float (&row_sum)[2], int64_t first,
-                                                    int64_t end, float scale_log2) {
+                                                    int64_t end, float scale_log2, float exponent_offset = 0.0f) {
   float correction[2];
-  softmax_scores<kMask>(score, row_max, row_sum, first, end, scale_log2, correction);
+  softmax_scores<kMask>(score, row_max, row_sum, first, end, scale_log2, correction, exponent_offset);
   rescale_rows(out, correction);
 }
 

@@ -5,6 +5,9 @@
 // as mma.sync's (mma.cuh): float acc[N / 8][4], acc[j][e] at row
 // 16w + lane / 4 + 8 (e / 2), column 8j + 2 (lane % 4) + e % 2. An A held in
 // registers is, per warp, an m16n8k16 A fragment (four b16x2 registers).
+// The 8-bit products (INT8 S = Q Kᵀ into int32, FP8 e4m3 O += P V into fp32;
+// the low-bit sparse branch) take 32 K elements a step, and an A in
+// registers is the m16n8k32 fragment (four 4-byte registers).
 //
 // Shared operands use the 128-byte swizzle: a (rows x cols) tile is stored
 // as cols / 64 column chunks of (rows x 64) elements, each row 128 bytes
@@ -15,6 +18,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -66,6 +70,43 @@ struct alignas(kSwizzleAtomBytes) SwizzledTile {
     }
   }
 };
+
+// (kRows x kBytes) 8-bit elements (INT8 or FP8, kBytes <= 128), one
+// 128-byte swizzled row per row of which the first kBytes are used: the
+// layout of a single column chunk, so the descriptors above read it K-major.
+template <int kRows, int kBytes>
+struct alignas(kSwizzleAtomBytes) ByteTile {
+  static_assert(kRows % 8 == 0 && kBytes % 32 == 0 && kBytes <= kSwizzleBytes, "whole atoms, k32 steps");
+  static constexpr int kChunkBytes = kRows * kSwizzleBytes;
+  uint8_t data[kRows * kSwizzleBytes];
+
+  // Starts copying rows [first, first + kRows) of a dense matrix of rows
+  // `row_bytes` apart (16-byte aligned, every row present: the quantized
+  // operands are padded with zero rows).
+  template <int kThreads>
+  __device__ void load(const uint8_t* x, int64_t row_bytes, int64_t first) {
+    constexpr int kUnits = kBytes / 16;
+    for (int i = threadIdx.x; i < kRows * kUnits; i += kThreads) {
+      const int r = i / kUnits, u = i % kUnits;
+      cp_async<16>(data + r * kSwizzleBytes + (u ^ (r % 8)) * 16, x + (first + r) * row_bytes + u * 16, 16);
+    }
+  }
+};
+
+// What to add to a ByteTile's K-major descriptor for the operand at `row`
+// (a multiple of 8) and K step `step32` (32 bytes each).
+__device__ __forceinline__ uint64_t byte_tile_offset(int row, int step32) {
+  return (row * kSwizzleBytes + step32 * 32) >> 4;
+}
+
+// The key whose P an e4m3 A fragment (k32) holds at column `column` of its
+// 32, when the fragment is packed from fp32 accumulators in place
+// (accumulators_to_e4m3_fragments): a thread's accumulators hold key pairs
+// 8j + 2 quad + {0, 1}, its A fragment wants columns 4 quad + {0..3} (and
+// 16 more). The product is the same if V's keys are stored in this order.
+__host__ __device__ constexpr int key_of_e4m3_fragment_column(int column) {
+  return (column & 0x11) | ((column & 0x2) << 2) | ((column & 0xC) >> 1);
+}
 
 // `raw` (the dynamic shared memory) advanced to the next multiple of `alignment` bytes of the shared window;
 // the launch asks for `alignment` bytes more than the layout needs.
@@ -162,6 +203,29 @@ __device__ __forceinline__ void accumulators_to_fragments(const float (&p)[kCols
   }
 }
 
+// Four values as e4m3 bytes (round to nearest even, saturating), the first in the lowest byte.
+__device__ __forceinline__ uint32_t pack4_e4m3(float x0, float x1, float x2, float x3) {
+  const uint32_t low = __nv_cvt_float2_to_fp8x2(make_float2(x0, x1), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t high = __nv_cvt_float2_to_fp8x2(make_float2(x2, x3), __NV_SATFINITE, __NV_E4M3);
+  return low | (high << 16);
+}
+
+// P (64 x kCols, fp32 accumulators) rounded to e4m3 as the A fragments of
+// kCols / 32 register-A k32 products, each thread's values kept in place:
+// column c of a fragment is key key_of_e4m3_fragment_column(c) of its 32.
+template <int kCols>
+__device__ __forceinline__ void accumulators_to_e4m3_fragments(const float (&p)[kCols / 8][4],
+                                                               uint32_t (&fragments)[kCols / 32][4]) {
+#pragma unroll
+  for (int step = 0; step < kCols / 32; ++step) {
+    const int j = 4 * step;
+    fragments[step][0] = pack4_e4m3(p[j][0], p[j][1], p[j + 1][0], p[j + 1][1]);
+    fragments[step][1] = pack4_e4m3(p[j][2], p[j][3], p[j + 1][2], p[j + 1][3]);
+    fragments[step][2] = pack4_e4m3(p[j + 2][0], p[j + 2][1], p[j + 3][0], p[j + 3][1]);
+    fragments[step][3] = pack4_e4m3(p[j + 2][2], p[j + 2][3], p[j + 3][2], p[j + 3][3]);
+  }
+}
+
 // Keeps the compiler from moving accesses of the accumulators across the asynchronous products.
 template <int kTiles>
 __device__ __forceinline__ void fence_accumulators(float (&acc)[kTiles][4]) {
@@ -171,21 +235,29 @@ __device__ __forceinline__ void fence_accumulators(float (&acc)[kTiles][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[j][e])::"memory");
 }
 
-#define SLATTN_WGMMA_ACC64(d) \
-    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+template <int kTiles>
+__device__ __forceinline__ void fence_accumulators(int32_t (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(acc[j][e])::"memory");
+}
+
+#define SLATTN_WGMMA_ACC64(C, d) \
+    C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), \
+    C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3]), \
+    C(d[4][0]), C(d[4][1]), C(d[4][2]), C(d[4][3]), C(d[5][0]), C(d[5][1]), C(d[5][2]), C(d[5][3]), \
+    C(d[6][0]), C(d[6][1]), C(d[6][2]), C(d[6][3]), C(d[7][0]), C(d[7][1]), C(d[7][2]), C(d[7][3])
 #define SLATTN_WGMMA_REGS64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define SLATTN_WGMMA_ACC128(d) \
-    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
-    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
-    "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
-    "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
-    "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define SLATTN_WGMMA_ACC128(C, d) \
+    C(d[0][0]), C(d[0][1]), C(d[0][2]), C(d[0][3]), C(d[1][0]), C(d[1][1]), C(d[1][2]), C(d[1][3]), \
+    C(d[2][0]), C(d[2][1]), C(d[2][2]), C(d[2][3]), C(d[3][0]), C(d[3][1]), C(d[3][2]), C(d[3][3]), \
+    C(d[4][0]), C(d[4][1]), C(d[4][2]), C(d[4][3]), C(d[5][0]), C(d[5][1]), C(d[5][2]), C(d[5][3]), \
+    C(d[6][0]), C(d[6][1]), C(d[6][2]), C(d[6][3]), C(d[7][0]), C(d[7][1]), C(d[7][2]), C(d[7][3]), \
+    C(d[8][0]), C(d[8][1]), C(d[8][2]), C(d[8][3]), C(d[9][0]), C(d[9][1]), C(d[9][2]), C(d[9][3]), \
+    C(d[10][0]), C(d[10][1]), C(d[10][2]), C(d[10][3]), C(d[11][0]), C(d[11][1]), C(d[11][2]), C(d[11][3]), \
+    C(d[12][0]), C(d[12][1]), C(d[12][2]), C(d[12][3]), C(d[13][0]), C(d[13][1]), C(d[13][2]), C(d[13][3]), \
+    C(d[14][0]), C(d[14][1]), C(d[14][2]), C(d[14][3]), C(d[15][0]), C(d[15][1]), C(d[15][2]), C(d[15][3])
 #define SLATTN_WGMMA_REGS128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
 
@@ -193,12 +265,12 @@ __device__ __forceinline__ void fence_accumulators(float (&acc)[kTiles][4]) {
 #define SLATTN_WGMMA_SS(N, TYPE, A, B, S, TA, TB)                                                           \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." \
                TYPE "." TYPE " " SLATTN_WGMMA_REGS##N ", " A ", " B ", p, 1, 1, " TA ", " TB ";\n}\n"        \
-               : SLATTN_WGMMA_ACC##N(d)                                                                    \
+               : SLATTN_WGMMA_ACC##N("+f", d)                                                                    \
                : "l"(a), "l"(b), "r"(int(accumulate)), "n"(kTransA), "n"(kTransB))
 #define SLATTN_WGMMA_RS(N, TYPE, A, B, S, TB)                                                               \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." \
                TYPE "." TYPE " " SLATTN_WGMMA_REGS##N ", " A ", " B ", p, 1, 1, " TB ";\n}\n"                \
-               : SLATTN_WGMMA_ACC##N(d)                                                                    \
+               : SLATTN_WGMMA_ACC##N("+f", d)                                                                    \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)), "n"(kTransB))
 
 // d (64 x N) = A (64 x 16) · B (N x 16)ᵀ [+ d], both from shared memory
@@ -234,8 +306,47 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
 #endif
 }
 
+// The 8-bit products take 32 K elements a step and read both shared operands K-major.
+#define SLATTN_WGMMA_S8(N, A, B, S)                                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N      \
+               "k32.s32.s8.s8 " SLATTN_WGMMA_REGS##N ", " A ", " B ", p;\n}\n"                          \
+               : SLATTN_WGMMA_ACC##N("+r", d)                                                          \
+               : "l"(a), "l"(b), "r"(int(accumulate)))
+#define SLATTN_WGMMA_E4M3_RS(N, A, B, S)                                                                 \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N      \
+               "k32.f32.e4m3.e4m3 " SLATTN_WGMMA_REGS##N ", " A ", " B ", p, 1, 1;\n}\n"                 \
+               : SLATTN_WGMMA_ACC##N("+f", d)                                                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)))
+
+// d (64 x N, int32) = A (64 x 32 INT8) · B (N x 32 INT8)ᵀ [+ d], both from shared memory.
+template <int N>
+__device__ __forceinline__ void wgmma_ss_s8(int32_t (&d)[N / 8][4], uint64_t a, uint64_t b, bool accumulate) {
+  static_assert(N == 64 || N == 128, "instantiated for N = 64 and 128");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (N == 64)
+    SLATTN_WGMMA_S8(64, "%32", "%33", "%34");
+  else
+    SLATTN_WGMMA_S8(128, "%64", "%65", "%66");
+#endif
+}
+
+// d (64 x N, fp32) = A (64 x 32 e4m3, this warp's k32 fragment) · B (N x 32 e4m3)ᵀ [+ d], B from shared memory.
+template <int N>
+__device__ __forceinline__ void wgmma_rs_e4m3(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b,
+                                              bool accumulate) {
+  static_assert(N == 64 || N == 128, "instantiated for N = 64 and 128");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (N == 64)
+    SLATTN_WGMMA_E4M3_RS(64, "{%32, %33, %34, %35}", "%36", "%37");
+  else
+    SLATTN_WGMMA_E4M3_RS(128, "{%64, %65, %66, %67}", "%68", "%69");
+#endif
+}
+
 #undef SLATTN_WGMMA_SS
 #undef SLATTN_WGMMA_RS
+#undef SLATTN_WGMMA_S8
+#undef SLATTN_WGMMA_E4M3_RS
 #undef SLATTN_WGMMA_ACC64
 #undef SLATTN_WGMMA_ACC128
 #undef SLATTN_WGMMA_REGS64

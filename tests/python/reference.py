@@ -130,21 +130,52 @@ def _e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
 
 
+def _quantized_operands(q, k, v, scale: float, block_q: int, block_k: int):
+    """The logits of INT8 Q and K − mean(K) (per block), and V as e4m3 values with their channel scales."""
+    q_int, q_step = _int8_blocks(q, block_q)
+    k_int, k_step = _int8_blocks(k - k.mean(dim=2, keepdim=True), block_k)
+    logits = (q_int @ k_int.transpose(-1, -2)) * scale * q_step[..., :, None] * k_step[..., None, :]
+    v_scale = v.abs().amax(dim=2, keepdim=True) / 448
+    v_e4m3 = torch.where(v_scale > 0, _e4m3(v / torch.where(v_scale > 0, v_scale, torch.ones_like(v_scale))), 0.0)
+    return logits, v_e4m3, v_scale
+
+
 def sparse_branch_quantized(q, k, v, critical: torch.Tensor, scale: float, block_q: int, block_k: int):
     """The sparse branch of SPEC section 6 as fake quantization: INT8 Q and
     K − mean(K) per block, P = exp(x − row max) to e4m3 at scale 448, V to e4m3
     with a scale per channel; the row sum and LSE from P unrounded."""
-    q_int, q_step = _int8_blocks(q, block_q)
-    k_int, k_step = _int8_blocks(k - k.mean(dim=2, keepdim=True), block_k)
-    logits = (q_int @ k_int.transpose(-1, -2)) * scale * q_step[..., :, None] * k_step[..., None, :]
+    logits, v_e4m3, v_scale = _quantized_operands(q, k, v, scale, block_q, block_k)
     has_any = critical.any(dim=-1, keepdim=True)
     masked = logits.masked_fill(~critical, -math.inf).masked_fill(~has_any, 0.0)
     peak = masked.amax(dim=-1, keepdim=True)
     probs = torch.exp(masked - peak).masked_fill(~critical, 0.0)
     total = probs.sum(dim=-1, keepdim=True)
-    v_scale = v.abs().amax(dim=2, keepdim=True) / 448
-    v_e4m3 = torch.where(v_scale > 0, _e4m3(v / torch.where(v_scale > 0, v_scale, torch.ones_like(v_scale))), 0.0)
     out = (_e4m3(probs * 448) / 448) @ v_e4m3 * v_scale / torch.where(has_any, total, torch.ones_like(total))
+    lse = (peak + torch.log(total)).squeeze(-1).masked_fill(~has_any.squeeze(-1), -math.inf)
+    return out.masked_fill(~has_any, 0.0), lse
+
+
+def sparse_branch_quantized_online(q, k, v, critical: torch.Tensor, scale: float, block_q: int, block_k: int):
+    """sparse_branch_quantized with P rounded as a kernel's online softmax
+    rounds it: key blocks in ascending order, P = exp(x − the running row
+    maximum) to e4m3, the sums so far rescaled whenever the maximum moves."""
+    logits, v_e4m3, v_scale = _quantized_operands(q, k, v, scale, block_q, block_k)
+    peak = torch.full(logits.shape[:-1] + (1,), -math.inf, dtype=logits.dtype)
+    total = torch.zeros_like(peak)
+    acc = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=logits.dtype)
+    for start in range(0, k.shape[2], block_k):
+        keys = slice(start, start + block_k)
+        in_block = critical[..., keys]
+        x = logits[..., keys].masked_fill(~in_block, -math.inf)
+        new_peak = torch.maximum(peak, x.amax(dim=-1, keepdim=True))
+        anchor = torch.where(torch.isfinite(new_peak), new_peak, torch.zeros_like(new_peak))
+        correction = torch.where(torch.isfinite(peak), torch.exp(peak - anchor), torch.zeros_like(peak))
+        probs = torch.exp(x - anchor).masked_fill(~in_block, 0.0)
+        total = total * correction + probs.sum(dim=-1, keepdim=True)
+        acc = acc * correction + (_e4m3(probs * 448) / 448) @ v_e4m3[..., keys, :]
+        peak = new_peak
+    has_any = critical.any(dim=-1, keepdim=True)
+    out = acc * v_scale / torch.where(has_any, total, torch.ones_like(total))
     lse = (peak + torch.log(total)).squeeze(-1).masked_fill(~has_any.squeeze(-1), -math.inf)
     return out.masked_fill(~has_any, 0.0), lse
 
@@ -177,7 +208,9 @@ def sla(q, k, v, proj_weight=None, proj_bias=None, *, topk=None, negligible=0.0,
     """SLA on (B, H, L, D) inputs, in their dtype; pass topk (routing here) or a block_map.
 
     Hedgehog takes feature_weight_q, and feature_weight_k or None for one W
-    tied across q and k."""
+    tied across q and k. quantized: True for SPEC section 6 (P rounded
+    against the final row maximum), "online" for P rounded against the
+    running maximum over key blocks, as the CUDA kernel rounds it."""
     if block_map is None:
         block_map = route(q, k, topk, negligible, block_q, block_k)
     q_len, k_len, dim = q.shape[2], k.shape[2], q.shape[3]
@@ -185,7 +218,9 @@ def sla(q, k, v, proj_weight=None, proj_bias=None, *, topk=None, negligible=0.0,
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
 
     classes = dense_classes(block_map, block_q, block_k, q_len, k_len)
-    if quantized:
+    if quantized == "online":
+        os, lse = sparse_branch_quantized_online(q, k, v, classes == CRITICAL, scale, block_q, block_k)
+    elif quantized:
         os, lse = sparse_branch_quantized(q, k, v, classes == CRITICAL, scale, block_q, block_k)
     else:
         os, lse = sparse_branch(q, k, v, classes == CRITICAL, scale)

@@ -1,7 +1,8 @@
 """The low-bit sparse branch (SPEC section 6) on the CPU: fake quantization
 against an independent composite (PyTorch's own float8_e4m3fn rounding),
 its accuracy against the unquantized layer on the synthetic video workload,
-the straight-through backward, the module switch, and clear refusals."""
+the straight-through backward, the module switch, clear refusals, and the
+fallback on GPUs without low-bit kernels. The Hopper kernels: test_quantized_cuda.py."""
 
 from __future__ import annotations
 
@@ -93,8 +94,23 @@ def test_quantized_must_be_a_bool(rng):
         slattn.SparseLinearAttention(64, topk=0.5, quantized=1)
 
 
-@pytest.mark.gpu
-def test_cuda_refuses_until_its_low_bit_kernels_exist(rng):
-    q = draw(rng, (1, 1, 64, 64), torch.bfloat16).cuda()
-    with pytest.raises(NotImplementedError, match="quantized=True"):
-        slattn.sparse_linear_attention(q, q, q, topk=0.5, quantized=True)
+
+def test_gpus_without_low_bit_kernels_fall_back_once(monkeypatch):
+    """quantized=True stays on for the CPU and Hopper; another GPU (capability faked here) gets False and one
+    RuntimeWarning per process. The Hopper kernels themselves are tested in test_quantized_cuda.py."""
+    from slattn import _low_bit
+
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(_low_bit, "_warned", False)
+    cuda = torch.device("cuda")
+    assert _low_bit.resolve_quantized(True, torch.device("cpu")) is True
+    assert _low_bit.resolve_quantized(True, cuda) is True
+    assert _low_bit.resolve_quantized(False, cuda) is False
+    capability["value"] = (8, 9)
+    with pytest.warns(RuntimeWarning, match="8.9"):
+        assert _low_bit.resolve_quantized(True, cuda) is False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _low_bit.resolve_quantized(True, cuda) is False

@@ -53,6 +53,26 @@ def test_hard_path_matches_composite_float64(make_inputs, rng, alpha, feature_ma
     torch.testing.assert_close(out, expected_output(layer, x.q, x.k, x.v, feature_map), rtol=1e-10, atol=1e-10)
 
 
+def test_qat_runs_the_low_bit_sparse_branch(make_inputs, rng):
+    """qat=True: α·Os + (1-α)·Ol with Os from the low-bit sparse branch (SPEC section 6) on K~, and
+    straight-through gradients to q, k, v and α; switching it off restores the bf16/fp32 branch."""
+    x = make_inputs(1, 4, 2, 45, 37, DIM, proj_dtype=None, requires_grad=True)
+    layer = make_layer(rng, dtype=torch.float64, qat=True)
+    assert "qat=True" in repr(layer)
+    out = layer(x.q, x.k, x.v)
+    q, k, v = (t.detach() for t in (x.q, x.k, x.v))
+    smoothed = k - k.mean(dim=2, keepdim=True)
+    block_map = classify(layer.router.block_scores(q, k, **BLOCKS), layer.topk)
+    sparse = ref.sla(q, smoothed, v, block_map=block_map, quantized=True, **BLOCKS).sparse
+    linear = ref.sla(q, smoothed, v, block_map=block_map, **BLOCKS).linear
+    alpha = torch.sigmoid(layer.alpha_logit.detach())[None, :, None, None]
+    torch.testing.assert_close(out.detach(), alpha * sparse + (1 - alpha) * linear, rtol=1e-10, atol=1e-10)
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (x.q, x.k, x.v, layer.alpha_logit))
+    layer.qat = False
+    assert not torch.allclose(layer(q, k, v), out.detach())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hard_path_within_baseline(make_inputs, rng, dtype):
     x = make_inputs(1, 4, 4, 45, 45, DIM, dtype=dtype, proj_dtype=None)
@@ -199,5 +219,5 @@ def test_bad_calls(make_inputs):
     x = make_inputs(1, 2, 2, 20, 20, 8, proj_dtype=None)
     with pytest.raises(ValueError, match="head_dim=16"):
         layer(x.q, x.k, x.v)
-    with pytest.raises(NotImplementedError, match="quantization-aware"):
-        slattn.SparseLinearAttention2(DIM, qat=True)
+    with pytest.raises(TypeError, match="qat"):
+        slattn.SparseLinearAttention2(DIM, qat="yes")

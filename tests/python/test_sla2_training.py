@@ -140,12 +140,17 @@ def test_scheduler_rejects_bad_arguments(options, name):
 
 
 def test_qat_switches():
+    """enable/disable_sla2_qat switch every SLA2 layer and count them; DiT(sla2_enable_qat=True) builds its
+    layers with QAT on; a model without SLA2 layers is refused."""
     model = tiny_dit()
-    with pytest.raises(NotImplementedError, match="low-bit"):
-        enable_sla2_qat(model)
-    assert disable_sla2_qat(model) == 2
-    with pytest.raises(NotImplementedError, match="sla2_enable_qat"):
-        tiny_dit(sla2_enable_qat=True)
+    layers = [m for m in model.modules() if isinstance(m, slattn.SparseLinearAttention2)]
+    assert len(layers) == 2 and not any(layer.qat for layer in layers)
+    assert enable_sla2_qat(model) == 2 and all(layer.qat for layer in layers)
+    assert disable_sla2_qat(model) == 2 and not any(layer.qat for layer in layers)
+    assert all(m.qat for m in tiny_dit(sla2_enable_qat=True).modules()
+               if isinstance(m, slattn.SparseLinearAttention2))
+    with pytest.raises(ValueError, match="SparseLinearAttention2"):
+        enable_sla2_qat(torch.nn.Linear(2, 2))
 
 
 def test_statistics_and_config_log():

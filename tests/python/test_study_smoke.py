@@ -35,9 +35,8 @@ def test_smoke_study_writes_every_variant(first_run):
                         "sparse-only": critical_count(preset.sla_topk, key_blocks) / key_blocks,
                         "l+s": critical_count(preset.sla_topk, key_blocks) / key_blocks,
                         "sla2": critical_count(preset.sla2_topk, key_blocks) / key_blocks}
+    expected_density["sla2-qat"] = expected_density["sla2"]
     for name, r in saved["variants"].items():
-        if name == "sla2-qat":
-            continue
         assert r["status"] == "ran", name
         assert list(r["val_loss"]) == [f"t={t:g}" for t in preset.eval_timesteps], name
         assert all(math.isfinite(x) and x > 0 for x in [*r["val_loss"].values(), r["rfvd"], r["step_seconds"]]), name
@@ -51,14 +50,29 @@ def test_smoke_study_writes_every_variant(first_run):
     assert len(stage1) == preset.depth and all(s["mse_after"] <= s["mse_before"] for s in stage1.values())
 
 
-def test_sla2_qat_is_reported_as_not_run_with_the_reason(first_run):
+def test_sla2_qat_trains_with_the_low_bit_branch(first_run):
+    """sla2-qat repeats sla2 (same router distillation, batches and noise) with the low-bit sparse branch:
+    the same routing, other losses."""
     out, results = first_run
-    qat = results["variants"]["sla2-qat"]
-    assert qat["status"] == "not run" and "low-bit" in qat["reason"]
+    qat, sla2 = results["variants"]["sla2-qat"], results["variants"]["sla2"]
+    assert qat["sparsity"] == sla2["sparsity"]
+    assert qat["train_losses"] != sla2["train_losses"]
     report = (out / "report.md").read_text()
-    assert "sla2-qat" in report and "not run" in report
     for name in VARIANTS:
         assert f"| {name} |" in report
+
+
+def test_low_bit_variant_is_not_run_on_gpus_without_low_bit_kernels(monkeypatch):
+    """On a GPU without the low-bit kernels (faked) sla2-qat would train unquantized: the study refuses it,
+    and the runner reports the reason instead of a result."""
+    from slattn.models import DiT
+    from slattn.study import variants
+
+    preset = get_preset("smoke")
+    monkeypatch.setattr(variants, "runs_low_bit", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    with pytest.raises(NotImplementedError, match="Hopper.*8.6"):
+        variants.install_kernels(DiT(preset.dit_options()), VARIANTS["sla2-qat"], preset)
 
 
 def test_smoke_study_writes_plots(first_run):

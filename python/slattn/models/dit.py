@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..module import SparseLinearAttention
-from ..sla2 import QAT_UNAVAILABLE, SparseLinearAttention2
+from ..sla2 import SparseLinearAttention2
 from .config import DiTConfig
 
 FREQUENCY_EMBEDDING = 256  # sinusoidal features of the timestep before its MLP
@@ -80,8 +80,6 @@ class DiT(nn.Module):
         super().__init__()
         base = DiTConfig() if config is None else DiTConfig.parse(config)
         config = DiTConfig.from_dict({**base.to_dict(), **overrides}) if overrides else base
-        if config.sla2_enable_qat:
-            raise NotImplementedError(f"sla2_enable_qat=True: {QAT_UNAVAILABLE}")
         self.config = config
         hidden, c = config.hidden_size, config.in_channels
         self.patch_shape = ((config.temporal_patch_size,) if len(config.input_size) == 3 else ()) \
@@ -113,7 +111,8 @@ class DiT(nn.Module):
                                          layout="NHD")
         return SparseLinearAttention2(cfg.head_dim, cfg.sla2_topk_ratio, compression_ratio=cfg.sla2_compression_ratio,
                                       alpha=cfg.sla2_alpha, block_q=cfg.block_q, block_k=cfg.block_k,
-                                      num_heads=cfg.num_heads, q_len=cfg.tokens, layout="NHD")
+                                      num_heads=cfg.num_heads, q_len=cfg.tokens, layout="NHD",
+                                      qat=cfg.sla2_enable_qat)
 
     def _zero_init(self) -> None:
         # adaLN-Zero: every block starts as the identity and the output as zero (DiT, Peebles & Xie).

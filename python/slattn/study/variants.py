@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
+from .._low_bit import runs_low_bit
 from ..module import SparseLinearAttention
 from ..sla2 import SparseLinearAttention2
 from .ablations import LinearOnlyAttention, LinearPlusSparseAttention, SparseOnlyAttention
@@ -25,6 +27,7 @@ class Variant:
     # Matmul FLOPs of the linear branch (4) and SLA's projection (2), in units of L·D² per head.
     linear_units: int
     sla2: bool = False         # trained in two stages (router distillation, then fine-tuning)
+    low_bit: bool = False      # needs the low-bit sparse branch (the CPU, or a Hopper GPU)
 
 
 class _ReportsDensity(nn.Module):
@@ -68,7 +71,7 @@ VARIANTS = {v.name: v for v in (
             "attention), α-mixed branches, then fine-tuned with hard top-k and the router frozen (stage 2)",
             _sla2, "sla2_topk", 4, sla2=True),
     Variant("sla2-qat", "SLA2 as above with quantization-aware training of the low-bit sparse branch",
-            lambda p: _sla2(p, qat=True), "sla2_topk", 4, sla2=True),
+            lambda p: _sla2(p, qat=True), "sla2_topk", 4, sla2=True, low_bit=True),
 )}
 
 
@@ -91,9 +94,14 @@ def target_topk(variant: Variant, preset: StudyPreset) -> float | None:
 
 def install_kernels(model: nn.Module, variant: Variant, preset: StudyPreset) -> None:
     """Gives every attention layer of the DiT its own kernel of `variant`. Raises
-    what the kernel's constructor raises (NotImplementedError for SLA2 QAT)."""
-    kernels = [variant.make_kernel(preset) for _ in model.blocks]
+    NotImplementedError for a low-bit variant on a GPU without low-bit kernels
+    (it would train unquantized, and the report would claim otherwise)."""
     device = next(model.parameters()).device
+    if variant.low_bit and not runs_low_bit(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise NotImplementedError(f"{variant.name}: the low-bit sparse kernels need a Hopper GPU (compute "
+                                  f"capability 9.0); this one is {major}.{minor}")
+    kernels = [variant.make_kernel(preset) for _ in model.blocks]
     for block, kernel in zip(model.blocks, kernels):
         block.attn.kernel = None if kernel is None else kernel.to(device)
 

@@ -32,8 +32,8 @@ def sla2_metrics(model, *, sparsity: bool = True, alpha: bool = True) -> dict[st
 class SLA2QATCallback(Callback):
     """Logs the SLA2 configuration at the start of training and, every
     `log_every_n_steps` steps, each layer's density/sparsity and α statistics
-    through the LightningModule's `log_dict`. (Quantized training itself is
-    not available yet; see `slattn.training.enable_sla2_qat`.)"""
+    through the LightningModule's `log_dict`. QAT itself is switched per model
+    with `slattn.training.enable_sla2_qat` (or SparseLinearAttention2(qat=True))."""
 
     def __init__(self, log_sparsity: bool = True, log_alpha_stats: bool = True, log_every_n_steps: int = 100):
         super().__init__()
