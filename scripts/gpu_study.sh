@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs the fine-tuning study's `gpu` preset on a GPU machine whose calls are
-# limited to minutes: `start` builds slattn, checks the pipeline with the smoke
-# preset on the GPU and leaves the study running in its own session; `wait
+# limited to minutes: `start` builds slattn and leaves the study running in its
+# own session (extra arguments after SECONDS go to `slattn finetune`, e.g.
+# --variants sla2-qat); `wait
 # [SECONDS]` follows it until it ends or SECONDS pass (default 540), then copies
 # whatever it has written, with its log, to $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_study.sh start [SECONDS] | wait [SECONDS]
+# Usage: bash scripts/gpu_study.sh start [SECONDS [FINETUNE OPTIONS...]] | wait [SECONDS]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS="${OUT:-gpu-logs}"
@@ -30,13 +31,10 @@ follow() {
 case "${1:-}" in
   start)
     bash scripts/gpu_check.sh build || exit 1
-    echo "== smoke preset on the GPU"
-    timeout 180 slattn finetune --preset smoke --device cuda --out-dir /tmp/slattn-smoke --no-progress \
-      2>&1 | tail -14 || exit 1
     mkdir -p "$STUDY"
     echo "== gpu preset, started $(date -u +%H:%M:%S)"
     setsid nohup slattn finetune --preset gpu --device cuda --out-dir "$STUDY/out" --cache-dir "$STUDY/cache" \
-      >"$STUDY/log" 2>&1 < /dev/null &
+      "${@:3}" >"$STUDY/log" 2>&1 < /dev/null &
     follow "${2:-300}"
     ;;
   wait)
