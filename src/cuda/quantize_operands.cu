@@ -90,21 +90,18 @@ __global__ void __launch_bounds__(kThreads) column_stats_kernel(Geometry g, Tens
 }
 
 // What one INT8 quantization writes: rows of `rows` per pair (zero past
-// `len`), a step per block; `key_sums` (K: subtract the mean) or null (Q).
+// `len`), a step per block of `block` rows; `key_sums` (K: subtract the mean) or null (Q).
 struct Int8Blocks {
-  int64_t heads, len, blocks, rows, chunks;
+  int64_t heads, len, block, blocks, rows, chunks;
   const float* key_sums;
   int8_t* out;
   float* steps;
 };
 
-// Grid (blocks, heads, batch): x − mean over one block of kBlock rows to
-// INT8 with the block's step max |x − mean| / 127, the block read once (held in registers).
-template <typename Element, int kHeadDim, int kBlock>
+// Grid (blocks, heads, batch): x − mean over one block of rows to INT8 with the block's step max |x − mean| / 127.
+template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) int8_blocks_kernel(TensorView x_view, Int8Blocks task) {
   constexpr int kRows = rows_at_once<kHeadDim>();
-  static_assert(kBlock % kRows == 0, "whole passes");
-  constexpr int kPasses = kBlock / kRows;
   __shared__ float mean[kHeadDim], scratch[kThreads / kWarpSize];
   const auto x = DeviceView<const Element>::of(x_view);
   const int64_t block = blockIdx.x, h = blockIdx.y, b = blockIdx.z, pair = b * task.heads + h;
@@ -118,32 +115,27 @@ __global__ void __launch_bounds__(kThreads) int8_blocks_kernel(TensorView x_view
   }
   __syncthreads();
 
-  const int64_t first = block * kBlock;
-  float values[kPasses][kVector] = {};
+  const int64_t first = block * task.block;
   float peak = 0.0f;
+  for (int64_t r = row_lane; r < task.block && first + r < task.len; r += kRows) {
+    float values[kVector];
+    load_vector(x, aligned, b, h, first + r, d0, values);
 #pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const int64_t row = first + row_lane + pass * kRows;
-    if (row >= task.len) continue;
-    load_vector(x, aligned, b, h, row, d0, values[pass]);
-#pragma unroll
-    for (int i = 0; i < kVector; ++i) {
-      values[pass][i] -= mean[d0 + i];
-      peak = fmaxf(peak, fabsf(values[pass][i]));
-    }
+    for (int i = 0; i < kVector; ++i) peak = fmaxf(peak, fabsf(values[i] - mean[d0 + i]));
   }
   const float step = block_max(peak, scratch) / kInt8Max;
-#pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const int64_t row = first + row_lane + pass * kRows;
+  for (int64_t r = row_lane; r < task.block; r += kRows) {
+    float values[kVector] = {};
+    if (first + r < task.len) load_vector(x, aligned, b, h, first + r, d0, values);
     uint32_t packed[2] = {0u, 0u};
 #pragma unroll
     for (int i = 0; i < kVector; ++i) {
-      const float scaled = step > 0.0f && row < task.len ? values[pass][i] / step : 0.0f;
+      const float scaled = step > 0.0f && first + r < task.len ? (values[i] - mean[d0 + i]) / step : 0.0f;
       const int integer = max(-127, min(127, __float2int_rn(scaled)));
       packed[i / 4] |= (static_cast<uint32_t>(integer) & 0xFFu) << (8 * (i % 4));
     }
-    *reinterpret_cast<uint2*>(task.out + (pair * task.rows + row) * kHeadDim + d0) = make_uint2(packed[0], packed[1]);
+    *reinterpret_cast<uint2*>(task.out + (pair * task.rows + first + r) * kHeadDim + d0) =
+        make_uint2(packed[0], packed[1]);
   }
   if (threadIdx.x == 0) task.steps[pair * task.blocks + block] = step;
 }
@@ -195,21 +187,21 @@ __global__ void __launch_bounds__(kThreads) e4m3_values_kernel(Geometry g, Tenso
 
 void quantize_operands(const Geometry& g, const TensorView& q, const TensorView& k, const TensorView& v,
                        const QuantizedOperands& ops, cudaStream_t stream) {
-  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
     using Element = decltype(tag);
-    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, BK = decltype(block_k)::value;
+    constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
     const auto kv_grid = [&](int64_t x) {
       return dim3(static_cast<unsigned>(x), static_cast<unsigned>(g.kv_heads), static_cast<unsigned>(g.batch));
     };
     column_stats_kernel<Element, D><<<kv_grid(QuantizedOperands::chunks(g)), kThreads, 0, stream>>>(g, k, v, ops);
-    const Int8Blocks keys{g.kv_heads, g.k_len, g.k_blocks, g.k_rows(), QuantizedOperands::chunks(g), ops.key_sums,
-                          ops.k, ops.k_steps};
-    int8_blocks_kernel<Element, D, BK><<<kv_grid(g.k_blocks), kThreads, 0, stream>>>(k, keys);
+    const Int8Blocks keys{g.kv_heads, g.k_len, g.block_k, g.k_blocks, g.k_rows(), QuantizedOperands::chunks(g),
+                          ops.key_sums, ops.k, ops.k_steps};
+    int8_blocks_kernel<Element, D><<<kv_grid(g.k_blocks), kThreads, 0, stream>>>(k, keys);
     e4m3_values_kernel<Element, D, BK><<<kv_grid(g.k_blocks), kThreads, 0, stream>>>(g, v, ops);
-    const Int8Blocks queries{g.heads, g.q_len, g.q_blocks, g.q_rows(), 0, nullptr, ops.q, ops.q_steps};
+    const Int8Blocks queries{g.heads, g.q_len, g.block_q, g.q_blocks, g.q_rows(), 0, nullptr, ops.q, ops.q_steps};
     const dim3 q_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
                       static_cast<unsigned>(g.batch));
-    int8_blocks_kernel<Element, D, BQ><<<q_grid, kThreads, 0, stream>>>(q, queries);
+    int8_blocks_kernel<Element, D><<<q_grid, kThreads, 0, stream>>>(q, queries);
   });
   SLATTN_LAUNCH_CHECK("quantize_operands");
 }

@@ -152,7 +152,8 @@ def test_backward_is_straight_through(rng):
     plan = slattn.route(q, k, topk=0.4, block_q=64, block_k=64)
 
     def gradients(device, quantized, dtype):
-        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)] + [weight.to(device).requires_grad_()]
+        leaves = [t.to(device, dtype).clone().requires_grad_() for t in (q, k, v)]
+        leaves.append(weight.to(device).clone().requires_grad_())
         out = slattn.sparse_linear_attention(*leaves, plan=plan.to(device), quantized=quantized)
         out.backward(grad.to(device, dtype))
         return [t.grad.double().cpu() for t in leaves]
