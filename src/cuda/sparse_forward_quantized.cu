@@ -1,10 +1,12 @@
 // Forward of the low-bit sparse branch on Hopper (sm_90a), over the operands
 // of quantize_operands.cu: the schedule of sparse_forward_wgmma.cu (key tiles
 // of a whole block double-buffered by cp.async) with 8-bit products, and a
-// thread block of one warpgroup per 64 query rows, two per SM: they overlap
-// each other's products and softmax with no barrier between them (4% faster
-// than one block of two warpgroups per 128-row query block on an H100,
-// though each K/V tile is then read twice). Per tile:
+// thread block of one warpgroup per 64 query rows, three per SM: they overlap
+// each other's products and softmax with no barrier between them, though a
+// 128-row query block's K/V tiles are then read twice. On an H100 at the
+// Wan2.1-1.3B shape (128-blocks) one block of two warpgroups per query block
+// took 878 us, two 64-row blocks per SM 861 us, three 697 us (at 168
+// registers, the head dim 128 builds spill 4-20 bytes). Per tile:
 //   S = Q Kᵀ in int32 (INT8 tensor cores), exact; logits = S · q step · k step;
 //   the online softmax of the bf16 kernel with P and its row sums 448 times
 //   larger (the row sums from P unrounded);
@@ -51,7 +53,7 @@ constexpr size_t quantized_forward_shared_bytes() {
 }
 
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
-__global__ void __launch_bounds__(kWarpgroupThreads, 2)
+__global__ void __launch_bounds__(kWarpgroupThreads, 3)
     sparse_forward_quantized_kernel(Geometry g, RoutingPlanView plan, SparseForwardArgs a, QuantizedOperands ops) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(127 * 127 * kHeadDim < (1 << 22), "S must stay within small_int_to_float's range");
