@@ -122,7 +122,7 @@ PRESETS = {
         distill_batches=8, distill_batch_size=2, distill_steps=100, eval_timesteps=(0.1, 0.3, 0.5, 0.7, 0.9),
         sample_count=128, sample_steps=25,
         budget_seconds={"pretrain (once, cached)": 210, "full": 60, "sla": 50, "sparse only": 50,
-                        "linear only": 50, "L+S": 50, "sla2 (stage 1 + 2)": 120, "sla2 + QAT": 0}),
+                        "linear only": 50, "L+S": 50, "sla2 (stage 1 + 2)": 120, "sla2 + QAT": 130}),
 }
 
 
