@@ -106,10 +106,8 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockQ>(), 1)
   const float scale_log2 = a.scale * kLog2e;
   float dq[kHeadDim / 8][4] = {};
 
-  const int64_t plan_row = pair * g.q_blocks + m;
-  const BlockTiles<kTile> tiles{copy_block_list<kThreads>(plan.row_index + plan_row * g.k_blocks,
-                                                          plan.row_count[plan_row], reinterpret_cast<int32_t*>(&s + 1)),
-                                plan.row_count[plan_row], g.block_k, g.k_len};
+  const auto tiles = shared_row_tiles<kTile, kThreads>(g, plan, pair, m,
+                                                      reinterpret_cast<int32_t*>(&s + 1));  // after the tiles
   const int32_t total = tiles.count();
   auto load_keys = [&](int32_t t) {
     load_tile_pair<kThreads>(s.k[t & 1], s.v[t & 1], k, v, b, kv, tiles.first(t), tiles.end(t));

@@ -72,11 +72,8 @@ __global__ void __launch_bounds__(wgmma_forward_threads<kBlockQ>(),
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   float out[kHeadDim / 8][4] = {};
 
-  const int64_t plan_row = (b * g.heads + h) * g.q_blocks + m;
-  const int32_t blocks = plan.row_count[plan_row];
-  const BlockTiles<kKeyTile> tiles{copy_block_list<kThreads>(plan.row_index + plan_row * g.k_blocks, blocks,
-                                                             reinterpret_cast<int32_t*>(&s + 1)),  // after the tiles
-                                   blocks, g.block_k, g.k_len};
+  const auto tiles = shared_row_tiles<kKeyTile, kThreads>(g, plan, b * g.heads + h, m,
+                                                          reinterpret_cast<int32_t*>(&s + 1));  // after the tiles
   const int32_t total = tiles.count();
   auto load_keys = [&](int32_t t) {
     load_tile_pair<kThreads>(s.k[t & 1], s.v[t & 1], k, v, b, kv, tiles.first(t), tiles.end(t));

@@ -13,7 +13,9 @@
 
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
+#include "cuda/geometry.h"
 #include "cuda/mma.cuh"
+#include "slattn/plan.h"
 
 namespace slattn::cuda {
 
@@ -82,6 +84,16 @@ __device__ __forceinline__ const int32_t* copy_block_list(const int32_t* from, i
   for (int32_t i = threadIdx.x; i < count; i += kThreads) to[i] = from[i];
   __syncthreads();
   return to;
+}
+
+// The key tiles of the row list of query block m of pair `pair`, the list
+// copied to shared memory at `to` first (copy_block_list).
+template <int kTileRows, int kThreads>
+__device__ __forceinline__ BlockTiles<kTileRows> shared_row_tiles(const Geometry& g, const RoutingPlanView& plan,
+                                                                  int64_t pair, int64_t m, int32_t* to) {
+  const int64_t plan_row = pair * g.q_blocks + m;
+  const int32_t blocks = plan.row_count[plan_row];
+  return {copy_block_list<kThreads>(plan.row_index + plan_row * g.k_blocks, blocks, to), blocks, g.block_k, g.k_len};
 }
 
 // acc (16 x kCols) += a[0..16) · b[0..kCols)ᵀ over kHeadDim, a and b row-major shared tiles.
