@@ -40,19 +40,21 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
     `num_heads` (and, for "block", `q_len`) are given.
     compute_dtype: None computes in the inputs' dtype, except fp32 on CUDA,
     which runs in bf16 (what the kernels take); the output has the inputs' dtype.
-    qat (attribute too; slattn.training.enable_sla2_qat switches every layer):
-    quantization-aware training, the hard-routing path's sparse branch in low
+    quantized (attribute too): the hard-routing path's sparse branch in low
     bits (quantized=True of slattn.sparse_linear_attention: INT8 Q Kᵀ, FP8
-    P V, straight-through gradients); the soft and dense paths are unchanged.
+    P V, straight-through gradients), for inference; the soft and dense paths
+    are unchanged. qat (attribute too; slattn.training.enable_sla2_qat
+    switches every layer): quantization-aware training, the same low-bit
+    branch in training and after it; either flag turns it on.
     feature_map "hedgehog" is learnable, with ``feature_map_q`` /
     ``feature_map_k`` as in SparseLinearAttention (tied unless
     ``tie_feature_map_qk=False``); W_k applies to K~ under smooth_k_features.
     """
 
     def __init__(self, head_dim: int, topk: float = 0.05, *, compression_ratio: int = 1, alpha: str = "head",
-                 qat: bool = False, softtopk_tau: float = 0.1, block_q: int = 128, block_k: int = 64,
-                 feature_map: str = "softmax", smooth_k_features: bool = True, alpha_init: float = 0.9,
-                 num_heads: int | None = None, q_len: int | None = None, layout: str = "HND",
+                 qat: bool = False, quantized: bool = False, softtopk_tau: float = 0.1, block_q: int = 128,
+                 block_k: int = 64, feature_map: str = "softmax", smooth_k_features: bool = True,
+                 alpha_init: float = 0.9,                 num_heads: int | None = None, q_len: int | None = None, layout: str = "HND",
                  scale: float | None = None, compute_dtype: torch.dtype | None = None,
                  tie_feature_map_qk: bool = True):
         super().__init__()
@@ -72,12 +74,14 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
         if not isinstance(tie_feature_map_qk, bool):
             raise ValueError(f"tie_feature_map_qk must be a bool, got {tie_feature_map_qk!r}")
         _checks.check_flag("qat", qat)
+        _checks.check_flag("quantized", quantized)
         self.router = LearnedRouter(head_dim, compression_ratio)
         self.head_dim = head_dim
         self.compression_ratio = compression_ratio
         self._topk = float(topk)
         self.alpha_mode = alpha
         self.qat = qat
+        self.quantized = quantized
         self.softtopk_tau = check_tau(softtopk_tau)
         self.block_q = block_q
         self.block_k = block_k
@@ -220,7 +224,7 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
             os_, ol, _ = sparse_linear_attention(q, k_branch, v, plan=plan, feature_map=self.feature_map,
                                                  feature_weight_q=weight_q, feature_weight_k=weight_k,
                                                  linear_scope="marginal", scale=scale, layout=self.layout,
-                                                 return_branches=True, quantized=self.qat)
+                                                 return_branches=True, quantized=self.qat or self.quantized)
             density = plan.density
         out = alpha * os_.to(mix) + (1 - alpha) * ol.to(mix)
         return out.to(q.dtype), density
@@ -235,6 +239,7 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, topk={self.topk}, compression_ratio={self.compression_ratio}, "
                 f"alpha={self.alpha_mode!r}, routing={self.routing!r}, qat={self.qat}, "
+                f"quantized={self.quantized}, "
                 f"softtopk_tau={self.softtopk_tau}, "
                 f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
                 f"tie_feature_map_qk={self.tie_feature_map_qk}, "

@@ -71,6 +71,9 @@ def test_qat_runs_the_low_bit_sparse_branch(make_inputs, rng):
     assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (x.q, x.k, x.v, layer.alpha_logit))
     layer.qat = False
     assert not torch.allclose(layer(q, k, v), out.detach())
+    layer.quantized = True  # the inference switch: the same low-bit branch
+    assert "quantized=True" in repr(layer)
+    torch.testing.assert_close(layer(q, k, v), out.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -221,3 +224,5 @@ def test_bad_calls(make_inputs):
         layer(x.q, x.k, x.v)
     with pytest.raises(TypeError, match="qat"):
         slattn.SparseLinearAttention2(DIM, qat="yes")
+    with pytest.raises(TypeError, match="quantized"):
+        slattn.SparseLinearAttention2(DIM, quantized=1)
