@@ -54,8 +54,8 @@ class SparseLinearAttention2(LazyModuleMixin, nn.Module):
     def __init__(self, head_dim: int, topk: float = 0.05, *, compression_ratio: int = 1, alpha: str = "head",
                  qat: bool = False, quantized: bool = False, softtopk_tau: float = 0.1, block_q: int = 128,
                  block_k: int = 64, feature_map: str = "softmax", smooth_k_features: bool = True,
-                 alpha_init: float = 0.9,                 num_heads: int | None = None, q_len: int | None = None, layout: str = "HND",
-                 scale: float | None = None, compute_dtype: torch.dtype | None = None,
+                 alpha_init: float = 0.9, num_heads: int | None = None, q_len: int | None = None,
+                 layout: str = "HND", scale: float | None = None, compute_dtype: torch.dtype | None = None,
                  tie_feature_map_qk: bool = True):
         super().__init__()
         _checks.check_head_dim(head_dim)
