@@ -1,12 +1,12 @@
-// Quantization of K and V for the low-bit sparse branch (sparse_quantized.h):
+// Quantization of the low-bit sparse branch's operands (sparse_quantized.h):
 // one pass over K and V for their column statistics (partial sums of K,
 // partial peaks of |V|, per chunk of keys: deterministic, no atomics), then
-// one thread block per key block: K − mean(K) to INT8 with the block's step,
-// V to e4m3 with its channel's scale, transposed so that the P V product
-// reads it K-major. Each thread reads 8 consecutive channels of a row (one
-// 16-byte load when rows are aligned). Q is quantized by the forward itself.
+// one thread block per block of rows: Q and K − mean(K) to INT8 with the
+// block's step, V to e4m3 with its channel's scale, transposed so that the
+// P V product reads it K-major. Each thread reads 8 consecutive channels of
+// a row (one 16-byte load when rows are aligned). Rounding as the CPU path:
+// to nearest, ties to even; INT8 clamped to ±127, e4m3 saturating.
 #include "cuda/common.cuh"
-#include "cuda/quantize.cuh"
 #include "cuda/sparse_quantized.h"
 #include "cuda/wgmma.cuh"
 
@@ -14,11 +14,40 @@ namespace slattn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kVector = 8;  // channels a thread reads at once
+constexpr float kInt8Max = 127.0f;
+constexpr float kE4m3Max = 448.0f;
 
-// Rows a thread block's threads cover at once: kHeadDim / kQuantizeVector threads per row.
+// Rows of a block a thread block's threads cover at once: kHeadDim / kVector threads per row.
 template <int kHeadDim>
 constexpr int rows_at_once() {
-  return kThreads / (kHeadDim / kQuantizeVector);
+  return kThreads / (kHeadDim / kVector);
+}
+
+// Channels d0 .. d0 + 7 of row l of x.
+template <typename Element>
+__device__ __forceinline__ void load_vector(const DeviceView<const Element>& x, bool aligned, int64_t b, int64_t h,
+                                            int64_t l, int d0, float (&out)[kVector]) {
+  if (aligned) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(&x.at(b, h, l, d0));
+    const Element* elements = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) out[i] = to_float(elements[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) out[i] = x.load(b, h, l, d0 + i);
+  }
+}
+
+// The largest value of `x` over the thread block (every thread gets it).
+__device__ float block_max(float x, float* scratch) {
+  x = warp_max(x);
+  if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = x;
+  __syncthreads();
+  float peak = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / kWarpSize; ++w) peak = fmaxf(peak, scratch[w]);
+  return peak;
 }
 
 // Grid (chunks, kv heads, batch): column sums of K and column peaks of |V| over one chunk of keys.
@@ -30,22 +59,21 @@ __global__ void __launch_bounds__(kThreads) column_stats_kernel(Geometry g, Tens
   const auto k = DeviceView<const Element>::of(k_view);
   const auto v = DeviceView<const Element>::of(v_view);
   const int64_t chunk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int row_lane = threadIdx.x / (kHeadDim / kQuantizeVector);
-  const int d0 = threadIdx.x % (kHeadDim / kQuantizeVector) * kQuantizeVector;
+  const int row_lane = threadIdx.x / (kHeadDim / kVector), d0 = threadIdx.x % (kHeadDim / kVector) * kVector;
   const bool k_aligned = rows_are_16_byte_aligned(k), v_aligned = rows_are_16_byte_aligned(v);
-  float sum[kQuantizeVector] = {}, peak[kQuantizeVector] = {};
+  float sum[kVector] = {}, peak[kVector] = {};
   const int64_t end = min(g.k_len, (chunk + 1) * kStatsChunkRows);
   for (int64_t l = chunk * kStatsChunkRows + row_lane; l < end; l += kRows) {
-    float x[kQuantizeVector];
+    float x[kVector];
     load_vector(k, k_aligned, b, h, l, d0, x);
 #pragma unroll
-    for (int i = 0; i < kQuantizeVector; ++i) sum[i] += x[i];
+    for (int i = 0; i < kVector; ++i) sum[i] += x[i];
     load_vector(v, v_aligned, b, h, l, d0, x);
 #pragma unroll
-    for (int i = 0; i < kQuantizeVector; ++i) peak[i] = fmaxf(peak[i], fabsf(x[i]));
+    for (int i = 0; i < kVector; ++i) peak[i] = fmaxf(peak[i], fabsf(x[i]));
   }
 #pragma unroll
-  for (int i = 0; i < kQuantizeVector; ++i) {
+  for (int i = 0; i < kVector; ++i) {
     sums[row_lane][d0 + i] = sum[i];
     peaks[row_lane][d0 + i] = peak[i];
   }
@@ -61,45 +89,55 @@ __global__ void __launch_bounds__(kThreads) column_stats_kernel(Geometry g, Tens
   ops.value_peaks[at] = largest;
 }
 
-// Grid (key blocks, kv heads, batch): K − mean(K) over one block of keys to
-// INT8 with the block's step max |k − mean| / 127 (rows past the sequence zero).
+// What one INT8 quantization writes: rows of `rows` per pair (zero past
+// `len`), a step per block of `block` rows; `key_sums` (K: subtract the mean) or null (Q).
+struct Int8Blocks {
+  int64_t heads, len, block, blocks, rows, chunks;
+  const float* key_sums;
+  int8_t* out;
+  float* steps;
+};
+
+// Grid (blocks, heads, batch): x − mean over one block of rows to INT8 with the block's step max |x − mean| / 127.
 template <typename Element, int kHeadDim>
-__global__ void __launch_bounds__(kThreads) int8_keys_kernel(Geometry g, TensorView k_view, QuantizedOperands ops) {
+__global__ void __launch_bounds__(kThreads) int8_blocks_kernel(TensorView x_view, Int8Blocks task) {
   constexpr int kRows = rows_at_once<kHeadDim>();
   __shared__ float mean[kHeadDim], scratch[kThreads / kWarpSize];
-  const auto k = DeviceView<const Element>::of(k_view);
-  const int64_t block = blockIdx.x, h = blockIdx.y, b = blockIdx.z, pair = b * g.kv_heads + h;
-  const int row_lane = threadIdx.x / (kHeadDim / kQuantizeVector);
-  const int d0 = threadIdx.x % (kHeadDim / kQuantizeVector) * kQuantizeVector;
-  const bool aligned = rows_are_16_byte_aligned(k);
+  const auto x = DeviceView<const Element>::of(x_view);
+  const int64_t block = blockIdx.x, h = blockIdx.y, b = blockIdx.z, pair = b * task.heads + h;
+  const int row_lane = threadIdx.x / (kHeadDim / kVector), d0 = threadIdx.x % (kHeadDim / kVector) * kVector;
+  const bool aligned = rows_are_16_byte_aligned(x);
   if (threadIdx.x < kHeadDim) {
-    const int64_t chunks = QuantizedOperands::chunks(g);
     float total = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) total += ops.key_sums[(pair * chunks + c) * kHeadDim + threadIdx.x];
-    mean[threadIdx.x] = total / static_cast<float>(g.k_len);
+    if (task.key_sums)
+      for (int64_t c = 0; c < task.chunks; ++c) total += task.key_sums[(pair * task.chunks + c) * kHeadDim + threadIdx.x];
+    mean[threadIdx.x] = total / static_cast<float>(task.len);
   }
   __syncthreads();
 
-  // Two reads of the block (the second from cache): holding it in registers instead measured slower.
-  const int64_t first = block * g.block_k;
+  const int64_t first = block * task.block;
   float peak = 0.0f;
-  for (int64_t r = row_lane; r < g.block_k && first + r < g.k_len; r += kRows) {
-    float values[kQuantizeVector];
-    load_vector(k, aligned, b, h, first + r, d0, values);
+  for (int64_t r = row_lane; r < task.block && first + r < task.len; r += kRows) {
+    float values[kVector];
+    load_vector(x, aligned, b, h, first + r, d0, values);
 #pragma unroll
-    for (int i = 0; i < kQuantizeVector; ++i) peak = fmaxf(peak, fabsf(values[i] - mean[d0 + i]));
+    for (int i = 0; i < kVector; ++i) peak = fmaxf(peak, fabsf(values[i] - mean[d0 + i]));
   }
-  const float step = block_max<kThreads>(peak, scratch) / kInt8Max;
-  for (int64_t r = row_lane; r < g.block_k; r += kRows) {
-    float values[kQuantizeVector] = {};
-    if (first + r < g.k_len) {
-      load_vector(k, aligned, b, h, first + r, d0, values);
+  const float step = block_max(peak, scratch) / kInt8Max;
+  for (int64_t r = row_lane; r < task.block; r += kRows) {
+    float values[kVector] = {};
+    if (first + r < task.len) load_vector(x, aligned, b, h, first + r, d0, values);
+    uint32_t packed[2] = {0u, 0u};
 #pragma unroll
-      for (int i = 0; i < kQuantizeVector; ++i) values[i] -= mean[d0 + i];
+    for (int i = 0; i < kVector; ++i) {
+      const float scaled = step > 0.0f && first + r < task.len ? (values[i] - mean[d0 + i]) / step : 0.0f;
+      const int integer = max(-127, min(127, __float2int_rn(scaled)));
+      packed[i / 4] |= (static_cast<uint32_t>(integer) & 0xFFu) << (8 * (i % 4));
     }
-    *reinterpret_cast<uint2*>(ops.k + (pair * g.k_rows() + first + r) * kHeadDim + d0) = pack8_int8(values, step);
+    *reinterpret_cast<uint2*>(task.out + (pair * task.rows + first + r) * kHeadDim + d0) =
+        make_uint2(packed[0], packed[1]);
   }
-  if (threadIdx.x == 0) ops.k_steps[pair * g.k_blocks + block] = step;
+  if (threadIdx.x == 0) task.steps[pair * task.blocks + block] = step;
 }
 
 // Grid (key blocks, kv heads, batch): one block of V to e4m3 at its
@@ -113,8 +151,7 @@ __global__ void __launch_bounds__(kThreads) e4m3_values_kernel(Geometry g, Tenso
   __shared__ float scale[kHeadDim];
   const auto v = DeviceView<const Element>::of(v_view);
   const int64_t block = blockIdx.x, h = blockIdx.y, b = blockIdx.z, pair = b * g.kv_heads + h;
-  const int row_lane = threadIdx.x / (kHeadDim / kQuantizeVector);
-  const int d0 = threadIdx.x % (kHeadDim / kQuantizeVector) * kQuantizeVector;
+  const int row_lane = threadIdx.x / (kHeadDim / kVector), d0 = threadIdx.x % (kHeadDim / kVector) * kVector;
   const bool aligned = rows_are_16_byte_aligned(v);
   if (threadIdx.x < kHeadDim) {
     const int64_t chunks = QuantizedOperands::chunks(g);
@@ -125,10 +162,10 @@ __global__ void __launch_bounds__(kThreads) e4m3_values_kernel(Geometry g, Tenso
   }
   const int64_t first = block * kBlockK;
   for (int r = row_lane; r < kBlockK; r += kRows) {
-    float values[kQuantizeVector] = {};
+    float values[kVector] = {};
     if (first + r < g.k_len) load_vector(v, aligned, b, h, first + r, d0, values);
 #pragma unroll
-    for (int i = 0; i < kQuantizeVector; ++i) tile[r][d0 + i] = from_float<Element>(values[i]);
+    for (int i = 0; i < kVector; ++i) tile[r][d0 + i] = from_float<Element>(values[i]);
   }
   __syncthreads();
   constexpr int kWordsPerChannel = kBlockK / 4;
@@ -148,19 +185,25 @@ __global__ void __launch_bounds__(kThreads) e4m3_values_kernel(Geometry g, Tenso
 
 }  // namespace
 
-void quantize_keys_and_values(const Geometry& g, const TensorView& k, const TensorView& v,
-                              const QuantizedOperands& ops, cudaStream_t stream) {
-  dispatch_sparse_kernel(k.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
+void quantize_operands(const Geometry& g, const TensorView& q, const TensorView& k, const TensorView& v,
+                       const QuantizedOperands& ops, cudaStream_t stream) {
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
-    const auto grid = [&](int64_t x) {
+    const auto kv_grid = [&](int64_t x) {
       return dim3(static_cast<unsigned>(x), static_cast<unsigned>(g.kv_heads), static_cast<unsigned>(g.batch));
     };
-    column_stats_kernel<Element, D><<<grid(QuantizedOperands::chunks(g)), kThreads, 0, stream>>>(g, k, v, ops);
-    int8_keys_kernel<Element, D><<<grid(g.k_blocks), kThreads, 0, stream>>>(g, k, ops);
-    e4m3_values_kernel<Element, D, BK><<<grid(g.k_blocks), kThreads, 0, stream>>>(g, v, ops);
+    column_stats_kernel<Element, D><<<kv_grid(QuantizedOperands::chunks(g)), kThreads, 0, stream>>>(g, k, v, ops);
+    const Int8Blocks keys{g.kv_heads, g.k_len, g.block_k, g.k_blocks, g.k_rows(), QuantizedOperands::chunks(g),
+                          ops.key_sums, ops.k, ops.k_steps};
+    int8_blocks_kernel<Element, D><<<kv_grid(g.k_blocks), kThreads, 0, stream>>>(k, keys);
+    e4m3_values_kernel<Element, D, BK><<<kv_grid(g.k_blocks), kThreads, 0, stream>>>(g, v, ops);
+    const Int8Blocks queries{g.heads, g.q_len, g.block_q, g.q_blocks, g.q_rows(), 0, nullptr, ops.q, ops.q_steps};
+    const dim3 q_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
+                      static_cast<unsigned>(g.batch));
+    int8_blocks_kernel<Element, D><<<q_grid, kThreads, 0, stream>>>(q, queries);
   });
-  SLATTN_LAUNCH_CHECK("quantize_keys_and_values");
+  SLATTN_LAUNCH_CHECK("quantize_operands");
 }
 
 }  // namespace slattn::cuda

@@ -41,7 +41,7 @@ void run_sparse_forward(const SlaForwardParams& p, const Geometry& g, const Rout
     sparse_forward(g, plan, args, stream);
     return;
   }
-  quantize_keys_and_values(g, p.k, p.v, buf.quantized, stream);
+  quantize_operands(g, p.q, p.k, p.v, buf.quantized, stream);
   sparse_forward_quantized(g, plan, args, buf.quantized, stream);
 }
 

@@ -1,6 +1,5 @@
-// Forward of the low-bit sparse branch on Hopper (sm_90a), over the keys and
-// values of quantize_operands.cu and its own query rows, quantized in the
-// prologue while the first key tile loads: the schedule of sparse_forward_wgmma.cu (key tiles
+// Forward of the low-bit sparse branch on Hopper (sm_90a), over the operands
+// of quantize_operands.cu: the schedule of sparse_forward_wgmma.cu (key tiles
 // of a whole block double-buffered by cp.async) with 8-bit products, and a
 // thread block of one warpgroup per 64 query rows, three per SM: they overlap
 // each other's products and softmax with no barrier between them, though a
@@ -16,7 +15,6 @@
 // The epilogue divides by the row sums, which cancels the 448, and applies V's
 // channel scales.
 #include "cuda/common.cuh"
-#include "cuda/quantize.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_forward_steps.cuh"
 #include "cuda/sparse_mainloops.h"
@@ -48,39 +46,10 @@ struct QuantizedForwardShared {
 };
 
 // Key blocks the row list may hold: it is copied to shared memory in 16 bits,
-// which keeps three thread blocks per SM up to 1024 key blocks of 128.
+// which keeps three thread blocks per SM up to 1024 key blocks of 128 (the
+// Wan2.1-14B shape has 591).
 using ListEntry = uint16_t;
 constexpr int64_t kMaxKeyBlocks = 65535;
-
-// Rows [row0, row0 + 64) of query block m to INT8 in `tile`, with the step
-// of the whole block (max |q| over its rows / 127, as the CPU path takes it:
-// the block's other thread blocks find the same); returns the step. The
-// tile's first bytes serve as block_max's scratch before the rows are written.
-template <int kBlockQ, int kHeadDim, typename Element>
-__device__ float quantize_query_rows(const Geometry& g, const DeviceView<const Element>& q, int64_t b, int64_t h,
-                                     int64_t m, int64_t row0, ByteTile<kWarpgroupRows, kHeadDim>& tile) {
-  constexpr int kLanes = kHeadDim / kQuantizeVector;  // threads per row
-  constexpr int kRows = kWarpgroupThreads / kLanes;   // rows at once
-  const int row_lane = threadIdx.x / kLanes, d0 = threadIdx.x % kLanes * kQuantizeVector;
-  const bool aligned = rows_are_16_byte_aligned(q);
-  float peak = 0.0f;
-  for (int64_t l = m * kBlockQ + row_lane; l < min(g.q_len, (m + 1) * kBlockQ); l += kRows) {
-    float values[kQuantizeVector];
-    load_vector(q, aligned, b, h, l, d0, values);
-#pragma unroll
-    for (int i = 0; i < kQuantizeVector; ++i) peak = fmaxf(peak, fabsf(values[i]));
-  }
-  const float step = block_max<kWarpgroupThreads>(peak, reinterpret_cast<float*>(tile.data)) / kInt8Max;
-  __syncthreads();  // every thread has read the scratch before the rows overwrite it
-  for (int r = row_lane; r < kWarpgroupRows; r += kRows) {
-    float values[kQuantizeVector] = {};
-    if (row0 + r < g.q_len) load_vector(q, aligned, b, h, row0 + r, d0, values);
-    const int unit = d0 / 16;  // 16-byte unit of the swizzled row, and the half of it this thread writes
-    *reinterpret_cast<uint2*>(tile.data + r * kSwizzleBytes + (unit ^ (r % 8)) * 16 + d0 % 16) =
-        pack8_int8(values, step);
-  }
-  return step;
-}
 
 // The tiles, with room to align the dynamic buffer to the swizzle atom; the
 // launch adds the row list (k_blocks entries), copied after the tiles.
@@ -105,9 +74,13 @@ __global__ void __launch_bounds__(kWarpgroupThreads, 3)
   const int64_t q_pair = b * g.heads + h, kv_pair = b * g.kv_heads + h / g.group();
   const int64_t row0 = m * kBlockQ + blockIdx.x % kCtasPerBlock * kWarpgroupRows;
 
+  s.q.template load<kThreads>(reinterpret_cast<const uint8_t*>(ops.q) + q_pair * g.q_rows() * kHeadDim, kHeadDim,
+                              row0);
+  cp_async_commit();
   const uint8_t* k_rows = reinterpret_cast<const uint8_t*>(ops.k) + kv_pair * g.k_rows() * kHeadDim;
   const uint8_t* v_rows = ops.v + kv_pair * kHeadDim * g.k_rows();
   const float* k_steps = ops.k_steps + kv_pair * g.k_blocks;
+  const float q_scale_log2 = a.scale * kLog2e * ops.q_steps[q_pair * g.q_blocks + m];
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   float out[kHeadDim / 8][4] = {};
@@ -122,8 +95,6 @@ __global__ void __launch_bounds__(kWarpgroupThreads, 3)
     cp_async_commit();
   };
   if (total > 0) load_keys(0);
-  const float q_scale_log2 =
-      a.scale * kLog2e * quantize_query_rows<kBlockQ>(g, DeviceView<const Element>::of(a.q), b, h, m, row0, s.q);
   for (int32_t t = 0; t < total; ++t) {
     const int buffer = t & 1;
     await_tile<true>(t, total, load_keys);  // tile t (and Q) is complete and visible to the tensor cores
