@@ -11,11 +11,11 @@ import pytest
 from slattn.integrations.config import SLAConfig
 
 DEFAULTS = {"topk": 0.2, "feature_map": "softmax", "blkq": 64, "blkk": 64, "tie_feature_map_qk": True,
-            "negligible": 0.0, "linear_scope": "marginal", "use_bf16": True, "share": "layer"}
+            "negligible": 0.0, "linear_scope": "marginal", "use_bf16": True, "share": "layer", "quantized": False}
 
 # Every field away from its default, so a form that drops or misreads any key fails.
 CUSTOM = {"topk": 0.1, "feature_map": "elu", "blkq": 128, "blkk": 128, "tie_feature_map_qk": False,
-          "negligible": 0.3, "linear_scope": "all", "use_bf16": False, "share": "head_dim"}
+          "negligible": 0.3, "linear_scope": "all", "use_bf16": False, "share": "head_dim", "quantized": True}
 
 
 def test_defaults():
@@ -74,6 +74,13 @@ def test_to_dict_round_trip():
     assert SLAConfig.parse(repr(config.to_dict())) == config
 
 
+def test_checkpoint_settings_leave_out_how_states_run():
+    """quantized changes how a trained state runs, not what it holds: checkpoints neither save nor compare it."""
+    settings = SLAConfig(**CUSTOM).state_settings()
+    assert "quantized" not in settings
+    assert settings == {k: v for k, v in CUSTOM.items() if k != "quantized"}
+
+
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SLAConfig().topk = 0.5
@@ -103,6 +110,7 @@ def test_frozen():
     ({"share": ["layer"]}, "share"),
     ({"tie_feature_map_qk": 1}, "tie_feature_map_qk"),
     ({"use_bf16": "true"}, "use_bf16"),
+    ({"quantized": 1}, "quantized"),
 ])
 def test_bad_values_refused_by_name(options, named):
     for form in (options, json.dumps(options, allow_nan=True)):

@@ -197,6 +197,25 @@ def test_checkpoint_with_other_settings_warns_naming_the_keys(tmp_path):
         slattn.patch_sdpa(dict(CONFIG, topk=0.5), checkpoint=tmp_path).unpatch()
 
 
+def test_quantized_runs_the_low_bit_branch_and_loads_bf16_checkpoints_quietly(tmp_path, recwarn):
+    """`quantized` in --sla_config gives every state the low-bit sparse branch (SPEC section 6); a checkpoint
+    trained without it loads with no settings warning, and the outputs are close to the unquantized ones."""
+    model = Model()
+    with slattn.patch_sdpa(CONFIG) as controller:
+        controller.attach(model)
+        expected = model(tokens())
+        controller.save_state(tmp_path)
+    fresh = Model()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "sla_attention" not in k})
+    with slattn.patch_sdpa(dict(CONFIG, quantized=True), checkpoint=tmp_path) as controller:
+        controller.attach(fresh)
+        low = fresh(tokens())
+        assert controller.states() and all(state.quantized for state in controller.states().values())
+    assert not [w for w in recwarn if "settings" in str(w.message)]
+    assert not torch.equal(low, expected)
+    assert torch.nn.functional.cosine_similarity(low.flatten(), expected.flatten(), dim=0) > 0.99
+
+
 def test_missing_checkpoint_warns_and_starts_fresh(tmp_path):
     with pytest.warns(UserWarning, match="fresh"):
         controller = slattn.patch_sdpa(CONFIG, checkpoint=tmp_path / "nothing-here")

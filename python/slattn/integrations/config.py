@@ -14,6 +14,7 @@ from .._checks import FEATURE_MAPS, LINEAR_SCOPES, check_known_keys
 
 BLOCK_SIZES = (64, 128)  # what the CUDA kernels take
 SHARE_MODES = ("layer", "head_dim")
+RUNTIME_OPTIONS = ("quantized",)  # left out of checkpoint settings (SLAConfig.state_settings)
 
 # Shell users write JSON spellings inside Python-literal strings and the other
 # way round; these bare names are read as the constants they mean.
@@ -48,6 +49,7 @@ class SLAConfig:
     use_bf16: bool = True             # compute dtype bf16 (else fp16) for fp32 inputs
     share: str = "layer"              # "layer": one SLA state per attention layer;
                                       # "head_dim": one per (head_dim, dtype)
+    quantized: bool = False           # the sparse branch in low bits (INT8/FP8, SPEC section 6)
 
     def __post_init__(self):
         # Stored as floats so that configs built from 1 and 1.0 compare and serialise alike.
@@ -66,7 +68,7 @@ class SLAConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"SLA config: {name} must be one of {_choices(allowed)}, got {value!r}")
-        for name in ("tie_feature_map_qk", "use_bf16"):
+        for name in ("tie_feature_map_qk", "use_bf16", "quantized"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"SLA config: {name} must be a bool (true or false), got {value!r}")
@@ -91,6 +93,12 @@ class SLAConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def state_settings(self) -> dict:
+        """The options a checkpoint's states depend on, saved beside them and
+        compared on load: all but `quantized`, which changes how a trained
+        state is run, not what it holds."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_OPTIONS}
 
 
 class _JsonNames(ast.NodeTransformer):

@@ -60,7 +60,8 @@ class SLAController:
         self._logged: set[str] = set()
         self._stats = Counter()
         self._fallbacks: Counter = Counter()
-        self._loaded: dict | None = load_state(checkpoint, self.config.to_dict()) if checkpoint is not None else None
+        self._loaded: dict | None = (load_state(checkpoint, self.config.state_settings()) if checkpoint is not None
+                                     else None)
         self._pinned: SparseLinearAttention | None = None
         if activate:
             self.patch()
@@ -175,7 +176,7 @@ class SLAController:
         """A fresh SLA state (zero projection) with this controller's settings."""
         c = self.config
         return SparseLinearAttention(head_dim, c.topk, c.feature_map, c.blkq, c.blkk, c.use_bf16, c.tie_feature_map_qk,
-                                     negligible=c.negligible, linear_scope=c.linear_scope)
+                                     negligible=c.negligible, linear_scope=c.linear_scope, quantized=c.quantized)
 
     def _state_for(self, q: torch.Tensor) -> SparseLinearAttention:
         if self._pinned is not None:
@@ -208,11 +209,11 @@ class SLAController:
         """Writes sla_attention.pt and sla_attention.safetensors (atomically)."""
         state = {key: {k: v.detach().cpu() for k, v in module.state_dict().items()}
                  for key, module in self.states().items()}
-        save_state(directory, self.config.to_dict(), state)
+        save_state(directory, self.config.state_settings(), state)
 
     def load_state(self, directory) -> None:
         """Restores saved states: existing layers now, the others when first called."""
-        loaded = load_state(directory, self.config.to_dict())
+        loaded = load_state(directory, self.config.state_settings())
         if loaded is None:
             return
         self._loaded = loaded
@@ -275,6 +276,6 @@ def patch_sdpa(config=None, checkpoint=None) -> SLAController:
     `config`: an SLAConfig, a dict, a JSON string or a Python-literal string,
     with keys topk, feature_map, blkq, blkk, tie_feature_map_qk (defaults 0.2,
     "softmax", 64, 64, True) and slattn's own (negligible, linear_scope,
-    use_bf16, share). `checkpoint`: a folder whose sla_attention.pt (if
+    use_bf16, share, quantized). `checkpoint`: a folder whose sla_attention.pt (if
     present) seeds the layer states."""
     return SLAController(config, checkpoint)
