@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from ._low_bit import is_hopper
 from ._plots import pyplot, save
 from ._timing import median_seconds
 from .attention import sparse_linear_attention
@@ -152,8 +153,9 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=Fals
         t_route = median_seconds(lambda: route(q, k, topk=topk, block_q=block_q, block_k=block_k), device,
                                  repeats=repeats)
         t_fwd = median_seconds(sla, device, repeats=repeats)
-        t_fwd_mma = time_with_mma_mainloop(sla, device, repeats) if is_hopper(device) else None
-        low_bit = time_low_bit(q, k, v, weight, bias, plan, topk, t_fwd, device, repeats) if is_hopper(device) else None
+        hopper = is_hopper(device)
+        t_fwd_mma = time_with_mma_mainloop(sla, device, repeats) if hopper else None
+        low_bit = time_low_bit(q, k, v, weight, bias, plan, topk, t_fwd, device, repeats) if hopper else None
     t_fwd_bwd = median_seconds(sla_fwd_bwd, device, repeats=repeats)
     dense = {name: time_dense(q, k, v, grad, backend, device, repeats)
              for name, backend in dense_backends(torch.device(device)).items()}
@@ -193,11 +195,6 @@ def time_low_bit(q, k, v, weight, bias, plan, topk, t_fwd, device, repeats) -> d
             "sparse_fwd_low_bit_ms": 1e3 * sparse_low, "sparse_speedup": sparse / sparse_low,
             "sparse_low_bit_computed_tops": computed / sparse_low / 1e12,
             "sparse_computed_tflops": computed / sparse / 1e12}
-
-
-def is_hopper(device) -> bool:
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def time_with_mma_mainloop(fn, device, repeats) -> float:

@@ -149,8 +149,15 @@ def sparse_branch_quantized(q, k, v, critical: torch.Tensor, scale: float, block
     masked = logits.masked_fill(~critical, -math.inf).masked_fill(~has_any, 0.0)
     peak = masked.amax(dim=-1, keepdim=True)
     probs = torch.exp(masked - peak).masked_fill(~critical, 0.0)
-    total = probs.sum(dim=-1, keepdim=True)
-    out = (_e4m3(probs * 448) / 448) @ v_e4m3 * v_scale / torch.where(has_any, total, torch.ones_like(total))
+    return _normalized((_e4m3(probs * 448) / 448) @ v_e4m3, probs.sum(dim=-1, keepdim=True), peak, v_scale,
+                       critical)
+
+
+def _normalized(acc, total, peak, v_scale, critical):
+    """Os = acc · (V's channel scales) / Σ P and LSE = peak + log Σ P; zero and -inf for a row with no
+    critical key."""
+    has_any = critical.any(dim=-1, keepdim=True)
+    out = acc * v_scale / torch.where(has_any, total, torch.ones_like(total))
     lse = (peak + torch.log(total)).squeeze(-1).masked_fill(~has_any.squeeze(-1), -math.inf)
     return out.masked_fill(~has_any, 0.0), lse
 
@@ -174,10 +181,7 @@ def sparse_branch_quantized_online(q, k, v, critical: torch.Tensor, scale: float
         total = total * correction + probs.sum(dim=-1, keepdim=True)
         acc = acc * correction + (_e4m3(probs * 448) / 448) @ v_e4m3[..., keys, :]
         peak = new_peak
-    has_any = critical.any(dim=-1, keepdim=True)
-    out = acc * v_scale / torch.where(has_any, total, torch.ones_like(total))
-    lse = (peak + torch.log(total)).squeeze(-1).masked_fill(~has_any.squeeze(-1), -math.inf)
-    return out.masked_fill(~has_any, 0.0), lse
+    return _normalized(acc, total, peak, v_scale, critical)
 
 
 def linear_branch(q, k, v, in_set: torch.Tensor, block_q: int, name: str, weight_q=None,

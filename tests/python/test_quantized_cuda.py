@@ -14,10 +14,9 @@ import torch
 import reference
 import slattn
 from slattn.workload import Workload, make_qkv
+from test_cuda_mainloops import HOPPER
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-                                 reason="the low-bit kernels need a Hopper GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HOPPER, reason="the low-bit kernels need a Hopper GPU")]
 
 
 def draw(rng, batch, heads, length, dim, dtype, layout="HND"):

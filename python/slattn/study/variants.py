@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 
-from .._low_bit import runs_low_bit
+from .._low_bit import missing_kernels, runs_low_bit
 from ..module import SparseLinearAttention
 from ..sla2 import SparseLinearAttention2
 from .ablations import LinearOnlyAttention, LinearPlusSparseAttention, SparseOnlyAttention
@@ -98,9 +97,7 @@ def install_kernels(model: nn.Module, variant: Variant, preset: StudyPreset) -> 
     (it would train unquantized, and the report would claim otherwise)."""
     device = next(model.parameters()).device
     if variant.low_bit and not runs_low_bit(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise NotImplementedError(f"{variant.name}: the low-bit sparse kernels need a Hopper GPU (compute "
-                                  f"capability 9.0); this one is {major}.{minor}")
+        raise NotImplementedError(f"{variant.name}: {missing_kernels(device)}")
     kernels = [variant.make_kernel(preset) for _ in model.blocks]
     for block, kernel in zip(model.blocks, kernels):
         block.attn.kernel = None if kernel is None else kernel.to(device)
