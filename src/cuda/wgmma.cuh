@@ -41,8 +41,12 @@ struct alignas(kSwizzleAtomBytes) SwizzledTile {
   static constexpr int kChunkCols = kSwizzleBytes / sizeof(Element);
   static constexpr int kUnitElements = 16 / sizeof(Element);
   static constexpr int kChunkBytes = kRows * kSwizzleBytes;
+  static constexpr int kChunks = kCols / kChunkCols;
   static_assert(kRows % 8 == 0 && kCols % kChunkCols == 0, "whole swizzle atoms");
   Element data[kRows * kCols];
+
+  // Column chunk c: kRows rows of kChunkCols elements.
+  __device__ __forceinline__ Element* chunk(int c) { return data + c * kRows * kChunkCols; }
 
   // The 16-byte unit u (columns 8u..8u+7) of row r.
   __device__ __forceinline__ Element* unit(int r, int u) {

@@ -1,0 +1,37 @@
+// Tensor maps (the copy engine's descriptors, tma.cuh) for tiles of whole rows
+// of a (B, H, L, D) tensor of 2-byte elements: boxes of (rows x 64) elements,
+// 128-byte swizzled, rows past L read as zeros. Any layout whose rows are
+// contiguous and whose strides are multiples of 16 bytes qualifies (HND, NHD,
+// and slices of them); the map orders the three row axes by stride.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include "cuda/tma.cuh"
+#include "slattn/tensor_view.h"
+
+namespace slattn::cuda {
+
+inline constexpr int kRowTileBoxCols = 64;  // one 128-byte swizzle row of 2-byte elements
+
+struct RowTileMap {
+  CUtensorMap map;
+  int32_t length_axis, head_axis, batch_axis;  // where L, H and B sit among the map's axes 1..3
+
+  // The box whose first element is x[b, h, row, col].
+  __device__ __forceinline__ TileCoordinates at(int32_t col, int64_t row, int64_t h, int64_t b) const {
+    TileCoordinates at{{col, 0, 0, 0}};
+#pragma unroll
+    for (int axis = 1; axis < 4; ++axis)
+      at.c[axis] = static_cast<int32_t>(axis == length_axis ? row : axis == head_axis ? h : b);
+    return at;
+  }
+};
+
+// The map of `x` for boxes of `box_rows` rows, or false (nothing written)
+// when x's layout or dtype cannot be described, or the driver lacks the entry point.
+bool make_row_tile_map(const TensorView& x, int box_rows, RowTileMap* out);
+
+}  // namespace slattn::cuda
