@@ -82,11 +82,6 @@ void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const Sparse
                     cudaStream_t stream) {
   check_sparse_support(g);
   const Mainloop mainloop = requested_mainloop();
-  const char* pipeline = std::getenv("SLATTN_FORWARD_PIPELINE");  // temporary: A/B against the cp.async kernel
-  const bool pipelined = pipeline == nullptr || std::string_view(pipeline) != "0";
-  if (mainloop != Mainloop::mma && current_device_is_hopper() && pipelined &&
-      sparse_forward_pipelined(g, plan, args, stream))
-    return;
   if (mainloop != Mainloop::mma && current_device_is_hopper() && sparse_forward_wgmma(g, plan, args, stream)) return;
   if (mainloop == Mainloop::wgmma) throw Unsupported(kWgmmaUnavailable);
   sparse_forward_mma(g, plan, args, stream);

@@ -43,10 +43,8 @@ DeviceView<const Element> dos_view(const Geometry& g, const void* dos_rows) {
 
 void sparse_forward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
                         cudaStream_t stream);
-// False (nothing launched) when the build has no sm_90a code for this shape.
-bool sparse_forward_pipelined(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                              cudaStream_t stream);
-// False (nothing launched) when the build has no sm_90a code for this shape.
+// False (nothing launched) when the build has no sm_90a code for this shape, the row list or the
+// shared memory is too long for it, or the tile copy engine cannot describe a layout.
 bool sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
                           cudaStream_t stream);
 
