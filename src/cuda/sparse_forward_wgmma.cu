@@ -202,9 +202,9 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
 
 }  // namespace
 
-bool sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                              cudaStream_t stream) {
-  bool launched = false;
+const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                                 cudaStream_t stream) {
+  const char* refusal = nullptr;
   const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
   dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
@@ -212,18 +212,22 @@ bool sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const 
     using Config = WgmmaForward<Element, D, BQ, KT>;
     const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT>;
     static const bool available = loaded_for_hopper(kernel);
-    if (!available || g.k_blocks > Config::kMaxKeyBlocks) return;
     const size_t shared = Config::kSharedBytes + g.k_blocks * sizeof(typename Config::ListEntry);
-    if (shared > max_shared_per_block()) return;
     ForwardTileMaps maps;
-    if (!make_row_tile_map(args.q, BQ, &maps.q) || !make_row_tile_map(args.k, KT, &maps.k) ||
-        !make_row_tile_map(args.v, KT, &maps.v))
-      return;  // a layout the copy engine cannot describe: the mma.sync mainloop serves it
-    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, g, plan, args);
-    launched = true;
+    if (!available) {
+      refusal = "the build has no sm_90a code";
+    } else if (g.k_blocks > Config::kMaxKeyBlocks || shared > max_shared_per_block()) {
+      refusal = "the row lists of this many key blocks do not fit the Hopper forward's shared memory";
+    } else if (!make_row_tile_map(args.q, BQ, &maps.q) || !make_row_tile_map(args.k, KT, &maps.k) ||
+               !make_row_tile_map(args.v, KT, &maps.v)) {
+      refusal = "the Hopper forward copies q, k and v with the tile copy engine, which needs each to have a "
+                "contiguous head dim, a 16-byte-aligned start and strides that are multiples of 16 bytes";
+    } else {
+      launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, g, plan, args);
+    }
   });
-  if (launched) SLATTN_LAUNCH_CHECK("sparse_forward_wgmma_kernel");
-  return launched;
+  if (refusal == nullptr) SLATTN_LAUNCH_CHECK("sparse_forward_wgmma_kernel");
+  return refusal;
 }
 
 }  // namespace slattn::cuda

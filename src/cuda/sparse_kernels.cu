@@ -82,8 +82,13 @@ void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const Sparse
                     cudaStream_t stream) {
   check_sparse_support(g);
   const Mainloop mainloop = requested_mainloop();
-  if (mainloop != Mainloop::mma && current_device_is_hopper() && sparse_forward_wgmma(g, plan, args, stream)) return;
-  if (mainloop == Mainloop::wgmma) throw Unsupported(kWgmmaUnavailable);
+  if (mainloop != Mainloop::mma && current_device_is_hopper()) {
+    const char* refusal = sparse_forward_wgmma(g, plan, args, stream);
+    if (refusal == nullptr) return;
+    if (mainloop == Mainloop::wgmma) throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
+  } else if (mainloop == Mainloop::wgmma) {
+    throw Unsupported(kWgmmaUnavailable);
+  }
   sparse_forward_mma(g, plan, args, stream);
 }
 

@@ -52,14 +52,34 @@ def test_dense_rows_equal_sdpa(rng, mainloop):
     torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=0)
 
 
-def test_strided_head_dim_matches_contiguous(rng, mainloop):
-    """Rows that are not 16-byte vectors (every other element of a wider tensor) take the element-wise copies."""
+def strided_layer(rng):
+    """q, k, v whose rows are not 16-byte vectors (every other element of a wider tensor), and the
+    contiguous copies with the same values."""
     q, k, v, w, b = (t.cuda() for t in layer(rng, heads=2, q_len=200, k_len=170, dim=64))
     strided = [torch.stack((t, torch.zeros_like(t)), dim=-1).flatten(-2)[..., ::2] for t in (q, k, v)]
     assert strided[0].stride(-1) == 2
-    plan = slattn.route(q, k, topk=0.3, block_q=128, block_k=128)
-    expected = slattn.sparse_linear_attention(q, k, v, w, b, plan=plan)
+    return strided, (q, k, v), w, b
+
+
+def test_strided_head_dim_matches_contiguous(rng, monkeypatch):
+    """The default mainloop takes such rows (on Hopper, the forward goes to mma.sync: the tile copy
+    engine reads whole rows) and gives what the contiguous tensors give."""
+    strided, contiguous, w, b = strided_layer(rng)
+    plan = slattn.route(contiguous[0], contiguous[1], topk=0.3, block_q=128, block_k=128)
+    expected = slattn.sparse_linear_attention(*contiguous, w, b, plan=plan)
     assert torch.equal(slattn.sparse_linear_attention(*strided, w, b, plan=plan), expected)
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "mma")
+    assert torch.equal(slattn.sparse_linear_attention(*strided, w, b, plan=plan),
+                       slattn.sparse_linear_attention(*contiguous, w, b, plan=plan))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Hopper forward")
+def test_forced_hopper_forward_refuses_strided_head_dim(rng, monkeypatch):
+    strided, contiguous, w, b = strided_layer(rng)
+    plan = slattn.route(contiguous[0], contiguous[1], topk=0.3, block_q=128, block_k=128)
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "wgmma")
+    with pytest.raises(NotImplementedError, match="SLATTN_CUDA_MAINLOOP=wgmma: .*contiguous head dim"):
+        slattn.sparse_linear_attention(*strided, w, b, plan=plan)
 
 
 def test_an_unknown_mainloop_is_refused(rng, monkeypatch):
