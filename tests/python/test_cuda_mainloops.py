@@ -62,15 +62,15 @@ def strided_layer(rng):
 
 
 def test_strided_head_dim_matches_contiguous(rng, monkeypatch):
-    """The default mainloop takes such rows (on Hopper, the forward goes to mma.sync: the tile copy
-    engine reads whole rows) and gives what the contiguous tensors give."""
+    """The default mainloop takes such rows, through mma.sync on Hopper too (the tile copy engine of
+    the Hopper forward reads whole rows): bit for bit what mma.sync gives the contiguous tensors."""
     strided, contiguous, w, b = strided_layer(rng)
     plan = slattn.route(contiguous[0], contiguous[1], topk=0.3, block_q=128, block_k=128)
-    expected = slattn.sparse_linear_attention(*contiguous, w, b, plan=plan)
-    assert torch.equal(slattn.sparse_linear_attention(*strided, w, b, plan=plan), expected)
+    default = slattn.sparse_linear_attention(*strided, w, b, plan=plan)
     monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "mma")
-    assert torch.equal(slattn.sparse_linear_attention(*strided, w, b, plan=plan),
-                       slattn.sparse_linear_attention(*contiguous, w, b, plan=plan))
+    expected = slattn.sparse_linear_attention(*contiguous, w, b, plan=plan)
+    assert torch.equal(default, expected)
+    assert torch.equal(slattn.sparse_linear_attention(*strided, w, b, plan=plan), expected)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Hopper forward")
