@@ -15,10 +15,13 @@
 // The epilogue divides by the row sums, which cancels the 448, and applies V's
 // channel scales.
 #include "cuda/common.cuh"
+#include "cuda/key_tile_pipeline.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_forward_steps.cuh"
 #include "cuda/sparse_mainloops.h"
 #include "cuda/sparse_quantized.h"
+#include "cuda/tensor_map.h"
+#include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace slattn::cuda {
@@ -38,115 +41,137 @@ __device__ __forceinline__ float small_int_to_float(int32_t x) {
 }
 #endif
 
-template <int kHeadDim, int kKeyTile>
-struct QuantizedForwardShared {
-  ByteTile<kWarpgroupRows, kHeadDim> q;  // the thread block's 64 query rows
-  ByteTile<kKeyTile, kHeadDim> k[2];  // double-buffered: the next tile loads during this one's math
-  ByteTile<kHeadDim, kKeyTile> v[2];  // Vᵀ: a row per channel, K-major for the FP8 product
+// The shape of the kernel: warpgroups, stages, shared memory. The key tiles
+// are half the bytes of the 16-bit kernel's, so there are more stages.
+template <int kHeadDim, int kBlockQ, int kKeyTile>
+struct QuantizedForward {
+  static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
+  static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
+  static constexpr int kStages = 3;
+  using QTile = ByteTile<kBlockQ, kHeadDim>;
+  using KeyTile = ByteTile<kKeyTile, kHeadDim>;
+  using ValueTile = ByteTile<kHeadDim, kKeyTile>;  // Vᵀ: a row per channel, K-major for the FP8 product
+  struct Shared {
+    QTile q;
+    KeyTile k[kStages];
+    ValueTile v[kStages];
+    float k_step[kStages];  // the INT8 step of each stage's key block, written by the producer
+    KeyTilePipeline<kStages> pipe;
+  };
+  // Key blocks the row list may hold: it is copied to shared memory in 16 bits.
+  using ListEntry = uint16_t;
+  static constexpr int64_t kMaxKeyBlocks = 65535;
+  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // + the row list at launch
+  // A 64-row query block has one consumer warpgroup: two thread blocks share an SM where they fit.
+  static constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
+  static constexpr int kBlocksPerSm = kConsumers == 1 && 2 * (kSharedBytes + kReservedPerBlock) <= kSharedPerSm ? 2 : 1;
 };
 
-// Key blocks the row list may hold: it is copied to shared memory in 16 bits,
-// which keeps three thread blocks per SM up to 1024 key blocks of 128 (the
-// Wan2.1-14B shape has 591).
-using ListEntry = uint16_t;
-constexpr int64_t kMaxKeyBlocks = 65535;
-
-// The tiles, with room to align the dynamic buffer to the swizzle atom; the
-// launch adds the row list (k_blocks entries), copied after the tiles.
-template <int kHeadDim, int kKeyTile>
-constexpr size_t quantized_forward_shared_bytes() {
-  return sizeof(QuantizedForwardShared<kHeadDim, kKeyTile>) + kSwizzleAtomBytes;
-}
+struct QuantizedTileMaps {
+  RowTileMap q, k, v;
+};
 
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
-__global__ void __launch_bounds__(kWarpgroupThreads, 3)
-    sparse_forward_quantized_kernel(Geometry g, RoutingPlanView plan, SparseForwardArgs a, QuantizedOperands ops) {
+__global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>::kThreads,
+                                  QuantizedForward<kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
+    sparse_forward_quantized_kernel(const __grid_constant__ QuantizedTileMaps maps, Geometry g, RoutingPlanView plan,
+                                    SparseForwardArgs a, QuantizedOperands ops) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(127 * 127 * kHeadDim < (1 << 22), "S must stay within small_int_to_float's range");
-  constexpr int kThreads = kWarpgroupThreads;
-  using Shared = QuantizedForwardShared<kHeadDim, kKeyTile>;
+  using Config = QuantizedForward<kHeadDim, kBlockQ, kKeyTile>;
+  using Shared = typename Config::Shared;
+  using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm>;
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
 
-  const int warp = threadIdx.x / kWarpSize;  // owns query rows 16 warp .. 16 warp + 15 of the thread block's
-  constexpr int kCtasPerBlock = kBlockQ / kWarpgroupRows;
-  const int64_t m = blockIdx.x / kCtasPerBlock, h = blockIdx.y, b = blockIdx.z;
+  const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t q_pair = b * g.heads + h, kv_pair = b * g.kv_heads + h / g.group();
-  const int64_t row0 = m * kBlockQ + blockIdx.x % kCtasPerBlock * kWarpgroupRows;
+  const int64_t row0 = m * kBlockQ;
+  if (threadIdx.x == 0) s.pipe.init(Config::kConsumers * kWarpgroupThreads);
+  const auto tiles = shared_row_tiles<kKeyTile, Config::kThreads>(
+      g, plan, q_pair, m, reinterpret_cast<typename Config::ListEntry*>(&s + 1));  // ends with a barrier
+  const int32_t total = tiles.count();
 
-  s.q.template load<kThreads>(reinterpret_cast<const uint8_t*>(ops.q) + q_pair * g.q_rows() * kHeadDim, kHeadDim,
-                              row0);
-  cp_async_commit();
-  const uint8_t* k_rows = reinterpret_cast<const uint8_t*>(ops.k) + kv_pair * g.k_rows() * kHeadDim;
-  const uint8_t* v_rows = ops.v + kv_pair * kHeadDim * g.k_rows();
-  const float* k_steps = ops.k_steps + kv_pair * g.k_blocks;
+  if (threadIdx.x < kWarpgroupThreads) {  // the producer
+    if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
+    if (threadIdx.x != 0 || total == 0) return;
+    s.pipe.q_full.arrive_expect_bytes(sizeof(s.q));
+    tma_load(s.q.data, maps.q.map, maps.q.at(0, row0, q_pair, 0), s.pipe.q_full);
+    const float* k_steps = ops.k_steps + kv_pair * g.k_blocks;
+    for (int32_t t = 0; t < total; ++t) {
+      const int stage = s.pipe.stage(t);
+      const int64_t first = tiles.first(t);
+      SharedBarrier& keys = s.pipe.keys_slot(t);
+      s.k_step[stage] = k_steps[first / g.block_k];  // published by the barrier's arrival below
+      keys.arrive_expect_bytes(sizeof(s.k[stage]));
+      tma_load(s.k[stage].data, maps.k.map, maps.k.at(0, first, kv_pair, 0), keys);
+      SharedBarrier& values = s.pipe.values_slot(t);
+      values.arrive_expect_bytes(sizeof(s.v[stage]));
+      tma_load(s.v[stage].data, maps.v.map, maps.v.at(static_cast<int32_t>(first), 0, kv_pair, 0), values);
+    }
+    return;
+  }
+
+  if constexpr (Registers::kHandOver) claim_registers_to<Registers::kConsumer>();
+  const int consumer_thread = threadIdx.x - kWarpgroupThreads;
+  const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
   const float q_scale_log2 = a.scale * kLog2e * ops.q_steps[q_pair * g.q_blocks + m];
-
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   float out[kHeadDim / 8][4] = {};
-
-  const auto tiles = shared_row_tiles<kKeyTile, kThreads>(g, plan, q_pair, m,
-                                                          reinterpret_cast<ListEntry*>(&s + 1));  // after the tiles
-  const int32_t total = tiles.count();
-  auto load_keys = [&](int32_t t) {
-    const int64_t first = tiles.first(t);
-    s.k[t & 1].template load<kThreads>(k_rows, kHeadDim, first);
-    s.v[t & 1].template load<kThreads>(v_rows + first, g.k_rows(), 0);  // channels 0..D, keys first..
-    cp_async_commit();
-  };
-  if (total > 0) load_keys(0);
+  if (total > 0) s.pipe.q_full.wait(0);
   for (int32_t t = 0; t < total; ++t) {
-    const int buffer = t & 1;
-    await_tile<true>(t, total, load_keys);  // tile t (and Q) is complete and visible to the tensor cores
-    const int64_t first = tiles.first(t), end = tiles.end(t);
-
-    uint64_t q_desc = k_major_descriptor(s.q), k_desc = k_major_descriptor(s.k[buffer]);
+    const int stage = s.pipe.stage(t);
+    s.pipe.wait_keys(t);
+    uint64_t q_desc = k_major_descriptor(s.q), k_desc = k_major_descriptor(s.k[stage]);
     opaque(q_desc);
     int32_t exact[kKeyTile / 8][4];
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < kHeadDim / 32; ++step)  // S = Q Kᵀ, 32 head dims a step
-      wgmma_ss_s8<kKeyTile>(exact, q_desc + byte_tile_offset(0, step),
-                            k_desc + byte_tile_offset(0, step), step > 0);
+      wgmma_ss_s8<kKeyTile>(exact, q_desc + byte_tile_offset<kHeadDim>(warpgroup_row0, step),
+                            k_desc + byte_tile_offset<kHeadDim>(0, step), step > 0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(exact);
+    const float scale_log2 = q_scale_log2 * s.k_step[stage];
+    s.pipe.release_keys(t);
 
     float score[kKeyTile / 8][4];
 #pragma unroll
     for (int j = 0; j < kKeyTile / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) score[j][e] = small_int_to_float(exact[j][e]);
-    online_softmax_step<KeyMask::partial_tiles>(score, out, row_max, row_sum, first, end,
-                                                q_scale_log2 * k_steps[first / g.block_k], kLog2E4m3Max);
+    online_softmax_step<KeyMask::partial_tiles>(score, out, row_max, row_sum, tiles.first(t), tiles.end(t), scale_log2,
+                                                kLog2E4m3Max);
 
     uint32_t p[kKeyTile / 32][4];
     accumulators_to_e4m3_fragments<kKeyTile>(score, p);
-    uint64_t v_desc = k_major_descriptor(s.v[buffer]);
+    s.pipe.wait_values(t);
+    uint64_t v_desc = k_major_descriptor(s.v[stage]);
     opaque(v_desc);
     float tile_out[kHeadDim / 8][4];
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < kKeyTile / 32; ++step)  // O_tile = P V, 32 keys a step
-      wgmma_rs_e4m3<kHeadDim>(tile_out, p[step], v_desc + byte_tile_offset(0, step), step > 0);
+      wgmma_rs_e4m3<kHeadDim>(tile_out, p[step], v_desc + byte_tile_offset<kKeyTile>(0, step), step > 0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(tile_out);
+    s.pipe.release_values(t);
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[j][e] += tile_out[j][e];
-    __syncthreads();  // every warpgroup is done with `buffer` before tile t + 2 is loaded into it
   }
 
-  cp_async_wait<0>();  // nothing left in flight when no tile was walked
   const float* v_scales = ops.v_scales + kv_pair * kHeadDim;
 #pragma unroll
   for (int j = 0; j < kHeadDim / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) out[j][e] *= v_scales[accumulator_col(j, e)];
   for (float& peak : row_max) peak -= kLog2E4m3Max;  // the LSE of P, not of 448 P
-  store_forward_rows<Element, kHeadDim>(g, a, b, h, row0 + warp * kRowsPerWarp, out, row_max, row_sum);
+  store_forward_rows<Element, kHeadDim>(g, a, b, h, row0 + consumer_thread / kWarpSize * kRowsPerWarp, out, row_max,
+                                        row_sum);
 #endif
 }
 
@@ -154,14 +179,15 @@ constexpr const char* kNeedsHopper =
     "quantized=True on CUDA needs a compute capability 9.0 GPU and a build with sm_90a code (the CPU path "
     "computes it as fake quantization)";
 
-// Calls fn(kernel, shared bytes, thread blocks per query block) for the kernel of g's shape.
+// Calls fn(kernel, shared bytes, Config) for the kernel of g's shape.
 template <typename Fn>
 void with_quantized_kernel(const Geometry& g, DType dtype, Fn&& fn) {
   dispatch_sparse_kernel(dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, BK = decltype(block_k)::value;
+    using Config = QuantizedForward<D, BQ, BK>;
     fn(sparse_forward_quantized_kernel<Element, D, BQ, BK>,
-       quantized_forward_shared_bytes<D, BK>() + g.k_blocks * sizeof(ListEntry), BQ / kWarpgroupRows);
+       Config::kSharedBytes + g.k_blocks * sizeof(typename Config::ListEntry), Config{});
   });
 }
 
@@ -170,19 +196,24 @@ void with_quantized_kernel(const Geometry& g, DType dtype, Fn&& fn) {
 void check_quantized_support(const Geometry& g, DType dtype) {
   check_sparse_support(g);
   if (!current_device_is_hopper()) throw Unsupported(kNeedsHopper);
-  with_quantized_kernel(g, dtype, [&](auto kernel, size_t shared, int) {
-    if (!loaded_for_hopper(kernel)) throw Unsupported(kNeedsHopper);
-    SLATTN_CHECK(g.k_blocks <= kMaxKeyBlocks && shared <= max_shared_per_block(), "quantized=True: a row list of ",
-                 g.k_blocks, " key blocks does not fit in shared memory; use larger blocks");
+  with_quantized_kernel(g, dtype, [&](auto kernel, size_t shared, auto config) {
+    static const bool available = loaded_for_hopper(kernel);
+    if (!available) throw Unsupported(kNeedsHopper);
+    SLATTN_CHECK(g.k_blocks <= decltype(config)::kMaxKeyBlocks && shared <= max_shared_per_block(),
+                 "quantized=True: a row list of ", g.k_blocks, " key blocks does not fit in shared memory; use larger blocks");
   });
 }
 
 void sparse_forward_quantized(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
                               const QuantizedOperands& ops, cudaStream_t stream) {
-  with_quantized_kernel(g, args.q.dtype, [&](auto kernel, size_t shared, int ctas_per_block) {
-    const dim3 grid(static_cast<unsigned>(g.q_blocks * ctas_per_block), static_cast<unsigned>(g.heads),
-                    static_cast<unsigned>(g.batch));
-    launch_with_shared(kernel, grid, kWarpgroupThreads, shared, stream, g, plan, args, ops);
+  with_quantized_kernel(g, args.q.dtype, [&](auto kernel, size_t shared, auto config) {
+    using Config = decltype(config);
+    const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
+    const QuantizedTileMaps maps{
+        byte_tile_map(ops.q, g.q_pairs(), g.q_rows(), g.dim, g.block_q, static_cast<int>(g.dim)),
+        byte_tile_map(ops.k, g.kv_pairs(), g.k_rows(), g.dim, g.block_k, static_cast<int>(g.dim)),
+        byte_tile_map(ops.v, g.kv_pairs(), g.dim, g.k_rows(), static_cast<int>(g.dim), g.block_k)};
+    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, g, plan, args, ops);
   });
   SLATTN_LAUNCH_CHECK("sparse_forward_quantized_kernel");
 }

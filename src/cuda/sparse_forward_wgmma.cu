@@ -8,9 +8,8 @@
 // other targets get an empty body that is never launched (sparse_forward
 // checks the loaded binary), and layouts the copy engine cannot describe go
 // to the mma.sync mainloop.
-#include <algorithm>
-
 #include "cuda/common.cuh"
+#include "cuda/key_tile_pipeline.cuh"
 #include "cuda/sparse_forward_steps.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_mainloops.h"
@@ -33,25 +32,13 @@ struct WgmmaForward {
     QTile q;
     KeyTile k[kStages];
     KeyTile v[kStages];
-    SharedBarrier q_full, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages];
+    KeyTilePipeline<kStages> pipe;
   };
   using ListEntry = uint16_t;  // the row list, after the struct
   static constexpr int64_t kMaxKeyBlocks = 65535;
   static constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // + the row list at launch
   static constexpr int kBlocksPerSm = 2 * (kSharedBytes + kReservedPerBlock) <= kSharedPerSm && kConsumers == 1 ? 2 : 1;
-};
-
-// The producer keeps few registers and the consumers take the rest of the
-// SM's share, when that is more than the compiler may give every thread at launch.
-template <int kThreads, int kConsumers, int kBlocksPerSm>
-struct RegisterSplit {
-  static constexpr int kPerSm = 64 * 1024;
-  static constexpr int kProducer = 24;
-  static constexpr int kConsumer =
-      std::min(240, (kPerSm / kBlocksPerSm - kWarpgroupThreads * kProducer) / (kConsumers * kWarpgroupThreads) / 8 * 8);
-  static constexpr int kAtLaunch = std::min(255, kPerSm / (kThreads * kBlocksPerSm) / 8 * 8);
-  static constexpr bool kHandOver = kAtLaunch < kConsumer;
 };
 
 struct ForwardTileMaps {
@@ -105,7 +92,6 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   using Shared = typename Config::Shared;
   using QTile = typename Config::QTile;
   using KeyTile = typename Config::KeyTile;
-  constexpr int kStages = Config::kStages;
   using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm>;
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
@@ -113,16 +99,7 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t kv = h / g.group();
   const int64_t row0 = m * kBlockQ;
-  if (threadIdx.x == 0) {
-    s.q_full.init(1);
-    for (int stage = 0; stage < kStages; ++stage) {
-      s.k_full[stage].init(1);
-      s.v_full[stage].init(1);
-      s.k_empty[stage].init(Config::kConsumers * kWarpgroupThreads);
-      s.v_empty[stage].init(Config::kConsumers * kWarpgroupThreads);
-    }
-    fence_barrier_init();
-  }
+  if (threadIdx.x == 0) s.pipe.init(Config::kConsumers * kWarpgroupThreads);
   const auto tiles = shared_row_tiles<kKeyTile, Config::kThreads>(
       g, plan, b * g.heads + h, m, reinterpret_cast<typename Config::ListEntry*>(&s + 1));  // ends with a barrier
   const int32_t total = tiles.count();
@@ -130,17 +107,15 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   if (threadIdx.x < kWarpgroupThreads) {  // the producer
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
     if (threadIdx.x != 0 || total == 0) return;
-    s.q_full.arrive_expect_bytes(sizeof(QTile));
-    load_row_tile(s.q, maps.q, row0, h, b, s.q_full);
+    s.pipe.q_full.arrive_expect_bytes(sizeof(QTile));
+    load_row_tile(s.q, maps.q, row0, h, b, s.pipe.q_full);
     for (int32_t t = 0; t < total; ++t) {
-      const int stage = t % kStages;
-      const uint32_t previous_use = (t / kStages - 1) & 1;  // every consumer is done with tile t - kStages's K, then V
-      if (t >= kStages) s.k_empty[stage].wait(previous_use);
-      s.k_full[stage].arrive_expect_bytes(sizeof(KeyTile));
-      load_row_tile(s.k[stage], maps.k, tiles.first(t), kv, b, s.k_full[stage]);
-      if (t >= kStages) s.v_empty[stage].wait(previous_use);
-      s.v_full[stage].arrive_expect_bytes(sizeof(KeyTile));
-      load_row_tile(s.v[stage], maps.v, tiles.first(t), kv, b, s.v_full[stage]);
+      SharedBarrier& keys = s.pipe.keys_slot(t);
+      keys.arrive_expect_bytes(sizeof(KeyTile));
+      load_row_tile(s.k[s.pipe.stage(t)], maps.k, tiles.first(t), kv, b, keys);
+      SharedBarrier& values = s.pipe.values_slot(t);
+      values.arrive_expect_bytes(sizeof(KeyTile));
+      load_row_tile(s.v[s.pipe.stage(t)], maps.v, tiles.first(t), kv, b, values);
     }
     return;
   }
@@ -158,40 +133,38 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   // together, and tile t's softmax runs while the second product is in flight. The first tile's
   // scores and the last tile's values are issued on their own, so that the loop body has one shape.
   if (total > 0) {
-    s.q_full.wait(0);
-    s.k_full[0].wait(0);
+    s.pipe.q_full.wait(0);
+    s.pipe.wait_keys(0);
     wgmma_fence();
     issue_scores(score, s.q, s.k[0], warpgroup_row0);
     wgmma_wait<0>();
     fence_accumulators(score);
-    s.k_empty[0].arrive();
+    s.pipe.release_keys(0);
     softmax_scores<KeyMask::partial_tiles>(score, row_max, row_sum, tiles.first(0), tiles.end(0), scale_log2,
                                            correction);
     accumulators_to_fragments<Element, kKeyTile>(score, p);
   }
   for (int32_t t = 1; t < total; ++t) {
-    const int stage = t % kStages, previous = (t - 1) % kStages;
-    s.k_full[stage].wait((t / kStages) & 1);
+    s.pipe.wait_keys(t);
     wgmma_fence();
-    issue_scores(score, s.q, s.k[stage], warpgroup_row0);
-    s.v_full[previous].wait(((t - 1) / kStages) & 1);
-    issue_values(out, p, s.v[previous]);
+    issue_scores(score, s.q, s.k[s.pipe.stage(t)], warpgroup_row0);
+    s.pipe.wait_values(t - 1);
+    issue_values(out, p, s.v[s.pipe.stage(t - 1)]);
     wgmma_wait<1>();
     fence_accumulators(score);
-    s.k_empty[stage].arrive();
+    s.pipe.release_keys(t);
     softmax_scores<KeyMask::partial_tiles>(score, row_max, row_sum, tiles.first(t), tiles.end(t), scale_log2,
                                            correction);
     wgmma_wait<0>();
     fence_accumulators(out);
-    s.v_empty[previous].arrive();
+    s.pipe.release_values(t - 1);
     rescale_rows(out, correction);
     accumulators_to_fragments<Element, kKeyTile>(score, p);
   }
   if (total > 0) {
-    const int last = (total - 1) % kStages;
-    s.v_full[last].wait(((total - 1) / kStages) & 1);
+    s.pipe.wait_values(total - 1);
     wgmma_fence();
-    issue_values(out, p, s.v[last]);
+    issue_values(out, p, s.v[s.pipe.stage(total - 1)]);
     wgmma_wait<0>();
     fence_accumulators(out);
   }

@@ -6,6 +6,7 @@
 #include <array>
 
 #include "cuda/tensor_map.h"
+#include "slattn/error.h"
 
 namespace slattn::cuda {
 namespace {
@@ -31,6 +32,29 @@ struct RowAxis {
 };
 
 }  // namespace
+
+RowTileMap byte_tile_map(const void* data, int64_t matrices, int64_t rows, int64_t row_bytes, int box_rows,
+                         int box_bytes) {
+  const auto encode = encode_tiled();
+  SLATTN_CHECK(encode != nullptr, "the CUDA driver does not provide cuTensorMapEncodeTiled");
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(row_bytes), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(matrices), 1};
+  const cuuint64_t matrix_bytes = static_cast<cuuint64_t>(rows * row_bytes);
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_bytes), matrix_bytes, matrix_bytes * dims[2]};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_bytes), static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  RowTileMap map{};
+  map.length_axis = 1;
+  map.head_axis = 2;
+  map.batch_axis = 3;
+  const CUresult status =
+      encode(&map.map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void*>(data), dims, strides, box, element_strides,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, box_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  SLATTN_CHECK(status == CUDA_SUCCESS, "cuTensorMapEncodeTiled refused a low-bit operand's map (error ", int(status),
+               ")");
+  return map;
+}
 
 bool make_row_tile_map(const TensorView& x, int box_rows, RowTileMap* out) {
   constexpr uint64_t kAlignment = 16, kStrideLimit = uint64_t(1) << 40;

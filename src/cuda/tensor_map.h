@@ -34,4 +34,11 @@ struct RowTileMap {
 // when x's layout or dtype cannot be described, or the driver lacks the entry point.
 bool make_row_tile_map(const TensorView& x, int box_rows, RowTileMap* out);
 
+// The map of `matrices` dense (rows x row_bytes) byte matrices, one after
+// another (the low-bit operands), for boxes of (box_rows x box_bytes) swizzled
+// over box_bytes (64 or 128: ByteTile's layout); at(column byte, row, matrix, 0).
+// Throws if the driver refuses it.
+RowTileMap byte_tile_map(const void* data, int64_t matrices, int64_t rows, int64_t row_bytes, int box_rows,
+                         int box_bytes);
+
 }  // namespace slattn::cuda

@@ -75,32 +75,20 @@ struct alignas(kSwizzleAtomBytes) SwizzledTile {
   }
 };
 
-// (kRows x kBytes) 8-bit elements (INT8 or FP8, kBytes <= 128), one
-// 128-byte swizzled row per row of which the first kBytes are used: the
-// layout of a single column chunk, so the descriptors above read it K-major.
+// (kRows x kBytes) 8-bit elements (INT8 or FP8), rows of 64 or 128 bytes
+// swizzled over that width: the layout the tile copy engine writes for a box
+// of kBytes x kRows (tma.cuh), read K-major by the 8-bit products.
 template <int kRows, int kBytes>
 struct alignas(kSwizzleAtomBytes) ByteTile {
-  static_assert(kRows % 8 == 0 && kBytes % 32 == 0 && kBytes <= kSwizzleBytes, "whole atoms, k32 steps");
-  static constexpr int kChunkBytes = kRows * kSwizzleBytes;
-  uint8_t data[kRows * kSwizzleBytes];
-
-  // Starts copying rows [first, first + kRows) of a dense matrix of rows
-  // `row_bytes` apart (16-byte aligned, every row present: the quantized
-  // operands are padded with zero rows).
-  template <int kThreads>
-  __device__ void load(const uint8_t* x, int64_t row_bytes, int64_t first) {
-    constexpr int kUnits = kBytes / 16;
-    for (int i = threadIdx.x; i < kRows * kUnits; i += kThreads) {
-      const int r = i / kUnits, u = i % kUnits;
-      cp_async<16>(data + r * kSwizzleBytes + (u ^ (r % 8)) * 16, x + (first + r) * row_bytes + u * 16, 16);
-    }
-  }
+  static_assert(kRows % 8 == 0 && (kBytes == 64 || kBytes == 128), "whole atoms of one swizzle width");
+  uint8_t data[kRows * kBytes];
 };
 
 // What to add to a ByteTile's K-major descriptor for the operand at `row`
 // (a multiple of 8) and K step `step32` (32 bytes each).
+template <int kBytes>
 __device__ __forceinline__ uint64_t byte_tile_offset(int row, int step32) {
-  return (row * kSwizzleBytes + step32 * 32) >> 4;
+  return (row * kBytes + step32 * 32) >> 4;
 }
 
 // The key whose P an e4m3 A fragment (k32) holds at column `column` of its
@@ -133,11 +121,14 @@ __device__ __forceinline__ void load_tile_pair(Tile& x_tile, Tile& y_tile, const
 // The shared-memory matrix descriptor of a 128-byte-swizzled operand at
 // `start`: `leading` bytes between column chunks along M/N (used by
 // MN-major operands), `stride` bytes between 8-row groups along K or M/N.
-__device__ __forceinline__ uint64_t swizzled_descriptor(const void* start, uint32_t leading, uint32_t stride) {
+// swizzle_bytes: the width the 16-byte units are permuted over, 128 (the
+// 16-bit tiles) or 64 (8-bit tiles of 64-byte rows).
+__device__ __forceinline__ uint64_t swizzled_descriptor(const void* start, uint32_t leading, uint32_t stride,
+                                                        uint32_t swizzle_bytes = kSwizzleBytes) {
   const auto address = static_cast<uint64_t>(__cvta_generic_to_shared(start));
-  constexpr uint64_t kSwizzle128 = 1;
+  const uint64_t layout = swizzle_bytes == 128 ? 1 : 2;  // the descriptor's codes for the 128- and 64-byte swizzles
   return ((address & 0x3FFFF) >> 4) | (uint64_t(leading >> 4) << 16) | (uint64_t(stride >> 4) << 32) |
-         (kSwizzle128 << 62);
+         (layout << 62);
 }
 
 // Descriptors of a SwizzledTile from its first element, read K-major (rows
@@ -150,6 +141,11 @@ __device__ __forceinline__ uint64_t k_major_descriptor(const Tile& tile) {
 template <typename Tile>
 __device__ __forceinline__ uint64_t mn_major_descriptor(const Tile& tile) {
   return swizzled_descriptor(tile.data, Tile::kChunkBytes, kSwizzleAtomBytes);
+}
+template <int kRows, int kBytes>
+__device__ __forceinline__ uint64_t k_major_descriptor(const ByteTile<kRows, kBytes>& tile) {
+  constexpr uint32_t kAtomRows = 8;
+  return swizzled_descriptor(tile.data, 16, kAtomRows * kBytes, kBytes);
 }
 
 // What to add to a tile's descriptor for the operand at `row` (a multiple
