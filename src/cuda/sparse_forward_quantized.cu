@@ -118,46 +118,74 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
   const float q_scale_log2 = a.scale * kLog2e * ops.q_steps[q_pair * g.q_blocks + m];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   float out[kHeadDim / 8][4] = {};
-  if (total > 0) s.pipe.q_full.wait(0);
-  for (int32_t t = 0; t < total; ++t) {
+  int32_t exact[kKeyTile / 8][4];
+  float score[kKeyTile / 8][4], tile_out[kHeadDim / 8][4];
+  uint32_t p[kKeyTile / 32][4];  // P of the previous tile, whose P V is issued with the next S = Q Kᵀ
+  float correction[2];
+  // S = Q Kᵀ of tile t (INT8, exact), issued; kept as fp32 scores and handed back.
+  auto issue_scores = [&](int32_t t) {
     const int stage = s.pipe.stage(t);
     s.pipe.wait_keys(t);
     uint64_t q_desc = k_major_descriptor(s.q), k_desc = k_major_descriptor(s.k[stage]);
     opaque(q_desc);
-    int32_t exact[kKeyTile / 8][4];
-    wgmma_fence();
 #pragma unroll
-    for (int step = 0; step < kHeadDim / 32; ++step)  // S = Q Kᵀ, 32 head dims a step
+    for (int step = 0; step < kHeadDim / 32; ++step)  // 32 head dims a step
       wgmma_ss_s8<kKeyTile>(exact, q_desc + byte_tile_offset<kHeadDim>(warpgroup_row0, step),
                             k_desc + byte_tile_offset<kHeadDim>(0, step), step > 0);
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  // Once tile t's scores are complete: its logits' scale, the stage handed back, the online softmax.
+  auto softmax_of = [&](int32_t t) {
     fence_accumulators(exact);
-    const float scale_log2 = q_scale_log2 * s.k_step[stage];
+    const float scale_log2 = q_scale_log2 * s.k_step[s.pipe.stage(t)];
     s.pipe.release_keys(t);
-
-    float score[kKeyTile / 8][4];
 #pragma unroll
     for (int j = 0; j < kKeyTile / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) score[j][e] = small_int_to_float(exact[j][e]);
-    online_softmax_step<KeyMask::partial_tiles>(score, out, row_max, row_sum, tiles.first(t), tiles.end(t), scale_log2,
-                                                kLog2E4m3Max);
-
-    uint32_t p[kKeyTile / 32][4];
-    accumulators_to_e4m3_fragments<kKeyTile>(score, p);
+    softmax_scores<KeyMask::partial_tiles>(score, row_max, row_sum, tiles.first(t), tiles.end(t), scale_log2,
+                                           correction, kLog2E4m3Max);
+  };
+  // P V of tile t into fresh accumulators (FP8 products sum in less than fp32), issued.
+  auto issue_values = [&](int32_t t) {
     s.pipe.wait_values(t);
-    uint64_t v_desc = k_major_descriptor(s.v[stage]);
+    uint64_t v_desc = k_major_descriptor(s.v[s.pipe.stage(t)]);
     opaque(v_desc);
-    float tile_out[kHeadDim / 8][4];
-    wgmma_fence();
 #pragma unroll
-    for (int step = 0; step < kKeyTile / 32; ++step)  // O_tile = P V, 32 keys a step
+    for (int step = 0; step < kKeyTile / 32; ++step)  // 32 keys a step
       wgmma_rs_e4m3<kHeadDim>(tile_out, p[step], v_desc + byte_tile_offset<kKeyTile>(0, step), step > 0);
     wgmma_commit();
+  };
+  // The overlap of the 16-bit forward: S of tile t and P V of tile t - 1 in flight together, tile t's
+  // softmax while the second runs; the first tile's scores and the last tile's values on their own.
+  if (total > 0) {
+    s.pipe.q_full.wait(0);
+    wgmma_fence();
+    issue_scores(0);
+    wgmma_wait<0>();
+    softmax_of(0);
+    accumulators_to_e4m3_fragments<kKeyTile>(score, p);
+  }
+  for (int32_t t = 1; t < total; ++t) {
+    wgmma_fence();
+    issue_scores(t);
+    issue_values(t - 1);
+    wgmma_wait<1>();
+    softmax_of(t);
     wgmma_wait<0>();
     fence_accumulators(tile_out);
-    s.pipe.release_values(t);
+    s.pipe.release_values(t - 1);
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[j][e] = (out[j][e] + tile_out[j][e]) * correction[e / 2];
+    accumulators_to_e4m3_fragments<kKeyTile>(score, p);
+  }
+  if (total > 0) {
+    wgmma_fence();
+    issue_values(total - 1);
+    wgmma_wait<0>();
+    fence_accumulators(tile_out);
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j)
 #pragma unroll
