@@ -55,13 +55,15 @@ struct QuantizedForward {
     QTile q;
     KeyTile k[kStages];
     ValueTile v[kStages];
-    float k_step[kStages];  // the INT8 step of each stage's key block, written by the producer
     KeyTilePipeline<kStages> pipe;
   };
-  // Key blocks the row list may hold: it is copied to shared memory in 16 bits.
+  // After the struct: the INT8 steps of the row list's key blocks (fp32), then the list in 16 bits.
   using ListEntry = uint16_t;
   static constexpr int64_t kMaxKeyBlocks = 65535;
-  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // + the row list at launch
+  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
+  static size_t shared_bytes(const Geometry& g) {
+    return kSharedBytes + g.k_blocks * (sizeof(float) + sizeof(ListEntry));
+  }
   // A 64-row query block has one consumer warpgroup: two thread blocks share an SM where they fit.
   static constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
   static constexpr int kBlocksPerSm = kConsumers == 1 && 2 * (kSharedBytes + kReservedPerBlock) <= kSharedPerSm ? 2 : 1;
@@ -88,8 +90,15 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
   const int64_t q_pair = b * g.heads + h, kv_pair = b * g.kv_heads + h / g.group();
   const int64_t row0 = m * kBlockQ;
   if (threadIdx.x == 0) s.pipe.init(Config::kConsumers * kWarpgroupThreads);
+  // The steps of the listed key blocks, in list order, gathered once: a global read per tile would
+  // hold up the producer (or the consumers) at every step.
+  static_assert(sizeof(float) % sizeof(typename Config::ListEntry) == 0, "the list follows the steps aligned");
+  float* block_steps = reinterpret_cast<float*>(&s + 1);
+  const int64_t plan_row = q_pair * g.q_blocks + m;
+  for (int32_t i = threadIdx.x; i < plan.row_count[plan_row]; i += Config::kThreads)
+    block_steps[i] = ops.k_steps[kv_pair * g.k_blocks + plan.row_index[plan_row * g.k_blocks + i]];
   const auto tiles = shared_row_tiles<kKeyTile, Config::kThreads>(
-      g, plan, q_pair, m, reinterpret_cast<typename Config::ListEntry*>(&s + 1));  // ends with a barrier
+      g, plan, q_pair, m, reinterpret_cast<typename Config::ListEntry*>(block_steps + g.k_blocks));  // a barrier
   const int32_t total = tiles.count();
 
   if (threadIdx.x < kWarpgroupThreads) {  // the producer
@@ -97,12 +106,10 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
     if (threadIdx.x != 0 || total == 0) return;
     s.pipe.q_full.arrive_expect_bytes(sizeof(s.q));
     tma_load(s.q.data, maps.q.map, maps.q.at(0, row0, q_pair, 0), s.pipe.q_full);
-    const float* k_steps = ops.k_steps + kv_pair * g.k_blocks;
     for (int32_t t = 0; t < total; ++t) {
       const int stage = s.pipe.stage(t);
       const int64_t first = tiles.first(t);
       SharedBarrier& keys = s.pipe.keys_slot(t);
-      s.k_step[stage] = k_steps[first / g.block_k];  // published by the barrier's arrival below
       keys.arrive_expect_bytes(sizeof(s.k[stage]));
       tma_load(s.k[stage].data, maps.k.map, maps.k.at(0, first, kv_pair, 0), keys);
       SharedBarrier& values = s.pipe.values_slot(t);
@@ -137,7 +144,7 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
   // Once tile t's scores are complete: its logits' scale, the stage handed back, the online softmax.
   auto softmax_of = [&](int32_t t) {
     fence_accumulators(exact);
-    const float scale_log2 = q_scale_log2 * s.k_step[s.pipe.stage(t)];
+    const float scale_log2 = q_scale_log2 * block_steps[t];  // a key tile is a whole block
     s.pipe.release_keys(t);
 #pragma unroll
     for (int j = 0; j < kKeyTile / 8; ++j)
@@ -214,8 +221,7 @@ void with_quantized_kernel(const Geometry& g, DType dtype, Fn&& fn) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, BK = decltype(block_k)::value;
     using Config = QuantizedForward<D, BQ, BK>;
-    fn(sparse_forward_quantized_kernel<Element, D, BQ, BK>,
-       Config::kSharedBytes + g.k_blocks * sizeof(typename Config::ListEntry), Config{});
+    fn(sparse_forward_quantized_kernel<Element, D, BQ, BK>, Config::shared_bytes(g), Config{});
   });
 }
 
