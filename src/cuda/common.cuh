@@ -38,6 +38,14 @@ inline size_t max_shared_per_block() {
   return static_cast<size_t>(bytes);
 }
 
+// Streaming multiprocessors of the current device: the size of a persistent grid.
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return count;
+}
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename Element>

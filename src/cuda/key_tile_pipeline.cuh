@@ -1,14 +1,19 @@
-// The stages of a warp-specialised sparse kernel (tma.cuh): a producer
-// thread copies the query tile once and each key tile t of the row list into
-// stage t % kStages, K and V on barriers of their own; consumer warpgroups
-// wait for a stage's K (or V), compute, and hand it back, so that the next
-// copy into that stage may start. Phases: the u-th use of a stage completes
-// phase u, parity u & 1.
+// The stages of a warp-specialised, persistent sparse kernel (tma.cuh): a
+// thread block walks query blocks (items) one after another; a producer warp
+// copies each one's query tile and the key tiles of its row list, tile t (its
+// count runs on across items) into stage t % kStages, K and V on barriers of
+// their own; consumer warpgroups wait for a stage's K (or V), compute, and
+// hand it back so that the next copy into it may start, and hand the query
+// tile back once an item's last scores are computed. The producer thus runs
+// into the next item while the consumers finish this one. Phases: the u-th
+// use of a barrier completes phase u, parity u & 1.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/common.cuh"
+#include "cuda/geometry.h"
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -16,12 +21,15 @@ namespace slattn::cuda {
 
 template <int kStages>
 struct KeyTilePipeline {
-  SharedBarrier q_full, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages];
+  SharedBarrier q_full, q_empty, k_full[kStages], v_full[kStages], k_empty[kStages], v_empty[kStages];
+  int32_t item_tiles;           // key tiles of the item whose query tile q_full announces
+  int32_t tile_first[kStages];  // the first key of each stage's tile, announced with its K
 
   // By thread 0 of the block, before its first __syncthreads; `consumers`
   // threads hand each tile back.
   __device__ void init(uint32_t consumers) {
     q_full.init(1);
+    q_empty.init(consumers);
     for (int stage = 0; stage < kStages; ++stage) {
       k_full[stage].init(1);
       v_full[stage].init(1);
@@ -55,13 +63,45 @@ struct KeyTilePipeline {
   }
 };
 
+// Query block `item` of a persistent walk over (batch, heads, query blocks),
+// query blocks fastest: the items in flight at once share K and V in L2.
+struct QueryItem {
+  int64_t m, h, b;
+
+  __device__ __forceinline__ static QueryItem of(int64_t item, const Geometry& g) {
+    const int64_t pair = item / g.q_blocks;
+    return {item % g.q_blocks, pair % g.heads, pair / g.heads};
+  }
+};
+
+// By one producer warp: calls on_block(n, value) on lane 0 for each key block
+// n of a row list, in order, where value = lane_value(n) was read by the
+// lane that loaded n: 32 entries (and their values) are read at once instead
+// of one dependent global read per tile.
+template <typename LaneValue, typename OnBlock>
+__device__ __forceinline__ void walk_row_list(const int32_t* list, int32_t count, LaneValue&& lane_value,
+                                              OnBlock&& on_block) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int32_t chunk = 0; chunk < count; chunk += kWarpSize) {
+    const int32_t mine = chunk + lane < count ? list[chunk + lane] : 0;
+    const auto value = lane_value(mine);
+    const int here = static_cast<int>(min(int32_t(kWarpSize), count - chunk));
+    for (int j = 0; j < here; ++j) {
+      const int32_t n = __shfl_sync(0xffffffffu, mine, j);
+      const auto its_value = __shfl_sync(0xffffffffu, value, j);
+      if (lane == 0) on_block(n, its_value);
+      __syncwarp();
+    }
+  }
+}
+
 // The producer warpgroup keeps few registers and the consumers take the rest
 // of the SM's share, when that is more than the compiler may give every
 // thread at launch (release_registers_to / claim_registers_to).
 template <int kThreads, int kConsumers, int kBlocksPerSm>
 struct RegisterSplit {
   static constexpr int kPerSm = 64 * 1024;
-  static constexpr int kProducer = 24;
+  static constexpr int kProducer = 40;
   static constexpr int kConsumer =
       std::min(240, (kPerSm / kBlocksPerSm - kWarpgroupThreads * kProducer) / (kConsumers * kWarpgroupThreads) / 8 * 8);
   static constexpr int kAtLaunch = std::min(255, kPerSm / (kThreads * kBlocksPerSm) / 8 * 8);

@@ -8,6 +8,8 @@
 // other targets get an empty body that is never launched (sparse_forward
 // checks the loaded binary), and layouts the copy engine cannot describe go
 // to the mma.sync mainloop.
+#include <algorithm>
+
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
 #include "cuda/sparse_forward_steps.cuh"
@@ -34,10 +36,8 @@ struct WgmmaForward {
     KeyTile v[kStages];
     KeyTilePipeline<kStages> pipe;
   };
-  using ListEntry = uint16_t;  // the row list, after the struct
-  static constexpr int64_t kMaxKeyBlocks = 65535;
   static constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
-  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // + the row list at launch
+  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // aligned to the swizzle atom at run time
   static constexpr int kBlocksPerSm = 2 * (kSharedBytes + kReservedPerBlock) <= kSharedPerSm && kConsumers == 1 ? 2 : 1;
 };
 
@@ -96,26 +96,43 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
 
-  const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t kv = h / g.group();
-  const int64_t row0 = m * kBlockQ;
   if (threadIdx.x == 0) s.pipe.init(Config::kConsumers * kWarpgroupThreads);
-  const auto tiles = shared_row_tiles<kKeyTile, Config::kThreads>(
-      g, plan, b * g.heads + h, m, reinterpret_cast<typename Config::ListEntry*>(&s + 1));  // ends with a barrier
-  const int32_t total = tiles.count();
+  __syncthreads();
+  const int64_t items = g.q_blocks * g.heads * g.batch;
 
-  if (threadIdx.x < kWarpgroupThreads) {  // the producer
+  if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
-    if (threadIdx.x != 0 || total == 0) return;
-    s.pipe.q_full.arrive_expect_bytes(sizeof(QTile));
-    load_row_tile(s.q, maps.q, row0, h, b, s.pipe.q_full);
-    for (int32_t t = 0; t < total; ++t) {
-      SharedBarrier& keys = s.pipe.keys_slot(t);
-      keys.arrive_expect_bytes(sizeof(KeyTile));
-      load_row_tile(s.k[s.pipe.stage(t)], maps.k, tiles.first(t), kv, b, keys);
-      SharedBarrier& values = s.pipe.values_slot(t);
-      values.arrive_expect_bytes(sizeof(KeyTile));
-      load_row_tile(s.v[s.pipe.stage(t)], maps.v, tiles.first(t), kv, b, values);
+    if (threadIdx.x >= kWarpSize) return;
+    int32_t t = 0;  // key tiles copied so far, over all items
+    int32_t use = 0;
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+      const QueryItem at = QueryItem::of(item, g);
+      const int64_t m = at.m, h = at.h, b = at.b;
+      const int64_t plan_row = (b * g.heads + h) * g.q_blocks + m;
+      const int32_t count = plan.row_count[plan_row];
+      if (threadIdx.x == 0) {
+        if (use > 0) s.pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's Q
+        s.pipe.item_tiles = count;
+        if (count > 0) {
+          s.pipe.q_full.arrive_expect_bytes(sizeof(QTile));
+          load_row_tile(s.q, maps.q, m * kBlockQ, h, b, s.pipe.q_full);
+        } else {
+          s.pipe.q_full.arrive();
+        }
+      }
+      const int64_t kv = h / g.group();
+      walk_row_list(plan.row_index + plan_row * g.k_blocks, count, [](int32_t) { return 0; },
+                    [&](int32_t n, int) {  // a key tile is a whole block
+                      const int64_t first = n * g.block_k;
+                      SharedBarrier& keys = s.pipe.keys_slot(t);
+                      s.pipe.tile_first[s.pipe.stage(t)] = static_cast<int32_t>(first);
+                      keys.arrive_expect_bytes(sizeof(KeyTile));
+                      load_row_tile(s.k[s.pipe.stage(t)], maps.k, first, kv, b, keys);
+                      SharedBarrier& values = s.pipe.values_slot(t);
+                      values.arrive_expect_bytes(sizeof(KeyTile));
+                      load_row_tile(s.v[s.pipe.stage(t)], maps.v, first, kv, b, values);
+                    });
+      t += count;
     }
     return;
   }
@@ -124,52 +141,64 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   const int consumer_thread = threadIdx.x - kWarpgroupThreads;
   const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
   const float scale_log2 = a.scale * kLog2e;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  float out[kHeadDim / 8][4] = {};
   float score[kKeyTile / 8][4];
   uint32_t p[kKeyTile / 16][4];  // P of the previous tile, whose O += P V is issued with the next S = Q Kᵀ
   float correction[2];
-  // FlashAttention-3's overlap within a warpgroup: S of tile t and O += P V of tile t - 1 are issued
-  // together, and tile t's softmax runs while the second product is in flight. The first tile's
-  // scores and the last tile's values are issued on their own, so that the loop body has one shape.
-  if (total > 0) {
-    s.pipe.q_full.wait(0);
-    s.pipe.wait_keys(0);
-    wgmma_fence();
-    issue_scores(score, s.q, s.k[0], warpgroup_row0);
-    wgmma_wait<0>();
+  // The softmax of tile t once its scores are complete (the stage's K handed back first).
+  auto softmax_of = [&](int32_t t, float (&row_max)[2], float (&row_sum)[2]) {
     fence_accumulators(score);
-    s.pipe.release_keys(0);
-    softmax_scores<KeyMask::partial_tiles>(score, row_max, row_sum, tiles.first(0), tiles.end(0), scale_log2,
-                                           correction);
-    accumulators_to_fragments<Element, kKeyTile>(score, p);
-  }
-  for (int32_t t = 1; t < total; ++t) {
-    s.pipe.wait_keys(t);
-    wgmma_fence();
-    issue_scores(score, s.q, s.k[s.pipe.stage(t)], warpgroup_row0);
-    s.pipe.wait_values(t - 1);
-    issue_values(out, p, s.v[s.pipe.stage(t - 1)]);
-    wgmma_wait<1>();
-    fence_accumulators(score);
+    const int64_t first = s.pipe.tile_first[s.pipe.stage(t)];
     s.pipe.release_keys(t);
-    softmax_scores<KeyMask::partial_tiles>(score, row_max, row_sum, tiles.first(t), tiles.end(t), scale_log2,
+    softmax_scores<KeyMask::partial_tiles>(score, row_max, row_sum, first, min(g.k_len, first + kKeyTile), scale_log2,
                                            correction);
-    wgmma_wait<0>();
-    fence_accumulators(out);
-    s.pipe.release_values(t - 1);
-    rescale_rows(out, correction);
-    accumulators_to_fragments<Element, kKeyTile>(score, p);
+  };
+  int32_t t0 = 0;  // the ring position of this item's first tile
+  int32_t use = 0;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    const QueryItem at = QueryItem::of(item, g);
+    s.pipe.q_full.wait(use & 1);
+    const int32_t total = s.pipe.item_tiles;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    float out[kHeadDim / 8][4] = {};
+    // FlashAttention-3's overlap within a warpgroup: S of tile t and O += P V of tile t - 1 are issued
+    // together, and tile t's softmax runs while the second product is in flight. The first tile's
+    // scores and the last tile's values are issued on their own, so that the loop body has one shape.
+    if (total > 0) {
+      s.pipe.wait_keys(t0);
+      wgmma_fence();
+      issue_scores(score, s.q, s.k[s.pipe.stage(t0)], warpgroup_row0);
+      wgmma_wait<0>();
+      softmax_of(t0, row_max, row_sum);
+      accumulators_to_fragments<Element, kKeyTile>(score, p);
+    }
+    for (int32_t t = t0 + 1; t < t0 + total; ++t) {
+      s.pipe.wait_keys(t);
+      wgmma_fence();
+      issue_scores(score, s.q, s.k[s.pipe.stage(t)], warpgroup_row0);
+      s.pipe.wait_values(t - 1);
+      issue_values(out, p, s.v[s.pipe.stage(t - 1)]);
+      wgmma_wait<1>();
+      softmax_of(t, row_max, row_sum);
+      wgmma_wait<0>();
+      fence_accumulators(out);
+      s.pipe.release_values(t - 1);
+      rescale_rows(out, correction);
+      accumulators_to_fragments<Element, kKeyTile>(score, p);
+    }
+    s.pipe.q_empty.arrive();  // every product that reads Q is complete
+    if (total > 0) {
+      const int32_t last = t0 + total - 1;
+      s.pipe.wait_values(last);
+      wgmma_fence();
+      issue_values(out, p, s.v[s.pipe.stage(last)]);
+      wgmma_wait<0>();
+      fence_accumulators(out);
+      s.pipe.release_values(last);
+    }
+    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp, out,
+                                          row_max, row_sum);
+    t0 += total;
   }
-  if (total > 0) {
-    s.pipe.wait_values(total - 1);
-    wgmma_fence();
-    issue_values(out, p, s.v[s.pipe.stage(total - 1)]);
-    wgmma_wait<0>();
-    fence_accumulators(out);
-  }
-  store_forward_rows<Element, kHeadDim>(g, a, b, h, row0 + consumer_thread / kWarpSize * kRowsPerWarp, out, row_max,
-                                        row_sum);
 #endif
 }
 
@@ -178,19 +207,20 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
 const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
                                  cudaStream_t stream) {
   const char* refusal = nullptr;
-  const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
+  const int64_t items = g.q_blocks * g.heads * g.batch;
   dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, KT = decltype(block_k)::value;
     using Config = WgmmaForward<Element, D, BQ, KT>;
+    const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT>;
     static const bool available = loaded_for_hopper(kernel);
-    const size_t shared = Config::kSharedBytes + g.k_blocks * sizeof(typename Config::ListEntry);
+    const size_t shared = Config::kSharedBytes;
     ForwardTileMaps maps;
     if (!available) {
       refusal = "the build has no sm_90a code";
-    } else if (g.k_blocks > Config::kMaxKeyBlocks || shared > max_shared_per_block()) {
-      refusal = "the row lists of this many key blocks do not fit the Hopper forward's shared memory";
+    } else if (shared > max_shared_per_block()) {
+      refusal = "the Hopper forward needs more shared memory than this GPU gives a thread block";
     } else if (!make_row_tile_map(args.q, BQ, &maps.q) || !make_row_tile_map(args.k, KT, &maps.k) ||
                !make_row_tile_map(args.v, KT, &maps.v)) {
       refusal = "the Hopper forward copies q, k and v with the tile copy engine, which needs each to have a "

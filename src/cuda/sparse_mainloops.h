@@ -44,7 +44,7 @@ DeviceView<const Element> dos_view(const Geometry& g, const void* dos_rows) {
 void sparse_forward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
                         cudaStream_t stream);
 // Launches the Hopper forward and returns nullptr, or returns why it cannot run (nothing launched):
-// no sm_90a code in the build, row lists too long for its shared memory, or a layout of q, k or v
+// no sm_90a code in the build, too little shared memory, or a layout of q, k or v
 // that the tile copy engine cannot describe. The mma.sync mainloop serves all of these.
 const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
                                  cudaStream_t stream);
