@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
     if (threadIdx.x >= kWarpSize) return;
-    int32_t t = 0;  // key tiles copied so far, over all items
+    int32_t t = 0;  // key tiles copied so far, over all items (counted on lane 0)
     int32_t use = 0;
     for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
       const QueryItem at = QueryItem::of(item, g);
@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
                       SharedBarrier& values = s.pipe.values_slot(t);
                       values.arrive_expect_bytes(sizeof(KeyTile));
                       load_row_tile(s.v[s.pipe.stage(t)], maps.v, first, kv, b, values);
+                      ++t;
                     });
-      t += count;
     }
     return;
   }
