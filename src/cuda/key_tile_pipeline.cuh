@@ -14,6 +14,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/geometry.h"
+#include "slattn/plan.h"
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -92,6 +93,46 @@ __device__ __forceinline__ void walk_row_list(const int32_t* list, int32_t count
       if (lane == 0) on_block(n, its_value);
       __syncwarp();
     }
+  }
+}
+
+// The producer warp's part, for the items of this thread block: announces
+// each item's tile count with its query tile (load_query(item, barrier)
+// announces the bytes and starts the copy; an item without tiles copies
+// none), then, per listed key block n, once its stage is free, records where
+// the tile starts and calls load_keys(stage, item, n, value, barrier) and
+// load_values(stage, item, n, barrier), which announce and start their copies
+// (value: lane_value(item, n), read ahead by walk_row_list).
+template <int kStages, typename LoadQuery, typename LaneValue, typename LoadKeys, typename LoadValues>
+__device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, const Geometry& g,
+                                              const RoutingPlanView& plan, LoadQuery&& load_query,
+                                              LaneValue&& lane_value, LoadKeys&& load_keys,
+                                              LoadValues&& load_values) {
+  const int64_t items = g.q_blocks * g.heads * g.batch;
+  int32_t t = 0;  // key tiles copied so far, over all items (counted on lane 0)
+  int32_t use = 0;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    const QueryItem at = QueryItem::of(item, g);
+    const int64_t plan_row = (at.b * g.heads + at.h) * g.q_blocks + at.m;
+    const int32_t count = plan.row_count[plan_row];
+    if (threadIdx.x % kWarpSize == 0) {
+      if (use > 0) pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's query tile
+      pipe.item_tiles = count;
+      if (count > 0) {
+        load_query(at, pipe.q_full);
+      } else {
+        pipe.q_full.arrive();
+      }
+    }
+    walk_row_list(plan.row_index + plan_row * g.k_blocks, count, [&](int32_t n) { return lane_value(at, n); },
+                  [&](int32_t n, auto value) {
+      const int stage = pipe.stage(t);
+      SharedBarrier& keys = pipe.keys_slot(t);
+      pipe.tile_first[stage] = static_cast<int32_t>(n * g.block_k);  // a key tile is a whole block
+      load_keys(stage, at, n, value, keys);
+      load_values(stage, at, n, pipe.values_slot(t));
+      ++t;
+    });
   }
 }
 

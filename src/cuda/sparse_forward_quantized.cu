@@ -14,6 +14,8 @@
 //   accumulators (their internal sums are narrower than fp32), O += O_tile in fp32.
 // The epilogue divides by the row sums, which cancels the 448, and applies V's
 // channel scales.
+#include <algorithm>
+
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
 #include "cuda/sla_cuda.h"
@@ -55,15 +57,10 @@ struct QuantizedForward {
     QTile q;
     KeyTile k[kStages];
     ValueTile v[kStages];
+    float tile_step[kStages];  // the INT8 step of each stage's key block, announced with its K
     KeyTilePipeline<kStages> pipe;
   };
-  // After the struct: the INT8 steps of the row list's key blocks (fp32), then the list in 16 bits.
-  using ListEntry = uint16_t;
-  static constexpr int64_t kMaxKeyBlocks = 65535;
-  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
-  static size_t shared_bytes(const Geometry& g) {
-    return kSharedBytes + g.k_blocks * (sizeof(float) + sizeof(ListEntry));
-  }
+  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // aligned to the swizzle atom at run time
   // A 64-row query block has one consumer warpgroup: two thread blocks share an SM where they fit.
   static constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
   static constexpr int kBlocksPerSm = kConsumers == 1 && 2 * (kSharedBytes + kReservedPerBlock) <= kSharedPerSm ? 2 : 1;
@@ -86,54 +83,43 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
 
-  const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t q_pair = b * g.heads + h, kv_pair = b * g.kv_heads + h / g.group();
-  const int64_t row0 = m * kBlockQ;
   if (threadIdx.x == 0) s.pipe.init(Config::kConsumers * kWarpgroupThreads);
-  // The steps of the listed key blocks, in list order, gathered once: a global read per tile would
-  // hold up the producer (or the consumers) at every step.
-  static_assert(sizeof(float) % sizeof(typename Config::ListEntry) == 0, "the list follows the steps aligned");
-  float* block_steps = reinterpret_cast<float*>(&s + 1);
-  const int64_t plan_row = q_pair * g.q_blocks + m;
-  for (int32_t i = threadIdx.x; i < plan.row_count[plan_row]; i += Config::kThreads)
-    block_steps[i] = ops.k_steps[kv_pair * g.k_blocks + plan.row_index[plan_row * g.k_blocks + i]];
-  const auto tiles = shared_row_tiles<kKeyTile, Config::kThreads>(
-      g, plan, q_pair, m, reinterpret_cast<typename Config::ListEntry*>(block_steps + g.k_blocks));  // a barrier
-  const int32_t total = tiles.count();
-
-  if (threadIdx.x < kWarpgroupThreads) {  // the producer
+  __syncthreads();
+  auto kv_pair_of = [&](const QueryItem& at) { return at.b * g.kv_heads + at.h / g.group(); };
+  if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
-    if (threadIdx.x != 0 || total == 0) return;
-    s.pipe.q_full.arrive_expect_bytes(sizeof(s.q));
-    tma_load(s.q.data, maps.q.map, maps.q.at(0, row0, q_pair, 0), s.pipe.q_full);
-    for (int32_t t = 0; t < total; ++t) {
-      const int stage = s.pipe.stage(t);
-      const int64_t first = tiles.first(t);
-      SharedBarrier& keys = s.pipe.keys_slot(t);
-      keys.arrive_expect_bytes(sizeof(s.k[stage]));
-      tma_load(s.k[stage].data, maps.k.map, maps.k.at(0, first, kv_pair, 0), keys);
-      SharedBarrier& values = s.pipe.values_slot(t);
-      values.arrive_expect_bytes(sizeof(s.v[stage]));
-      tma_load(s.v[stage].data, maps.v.map, maps.v.at(static_cast<int32_t>(first), 0, kv_pair, 0), values);
-    }
+    if (threadIdx.x >= kWarpSize) return;
+    produce_items(
+        s.pipe, g, plan,
+        [&](const QueryItem& at, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(s.q));
+          tma_load(s.q.data, maps.q.map, maps.q.at(0, at.m * kBlockQ, at.b * g.heads + at.h, 0), full);
+        },
+        [&](const QueryItem& at, int32_t n) { return ops.k_steps[kv_pair_of(at) * g.k_blocks + n]; },
+        [&](int stage, const QueryItem& at, int32_t n, float step, SharedBarrier& full) {
+          s.tile_step[stage] = step;
+          full.arrive_expect_bytes(sizeof(s.k[stage]));
+          tma_load(s.k[stage].data, maps.k.map, maps.k.at(0, n * g.block_k, kv_pair_of(at), 0), full);
+        },
+        [&](int stage, const QueryItem& at, int32_t n, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(s.v[stage]));
+          tma_load(s.v[stage].data, maps.v.map, maps.v.at(static_cast<int32_t>(n * g.block_k), 0, kv_pair_of(at), 0),
+                   full);
+        });
     return;
   }
 
   if constexpr (Registers::kHandOver) claim_registers_to<Registers::kConsumer>();
   const int consumer_thread = threadIdx.x - kWarpgroupThreads;
   const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
-  const float q_scale_log2 = a.scale * kLog2e * ops.q_steps[q_pair * g.q_blocks + m];
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  float out[kHeadDim / 8][4] = {};
   int32_t exact[kKeyTile / 8][4];
   float score[kKeyTile / 8][4], tile_out[kHeadDim / 8][4];
   uint32_t p[kKeyTile / 32][4];  // P of the previous tile, whose P V is issued with the next S = Q Kᵀ
   float correction[2];
-  // S = Q Kᵀ of tile t (INT8, exact), issued; kept as fp32 scores and handed back.
+  // S = Q Kᵀ of tile t (INT8, exact), issued.
   auto issue_scores = [&](int32_t t) {
-    const int stage = s.pipe.stage(t);
     s.pipe.wait_keys(t);
-    uint64_t q_desc = k_major_descriptor(s.q), k_desc = k_major_descriptor(s.k[stage]);
+    uint64_t q_desc = k_major_descriptor(s.q), k_desc = k_major_descriptor(s.k[s.pipe.stage(t)]);
     opaque(q_desc);
 #pragma unroll
     for (int step = 0; step < kHeadDim / 32; ++step)  // 32 head dims a step
@@ -141,16 +127,18 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
                             k_desc + byte_tile_offset<kHeadDim>(0, step), step > 0);
     wgmma_commit();
   };
-  // Once tile t's scores are complete: its logits' scale, the stage handed back, the online softmax.
-  auto softmax_of = [&](int32_t t) {
+  // Once tile t's scores are complete: its logits' scale and start, the stage handed back, the online softmax.
+  auto softmax_of = [&](int32_t t, float q_scale_log2, float (&row_max)[2], float (&row_sum)[2]) {
     fence_accumulators(exact);
-    const float scale_log2 = q_scale_log2 * block_steps[t];  // a key tile is a whole block
+    const int stage = s.pipe.stage(t);
+    const float scale_log2 = q_scale_log2 * s.tile_step[stage];
+    const int64_t first = s.pipe.tile_first[stage];
     s.pipe.release_keys(t);
 #pragma unroll
     for (int j = 0; j < kKeyTile / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) score[j][e] = small_int_to_float(exact[j][e]);
-    softmax_scores<KeyMask::partial_tiles>(score, row_max, row_sum, tiles.first(t), tiles.end(t), scale_log2,
+    softmax_scores<KeyMask::partial_tiles>(score, row_max, row_sum, first, min(g.k_len, first + kKeyTile), scale_log2,
                                            correction, kLog2E4m3Max);
   };
   // P V of tile t into fresh accumulators (FP8 products sum in less than fp32), issued.
@@ -163,50 +151,64 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
       wgmma_rs_e4m3<kHeadDim>(tile_out, p[step], v_desc + byte_tile_offset<kKeyTile>(0, step), step > 0);
     wgmma_commit();
   };
-  // The overlap of the 16-bit forward: S of tile t and P V of tile t - 1 in flight together, tile t's
-  // softmax while the second runs; the first tile's scores and the last tile's values on their own.
-  if (total > 0) {
-    s.pipe.q_full.wait(0);
-    wgmma_fence();
-    issue_scores(0);
-    wgmma_wait<0>();
-    softmax_of(0);
-    accumulators_to_e4m3_fragments<kKeyTile>(score, p);
-  }
-  for (int32_t t = 1; t < total; ++t) {
-    wgmma_fence();
-    issue_scores(t);
-    issue_values(t - 1);
-    wgmma_wait<1>();
-    softmax_of(t);
-    wgmma_wait<0>();
-    fence_accumulators(tile_out);
-    s.pipe.release_values(t - 1);
+  int32_t t0 = 0;  // the ring position of this item's first tile
+  int32_t use = 0;
+  const int64_t items = g.q_blocks * g.heads * g.batch;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    const QueryItem at = QueryItem::of(item, g);
+    const int64_t q_pair = at.b * g.heads + at.h;
+    const float q_scale_log2 = a.scale * kLog2e * ops.q_steps[q_pair * g.q_blocks + at.m];
+    s.pipe.q_full.wait(use & 1);
+    const int32_t total = s.pipe.item_tiles;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    float out[kHeadDim / 8][4] = {};
+    // The overlap of the 16-bit forward: S of tile t and P V of tile t - 1 in flight together, tile t's
+    // softmax while the second runs; the first tile's scores and the last tile's values on their own.
+    if (total > 0) {
+      wgmma_fence();
+      issue_scores(t0);
+      wgmma_wait<0>();
+      softmax_of(t0, q_scale_log2, row_max, row_sum);
+      accumulators_to_e4m3_fragments<kKeyTile>(score, p);
+    }
+    for (int32_t t = t0 + 1; t < t0 + total; ++t) {
+      wgmma_fence();
+      issue_scores(t);
+      issue_values(t - 1);
+      wgmma_wait<1>();
+      softmax_of(t, q_scale_log2, row_max, row_sum);
+      wgmma_wait<0>();
+      fence_accumulators(tile_out);
+      s.pipe.release_values(t - 1);
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[j][e] = (out[j][e] + tile_out[j][e]) * correction[e / 2];
+      accumulators_to_e4m3_fragments<kKeyTile>(score, p);
+    }
+    s.pipe.q_empty.arrive();  // every product that reads Q is complete
+    if (total > 0) {
+      const int32_t last = t0 + total - 1;
+      wgmma_fence();
+      issue_values(last);
+      wgmma_wait<0>();
+      fence_accumulators(tile_out);
+      s.pipe.release_values(last);
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[j][e] += tile_out[j][e];
+    }
+    const float* v_scales = ops.v_scales + kv_pair_of(at) * kHeadDim;
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) out[j][e] = (out[j][e] + tile_out[j][e]) * correction[e / 2];
-    accumulators_to_e4m3_fragments<kKeyTile>(score, p);
+      for (int e = 0; e < 4; ++e) out[j][e] *= v_scales[accumulator_col(j, e)];
+    for (float& peak : row_max) peak -= kLog2E4m3Max;  // the LSE of P, not of 448 P
+    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp,
+                                          out, row_max, row_sum);
+    t0 += total;
   }
-  if (total > 0) {
-    wgmma_fence();
-    issue_values(total - 1);
-    wgmma_wait<0>();
-    fence_accumulators(tile_out);
-#pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) out[j][e] += tile_out[j][e];
-  }
-
-  const float* v_scales = ops.v_scales + kv_pair * kHeadDim;
-#pragma unroll
-  for (int j = 0; j < kHeadDim / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) out[j][e] *= v_scales[accumulator_col(j, e)];
-  for (float& peak : row_max) peak -= kLog2E4m3Max;  // the LSE of P, not of 448 P
-  store_forward_rows<Element, kHeadDim>(g, a, b, h, row0 + consumer_thread / kWarpSize * kRowsPerWarp, out, row_max,
-                                        row_sum);
 #endif
 }
 
@@ -221,7 +223,7 @@ void with_quantized_kernel(const Geometry& g, DType dtype, Fn&& fn) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, BK = decltype(block_k)::value;
     using Config = QuantizedForward<D, BQ, BK>;
-    fn(sparse_forward_quantized_kernel<Element, D, BQ, BK>, Config::shared_bytes(g), Config{});
+    fn(sparse_forward_quantized_kernel<Element, D, BQ, BK>, Config::kSharedBytes, Config{});
   });
 }
 
@@ -233,8 +235,8 @@ void check_quantized_support(const Geometry& g, DType dtype) {
   with_quantized_kernel(g, dtype, [&](auto kernel, size_t shared, auto config) {
     static const bool available = loaded_for_hopper(kernel);
     if (!available) throw Unsupported(kNeedsHopper);
-    SLATTN_CHECK(g.k_blocks <= decltype(config)::kMaxKeyBlocks && shared <= max_shared_per_block(),
-                 "quantized=True: a row list of ", g.k_blocks, " key blocks does not fit in shared memory; use larger blocks");
+    SLATTN_CHECK(shared <= max_shared_per_block(), "quantized=True: the low-bit forward needs ", shared,
+                 " bytes of shared memory, more than this GPU gives a thread block");
   });
 }
 
@@ -242,7 +244,8 @@ void sparse_forward_quantized(const Geometry& g, const RoutingPlanView& plan, co
                               const QuantizedOperands& ops, cudaStream_t stream) {
   with_quantized_kernel(g, args.q.dtype, [&](auto kernel, size_t shared, auto config) {
     using Config = decltype(config);
-    const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads), static_cast<unsigned>(g.batch));
+    const int64_t items = g.q_blocks * g.heads * g.batch;
+    const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     const QuantizedTileMaps maps{
         byte_tile_map(ops.q, g.q_pairs(), g.q_rows(), g.dim, g.block_q, static_cast<int>(g.dim)),
         byte_tile_map(ops.k, g.kv_pairs(), g.k_rows(), g.dim, g.block_k, static_cast<int>(g.dim)),

@@ -98,42 +98,24 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
 
   if (threadIdx.x == 0) s.pipe.init(Config::kConsumers * kWarpgroupThreads);
   __syncthreads();
-  const int64_t items = g.q_blocks * g.heads * g.batch;
-
   if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
     if (threadIdx.x >= kWarpSize) return;
-    int32_t t = 0;  // key tiles copied so far, over all items (counted on lane 0)
-    int32_t use = 0;
-    for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
-      const QueryItem at = QueryItem::of(item, g);
-      const int64_t m = at.m, h = at.h, b = at.b;
-      const int64_t plan_row = (b * g.heads + h) * g.q_blocks + m;
-      const int32_t count = plan.row_count[plan_row];
-      if (threadIdx.x == 0) {
-        if (use > 0) s.pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's Q
-        s.pipe.item_tiles = count;
-        if (count > 0) {
-          s.pipe.q_full.arrive_expect_bytes(sizeof(QTile));
-          load_row_tile(s.q, maps.q, m * kBlockQ, h, b, s.pipe.q_full);
-        } else {
-          s.pipe.q_full.arrive();
-        }
-      }
-      const int64_t kv = h / g.group();
-      walk_row_list(plan.row_index + plan_row * g.k_blocks, count, [](int32_t) { return 0; },
-                    [&](int32_t n, int) {  // a key tile is a whole block
-                      const int64_t first = n * g.block_k;
-                      SharedBarrier& keys = s.pipe.keys_slot(t);
-                      s.pipe.tile_first[s.pipe.stage(t)] = static_cast<int32_t>(first);
-                      keys.arrive_expect_bytes(sizeof(KeyTile));
-                      load_row_tile(s.k[s.pipe.stage(t)], maps.k, first, kv, b, keys);
-                      SharedBarrier& values = s.pipe.values_slot(t);
-                      values.arrive_expect_bytes(sizeof(KeyTile));
-                      load_row_tile(s.v[s.pipe.stage(t)], maps.v, first, kv, b, values);
-                      ++t;
-                    });
-    }
+    produce_items(
+        s.pipe, g, plan,
+        [&](const QueryItem& at, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(QTile));
+          load_row_tile(s.q, maps.q, at.m * kBlockQ, at.h, at.b, full);
+        },
+        [](const QueryItem&, int32_t) { return 0; },
+        [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(KeyTile));
+          load_row_tile(s.k[stage], maps.k, n * g.block_k, at.h / g.group(), at.b, full);
+        },
+        [&](int stage, const QueryItem& at, int32_t n, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(KeyTile));
+          load_row_tile(s.v[stage], maps.v, n * g.block_k, at.h / g.group(), at.b, full);
+        });
     return;
   }
 
@@ -154,6 +136,7 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   };
   int32_t t0 = 0;  // the ring position of this item's first tile
   int32_t use = 0;
+  const int64_t items = g.q_blocks * g.heads * g.batch;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
     const QueryItem at = QueryItem::of(item, g);
     s.pipe.q_full.wait(use & 1);
