@@ -46,6 +46,15 @@ inline int multiprocessor_count() {
   return count;
 }
 
+// 2^x by the special-function unit alone (ex2.approx.ftz: relative error
+// near 2^-22, results below 2^-126 flushed to zero), where exp2f adds range
+// handling around it: the softmax of the sparse kernels takes one per score.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename Element>

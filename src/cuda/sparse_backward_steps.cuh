@@ -45,7 +45,7 @@ __device__ __forceinline__ void score_grads(float (&p)[kTiles8][4], float (&ds)[
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const bool valid = first + accumulator_col(j, e) < end;
-      p[j][e] = valid ? exp2f(p[j][e] * scale_log2 - lse_log2[e / 2]) : 0.0f;
+      p[j][e] = valid ? fast_exp2(p[j][e] * scale_log2 - lse_log2[e / 2]) : 0.0f;
       ds[j][e] = p[j][e] * (ds[j][e] - delta[e / 2]);
     }
   }
@@ -61,7 +61,7 @@ __device__ __forceinline__ void score_grads_transposed(float (&pt)[kTiles8][4], 
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int query = accumulator_col(j, e);
-      pt[j][e] = exp2f(pt[j][e] * scale_log2 - lse_log2[query]);
+      pt[j][e] = fast_exp2(pt[j][e] * scale_log2 - lse_log2[query]);
       dst[j][e] = pt[j][e] * (dst[j][e] - delta[query]);
     }
   }

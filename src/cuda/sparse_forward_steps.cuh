@@ -17,42 +17,61 @@ namespace slattn::cuda {
 enum class KeyMask { every_tile, partial_tiles };
 
 // Masks keys at or past `end` (the tile's keys start at `first`), moves the
-// running maxima (log2 units), turns the scores into P = exp2(S - max) and
-// rescales the running sums; `correction` receives the factor by which the
-// output accumulators are to be rescaled (rescale_rows). With an
-// `exponent_offset` c, P and the sums are 2^c times larger (the low-bit
-// kernel's P at the scale of its e4m3 format), at no cost per score.
+// running maxima (log2 units) by the tile's, turns the scores into
+// P = exp2(scale · S - max) and rescales the running sums; `correction`
+// receives the factor by which the output accumulators are to be rescaled
+// (rescale_rows). The scores come in unscaled: their row maxima (minima for
+// a negative scale) give the tile's maxima, and one fused multiply-add per
+// score its exponent. With an `exponent_offset` c, P and the sums are 2^c
+// times larger (the low-bit kernel's P at the scale of its e4m3 format), at
+// no cost per score.
 template <KeyMask kMask, int kKeyTiles8>
 __device__ __forceinline__ void softmax_scores(float (&score)[kKeyTiles8][4], float (&row_max)[2],
                                                float (&row_sum)[2], int64_t first, int64_t end, float scale_log2,
                                                float (&correction)[2], float exponent_offset = 0.0f) {
   const int quad = (threadIdx.x % kWarpSize) % 4;
-  const bool full = kMask == KeyMask::partial_tiles && end - first >= kKeyTiles8 * 8;
-  float tile_max[2] = {-INFINITY, -INFINITY};
+  const bool positive = scale_log2 > 0.0f;
+  if (kMask == KeyMask::every_tile || end - first < kKeyTiles8 * 8) {
+    const float masked = positive ? -INFINITY : INFINITY;  // exp2 of scale times it is 0
 #pragma unroll
-  for (int j = 0; j < kKeyTiles8; ++j) {
+    for (int j = 0; j < kKeyTiles8; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t key = first + j * 8 + 2 * quad + (e & 1);
-      score[j][e] = full || key < end ? score[j][e] * scale_log2 : -INFINITY;
-      tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
-    }
+      for (int e = 0; e < 4; ++e)
+        if (first + j * 8 + 2 * quad + (e & 1) >= end) score[j][e] = masked;
   }
+  float extreme[2];  // of the unscaled scores: what scaling turns into the maximum
+  if (positive) {
+    extreme[0] = extreme[1] = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kKeyTiles8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) extreme[e / 2] = fmaxf(extreme[e / 2], score[j][e]);
+  } else {
+    extreme[0] = extreme[1] = INFINITY;
+#pragma unroll
+    for (int j = 0; j < kKeyTiles8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) extreme[e / 2] = fminf(extreme[e / 2], score[j][e]);
+  }
+  float anchor[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-    const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: the tile's first key is valid
-    correction[r] = exp2f(row_max[r] - new_max);
+#pragma unroll
+    for (int lanes = 1; lanes <= 2; lanes *= 2) {
+      const float other = __shfl_xor_sync(0xffffffffu, extreme[r], lanes);
+      extreme[r] = positive ? fmaxf(extreme[r], other) : fminf(extreme[r], other);
+    }
+    const float new_max = fmaxf(row_max[r], extreme[r] * scale_log2);  // finite: the tile's first key is valid
+    correction[r] = fast_exp2(row_max[r] - new_max);
     row_max[r] = new_max;
     row_sum[r] *= correction[r];
+    anchor[r] = new_max - exponent_offset;
   }
-  const float anchor[2] = {row_max[0] - exponent_offset, row_max[1] - exponent_offset};
 #pragma unroll
   for (int j = 0; j < kKeyTiles8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      score[j][e] = exp2f(score[j][e] - anchor[e / 2]);
+      score[j][e] = fast_exp2(fmaf(score[j][e], scale_log2, -anchor[e / 2]));
       row_sum[e / 2] += score[j][e];  // this thread's share; summed over the quad at the end
     }
   }
