@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slattn
-from test_cuda import check_against_composite, layer
+from test_cuda import assert_within_baseline, check_against_composite, layer
 
 pytestmark = pytest.mark.gpu
 
@@ -50,6 +50,18 @@ def test_dense_rows_equal_sdpa(rng, mainloop):
     out = slattn.sparse_linear_attention(q, k, v, topk=1.0, block_q=128, block_k=128)
     exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
     torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.2, -0.09])
+def test_topk_one_is_dense_attention_at_any_scale(rng, mainloop, scale):
+    """The online softmax scales each tile's row maxima of the unscaled scores (their minima when the
+    scale is negative); every block critical, the sparse branch is dense attention at that scale."""
+    q, k, v, _, _ = layer(rng, heads=2, q_len=333, k_len=200, dim=128)
+    cq, ck, cv = q.cuda(), k.cuda(), v.cuda()
+    os_, _, _ = slattn.sparse_linear_attention(cq, ck, cv, topk=1.0, scale=scale, return_branches=True)
+    dense64 = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+    dense_low = torch.nn.functional.scaled_dot_product_attention(cq, ck, cv, scale=scale).cpu()
+    assert_within_baseline(os_.cpu(), dense64, dense_low, name=f"topk=1 output at scale {scale}")
 
 
 def strided_layer(rng):
