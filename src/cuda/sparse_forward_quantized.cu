@@ -205,8 +205,8 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[j][e] *= v_scales[accumulator_col(j, e)];
     for (float& peak : row_max) peak -= kLog2E4m3Max;  // the LSE of P, not of 448 P
-    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp,
-                                          out, row_max, row_sum);
+    const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
+    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
     t0 += total;
   }
 #endif

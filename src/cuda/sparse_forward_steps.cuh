@@ -4,6 +4,8 @@
 // mma accumulators (rows group and group + 8, columns 2 quad + {0, 1}).
 #pragma once
 
+#include <cfloat>
+
 #include "cuda/common.cuh"
 #include "cuda/geometry.h"
 #include "cuda/sparse_kernels.h"
@@ -30,6 +32,9 @@ __device__ __forceinline__ void softmax_scores(float (&score)[kKeyTiles8][4], fl
                                                float (&row_sum)[2], int64_t first, int64_t end, float scale_log2,
                                                float (&correction)[2], float exponent_offset = 0.0f) {
   const int quad = (threadIdx.x % kWarpSize) % 4;
+  // A zero scale (the low-bit kernel's step of a key block whose keys are all equal) would give
+  // masked scores 0 · inf; the smallest normal scale gives the same P.
+  if (scale_log2 == 0.0f) scale_log2 = FLT_MIN;
   const bool positive = scale_log2 > 0.0f;
   if (kMask == KeyMask::every_tile || end - first < kKeyTiles8 * 8) {
     const float masked = positive ? -INFINITY : INFINITY;  // exp2 of scale times it is 0

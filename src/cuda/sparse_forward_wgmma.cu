@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
       fence_accumulators(out);
       s.pipe.release_values(last);
     }
-    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp, out,
-                                          row_max, row_sum);
+    const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
+    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
     t0 += total;
   }
 #endif
