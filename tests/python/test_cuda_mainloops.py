@@ -65,6 +65,26 @@ def test_topk_one_is_dense_attention_at_any_scale(rng, mainloop, scale):
     assert_within_baseline(os_.cpu(), dense64, dense_low, name=f"topk=1 output at scale {scale}")
 
 
+@pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HOPPER, reason="the low-bit forward needs a Hopper GPU"))])
+@pytest.mark.parametrize("blocks", [64, 128])
+def test_more_query_blocks_than_thread_blocks(rng, mainloop, blocks, quantized):
+    """The Hopper forwards walk several query blocks per thread block (the producer running into the
+    next while the consumers finish one): each head comes out bit for bit as it does alone, with
+    fewer query blocks than thread blocks."""
+    heads, length = 8, 8192
+    assert heads * length // blocks > 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    q, k, v = (torch.randn(1, heads, length, 128, generator=rng).to("cuda", torch.bfloat16) for _ in range(3))
+    plan = slattn.route(q, k, topk=0.05, block_q=blocks, block_k=blocks)
+    whole = slattn.sparse_linear_attention(q, k, v, plan=plan, quantized=quantized)
+    for h in range(heads):
+        one = slice(h, h + 1)
+        alone_plan = slattn.route(q[:, one], k[:, one], topk=0.05, block_q=blocks, block_k=blocks)
+        assert torch.equal(alone_plan.block_map, plan.block_map[:, one])
+        alone = slattn.sparse_linear_attention(q[:, one], k[:, one], v[:, one], plan=alone_plan, quantized=quantized)
+        assert torch.equal(alone, whole[:, one]), f"head {h}"
+
+
 def strided_layer(rng):
     """q, k, v whose rows are not 16-byte vectors (every other element of a wider tensor), and the
     contiguous copies with the same values."""
