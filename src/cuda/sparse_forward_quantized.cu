@@ -1,19 +1,19 @@
 // Forward of the low-bit sparse branch on Hopper (sm_90a), over the operands
-// of quantize_operands.cu: the schedule of sparse_forward_wgmma.cu (key tiles
-// of a whole block double-buffered by cp.async) with 8-bit products, and a
-// thread block of one warpgroup per 64 query rows, three per SM: they overlap
-// each other's products and softmax with no barrier between them, though a
-// 128-row query block's K/V tiles are then read twice. On an H100 at the
-// Wan2.1-1.3B shape (128-blocks) one block of two warpgroups per query block
-// took 878 us, two 64-row blocks per SM 861 us, three 697 us (at 168
-// registers, the head dim 128 builds spill 4-20 bytes). Per tile:
+// of quantize_operands.cu, on the design of sparse_forward_wgmma.cu: a
+// persistent thread block per SM walks query blocks; a producer warp copies
+// the INT8 Q tile, INT8 K and e4m3 Vᵀ tiles (ByteTile: rows of 64 or 128
+// bytes, swizzled over their width) with the tile copy engine, each key
+// tile's INT8 step announced with it; one consumer warpgroup per 64 query
+// rows, S of tile t in flight with P V of tile t - 1. Per tile:
 //   S = Q Kᵀ in int32 (INT8 tensor cores), exact; logits = S · q step · k step;
 //   the online softmax of the bf16 kernel with P and its row sums 448 times
 //   larger (the row sums from P unrounded);
 //   448 P to e4m3 in registers, O_tile = P V on FP8 tensor cores into fresh
 //   accumulators (their internal sums are narrower than fp32), O += O_tile in fp32.
 // The epilogue divides by the row sums, which cancels the 448, and applies V's
-// channel scales.
+// channel scales. On an H100 at the Wan2.1-1.3B shape (128-blocks) the
+// previous design (three 64-row thread blocks per SM, cp.async) took 711 us,
+// this one 597 us (docs/performance.md).
 #include <algorithm>
 
 #include "cuda/common.cuh"

@@ -1,7 +1,8 @@
-// The steps both sparse forward mainloops share (sparse_forward_mma.cu for
-// sm_80+, sparse_forward_wgmma.cu for sm_90a): the online softmax over one
-// tile of scores and the epilogue, for one warp's 16 query rows held as
-// mma accumulators (rows group and group + 8, columns 2 quad + {0, 1}).
+// The steps the sparse forwards share (sparse_forward_mma.cu for sm_80+,
+// sparse_forward_wgmma.cu and sparse_forward_quantized.cu for sm_90a): the
+// online softmax over one tile of scores and the epilogue, for one warp's 16
+// query rows held as mma accumulators (rows group and group + 8, columns
+// 2 quad + {0, 1}).
 #pragma once
 
 #include <cfloat>

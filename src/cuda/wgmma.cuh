@@ -13,7 +13,9 @@
 // as cols / 64 column chunks of (rows x 64) elements, each row 128 bytes
 // whose 16-byte units are permuted by unit ^ (row % 8); chunks are
 // 1024-byte aligned, so the permutation the tensor cores apply to the
-// address bits matches the one the copies applied.
+// address bits matches the one the copies applied. 8-bit tiles (ByteTile)
+// have rows of 64 or 128 bytes, swizzled over that width (64 bytes: units
+// permuted by unit ^ (row / 2 % 4), the address bits the 64-byte mode uses).
 #pragma once
 
 #include <cuda_bf16.h>
