@@ -54,6 +54,10 @@ if want profile; then
     timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 "$blocks" 2>&1 | tee "$LOGS/profile-$blocks.log" \
       | grep -v Warning | head -24 | cut -c1-72,144-158,200-215 || status=1
   done
+  echo "== profile, low-bit forward (quantized=True), blocks 128: its kernels"
+  timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 128 quantized 2>&1 \
+    | tee "$LOGS/profile-128-quantized.log" | grep -E "quantized|int8|e4m3|column_stats" | cut -c1-72,144-158 \
+    || status=1
 fi
 if [[ " $STEPS " == *" ncu "* ]]; then
   echo "== Nsight Compute (speed of light, occupancy, warp states), blocks 128"
