@@ -56,10 +56,9 @@ __device__ void load_tile(const DeviceView<const Element>& x, int64_t b, int64_t
 // (a row list of key blocks, or a column list of query blocks): tile t lies in
 // block list[t / per_block]. Only the sequence's last block can be partial,
 // and only it can have fewer tiles; being the largest index, it comes last.
-// Index: the list's entry type (a shared copy may hold them in 16 bits).
-template <int kTileRows, typename Index = int32_t>
+template <int kTileRows>
 struct BlockTiles {
-  const Index* list;
+  const int32_t* list;
   int32_t blocks;
   int64_t block_size, length;
 
@@ -79,20 +78,19 @@ struct BlockTiles {
 // Copies a block list to shared memory (`to`) and returns it, for the
 // kernels that read it at every tile step: a global read there would hold up
 // the copies and products issued after it. Ends with a barrier; the callers'
-// earlier reads of `to` are behind one. Index narrower than 32 bits halves
-// the shared memory the list takes (its entries must fit: the host checks).
-template <int kThreads, typename Index>
-__device__ __forceinline__ const Index* copy_block_list(const int32_t* from, int32_t count, Index* to) {
-  for (int32_t i = threadIdx.x; i < count; i += kThreads) to[i] = static_cast<Index>(from[i]);
+// earlier reads of `to` are behind one.
+template <int kThreads>
+__device__ __forceinline__ const int32_t* copy_block_list(const int32_t* from, int32_t count, int32_t* to) {
+  for (int32_t i = threadIdx.x; i < count; i += kThreads) to[i] = from[i];
   __syncthreads();
   return to;
 }
 
 // The key tiles of the row list of query block m of pair `pair`, the list
 // copied to shared memory at `to` first (copy_block_list).
-template <int kTileRows, int kThreads, typename Index>
-__device__ __forceinline__ BlockTiles<kTileRows, Index> shared_row_tiles(const Geometry& g, const RoutingPlanView& plan,
-                                                                         int64_t pair, int64_t m, Index* to) {
+template <int kTileRows, int kThreads>
+__device__ __forceinline__ BlockTiles<kTileRows> shared_row_tiles(const Geometry& g, const RoutingPlanView& plan,
+                                                                  int64_t pair, int64_t m, int32_t* to) {
   const int64_t plan_row = pair * g.q_blocks + m;
   const int32_t blocks = plan.row_count[plan_row];
   return {copy_block_list<kThreads>(plan.row_index + plan_row * g.k_blocks, blocks, to), blocks, g.block_k, g.k_len};
