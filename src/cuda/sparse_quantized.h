@@ -24,7 +24,7 @@ namespace slattn::cuda {
 inline constexpr int kStatsChunkRows = 512;
 
 // The quantized operands in the workspace: dense, padded with zero rows to
-// whole blocks so that every tile copy is a plain 16-byte copy.
+// whole blocks, so that every tile the copy engine reads is whole.
 struct QuantizedOperands {
   int8_t* q = nullptr;            // (q pairs, q_rows, D)
   float* q_steps = nullptr;       // (q pairs, q_blocks): max |q| / 127 over the block
