@@ -38,6 +38,16 @@ inline size_t max_shared_per_block() {
   return static_cast<size_t>(bytes);
 }
 
+// Hopper's own instructions (wgmma, the tile copy engine, mbarrier waits,
+// setmaxnreg) exist on sm_90a only: on other targets (and in the host pass)
+// the helpers that wrap them are empty, and the kernels that call them are
+// never launched there (loaded_for_hopper, sparse_mainloops.h).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SLATTN_SM90A(...) __VA_ARGS__
+#else
+#define SLATTN_SM90A(...)
+#endif
+
 // Streaming multiprocessors of the current device: the size of a persistent grid.
 inline int multiprocessor_count() {
   int device = 0, count = 0;

@@ -136,6 +136,14 @@ __device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, co
   }
 }
 
+// Thread blocks of `shared_bytes` (and one consumer warpgroup) per SM: two
+// where their shared memory fits, so that one hides the other's waits; a
+// block of two consumers takes the SM's registers alone.
+constexpr int blocks_per_sm(size_t shared_bytes, int consumers) {
+  constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
+  return consumers == 1 && 2 * (shared_bytes + kReservedPerBlock) <= kSharedPerSm ? 2 : 1;
+}
+
 // The producer warpgroup keeps few registers and the consumers take the rest
 // of the SM's share, when that is more than the compiler may give every
 // thread at launch (release_registers_to / claim_registers_to).

@@ -61,19 +61,13 @@ struct QuantizedForward {
     KeyTilePipeline<kStages> pipe;
   };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // aligned to the swizzle atom at run time
-  // A 64-row query block has one consumer warpgroup: two thread blocks share an SM where they fit.
-  static constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
-  static constexpr int kBlocksPerSm = kConsumers == 1 && 2 * (kSharedBytes + kReservedPerBlock) <= kSharedPerSm ? 2 : 1;
-};
-
-struct QuantizedTileMaps {
-  RowTileMap q, k, v;
+  static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
 };
 
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
 __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>::kThreads,
                                   QuantizedForward<kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
-    sparse_forward_quantized_kernel(const __grid_constant__ QuantizedTileMaps maps, Geometry g, RoutingPlanView plan,
+    sparse_forward_quantized_kernel(const __grid_constant__ QkvTileMaps maps, Geometry g, RoutingPlanView plan,
                                     SparseForwardArgs a, QuantizedOperands ops) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(127 * 127 * kHeadDim < (1 << 22), "S must stay within small_int_to_float's range");
@@ -246,7 +240,7 @@ void sparse_forward_quantized(const Geometry& g, const RoutingPlanView& plan, co
     using Config = decltype(config);
     const int64_t items = g.q_blocks * g.heads * g.batch;
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
-    const QuantizedTileMaps maps{
+    const QkvTileMaps maps{
         byte_tile_map(ops.q, g.q_pairs(), g.q_rows(), g.dim, g.block_q, static_cast<int>(g.dim)),
         byte_tile_map(ops.k, g.kv_pairs(), g.k_rows(), g.dim, g.block_k, static_cast<int>(g.dim)),
         byte_tile_map(ops.v, g.kv_pairs(), g.dim, g.k_rows(), static_cast<int>(g.dim), g.block_k)};

@@ -36,13 +36,8 @@ struct WgmmaForward {
     KeyTile v[kStages];
     KeyTilePipeline<kStages> pipe;
   };
-  static constexpr size_t kSharedPerSm = 228 * 1024, kReservedPerBlock = 1024;
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // aligned to the swizzle atom at run time
-  static constexpr int kBlocksPerSm = 2 * (kSharedBytes + kReservedPerBlock) <= kSharedPerSm && kConsumers == 1 ? 2 : 1;
-};
-
-struct ForwardTileMaps {
-  RowTileMap q, k, v;
+  static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
 };
 
 template <typename Tile, typename Map>
@@ -85,7 +80,7 @@ __device__ __forceinline__ void issue_values(float (&out)[kDimTiles8][4], const 
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
 __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>::kThreads,
                                   WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
-    sparse_forward_wgmma_kernel(const __grid_constant__ ForwardTileMaps maps, Geometry g, RoutingPlanView plan,
+    sparse_forward_wgmma_kernel(const __grid_constant__ QkvTileMaps maps, Geometry g, RoutingPlanView plan,
                                     SparseForwardArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Config = WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>;
@@ -199,7 +194,7 @@ const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan,
     const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT>;
     static const bool available = loaded_for_hopper(kernel);
     const size_t shared = Config::kSharedBytes;
-    ForwardTileMaps maps;
+    QkvTileMaps maps;
     if (!available) {
       refusal = "the build has no sm_90a code";
     } else if (shared > max_shared_per_block()) {

@@ -30,6 +30,11 @@ struct RowTileMap {
   }
 };
 
+// The maps a sparse forward reads its operands through.
+struct QkvTileMaps {
+  RowTileMap q, k, v;
+};
+
 // The map of `x` for boxes of `box_rows` rows, or false (nothing written)
 // when x's layout or dtype cannot be described, or the driver lacks the entry point.
 bool make_row_tile_map(const TensorView& x, int box_rows, RowTileMap* out);

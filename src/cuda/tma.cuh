@@ -14,16 +14,9 @@
 
 #include <cstdint>
 
-namespace slattn::cuda {
+#include "cuda/common.cuh"
 
-// The TMA and setmaxnreg instructions are emitted for sm_90a only; elsewhere
-// (and in the host pass) these functions are empty: their kernels are never
-// launched there (loaded_for_hopper).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SLATTN_SM90A_ONLY(...) __VA_ARGS__
-#else
-#define SLATTN_SM90A_ONLY(...)
-#endif
+namespace slattn::cuda {
 
 __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
@@ -36,22 +29,22 @@ struct alignas(8) SharedBarrier {
 
   // By one thread, before the block's first barrier (fence_barrier_init and __syncthreads follow).
   __device__ __forceinline__ void init(uint32_t arrivals) {
-    SLATTN_SM90A_ONLY(asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(&state)),
+    SLATTN_SM90A(asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(&state)),
                                    "r"(arrivals)));
   }
   __device__ __forceinline__ void arrive() {
-    SLATTN_SM90A_ONLY(asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(&state))
+    SLATTN_SM90A(asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(&state))
                                    : "memory"));
   }
   // This thread's arrival, and `bytes` more that copies must deliver before the phase completes.
   __device__ __forceinline__ void arrive_expect_bytes(uint32_t bytes) {
-    SLATTN_SM90A_ONLY(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+    SLATTN_SM90A(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
                                        shared_address(&state)),
                                    "r"(bytes)
                                    : "memory"));
   }
   __device__ __forceinline__ void wait(uint32_t parity) {
-    SLATTN_SM90A_ONLY(asm volatile("{\n"
+    SLATTN_SM90A(asm volatile("{\n"
                                    ".reg .pred done;\n"
                                    "retry:\n"
                                    "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
@@ -64,7 +57,7 @@ struct alignas(8) SharedBarrier {
 
 // Makes the barriers' initialisation visible to the copy engine (before the block's barrier).
 __device__ __forceinline__ void fence_barrier_init() {
-  SLATTN_SM90A_ONLY(asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"));
+  SLATTN_SM90A(asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"));
 }
 
 // Coordinates of a box in a 4-dimensional tensor map, innermost first.
@@ -77,7 +70,7 @@ struct TileCoordinates {
 // (the whole box, zero-filled where it leaves the tensor) on `barrier`.
 __device__ __forceinline__ void tma_load(void* destination, const CUtensorMap& map, const TileCoordinates& at,
                                          SharedBarrier& barrier) {
-  SLATTN_SM90A_ONLY(asm volatile(
+  SLATTN_SM90A(asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
       "[%6];\n" ::"r"(shared_address(destination)),
       "l"(reinterpret_cast<uint64_t>(&map)), "r"(at.c[0]), "r"(at.c[1]), "r"(at.c[2]), "r"(at.c[3]),
@@ -89,13 +82,11 @@ __device__ __forceinline__ void tma_load(void* destination, const CUtensorMap& m
 // in [24, 256]); every thread of the warpgroup executes it.
 template <int kRegisters>
 __device__ __forceinline__ void release_registers_to() {
-  SLATTN_SM90A_ONLY(asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters)));
+  SLATTN_SM90A(asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters)));
 }
 template <int kRegisters>
 __device__ __forceinline__ void claim_registers_to() {
-  SLATTN_SM90A_ONLY(asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters)));
+  SLATTN_SM90A(asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters)));
 }
-
-#undef SLATTN_SM90A_ONLY
 
 }  // namespace slattn::cuda

@@ -168,15 +168,6 @@ __device__ __forceinline__ uint64_t mn_major_offset(int step16) {
 // and held (two registers each) across it.
 __device__ __forceinline__ void opaque(uint64_t& value) { asm volatile("" : "+l"(value)); }
 
-// The wgmma instructions exist on sm_90a only: on other targets (and in the
-// host pass) the functions below are empty, and the kernels that call them
-// are never launched there (loaded_for_hopper, sparse_mainloops.h).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SLATTN_SM90A(...) __VA_ARGS__
-#else
-#define SLATTN_SM90A(...)
-#endif
-
 // Before the first wgmma of a batch: earlier register writes (accumulators, A fragments) are visible to it.
 __device__ __forceinline__ void wgmma_fence() {
   SLATTN_SM90A(asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"));
@@ -353,6 +344,5 @@ __device__ __forceinline__ void wgmma_rs_e4m3(float (&d)[N / 8][4], const uint32
 #undef SLATTN_WGMMA_ACC128
 #undef SLATTN_WGMMA_REGS64
 #undef SLATTN_WGMMA_REGS128
-#undef SLATTN_SM90A
 
 }  // namespace slattn::cuda
