@@ -58,7 +58,7 @@ class CaseResult:
     dense_backends: dict  # backend -> {"fwd_ms", "fwd_bwd_ms"} or {"unavailable": reason}
     flex: dict  # FlexAttention on the same plan, sparse branch only: as above, or {"skipped": why}
     mma_mainloop_fwd_ms: float | None = None  # on Hopper: SLA fwd with the sparse forward on mma.sync, not wgmma
-    low_bit: dict | None = None  # on Hopper: quantized=True timings (LowBitTimes)
+    low_bit: dict | None = None  # on Hopper: quantized=True timings (time_low_bit)
 
 
 def dense_backends(device: torch.device) -> dict:
