@@ -14,6 +14,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/geometry.h"
+#include "cuda/subset_list.cuh"
 #include "slattn/plan.h"
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
@@ -96,36 +97,118 @@ __device__ __forceinline__ void walk_row_list(const int32_t* list, int32_t count
   }
 }
 
+// The key blocks each item walks, seen by one producer warp: list(row) (on
+// every lane) says how many and how they are used, walk(row, listing,
+// lane_value, on_block) visits them in ascending order as walk_row_list
+// does. `row` is the item's row of the plan. CriticalBlocks: the row list.
+// LinearSetBlocks: the linear set U_m of SPEC section 3 read from the block
+// map 32 entries at a time, or the blocks outside it when they are fewer
+// (their products are then subtracted from the totals').
+struct BlockListing {
+  int32_t count;
+  bool complement;  // the blocks outside the set
+};
+
+struct CriticalBlocks {
+  RoutingPlanView plan;
+
+  __device__ __forceinline__ BlockListing list(int64_t row) const { return {plan.row_count[row], false}; }
+  template <typename LaneValue, typename OnBlock>
+  __device__ __forceinline__ void walk(int64_t row, BlockListing listing, LaneValue&& lane_value,
+                                       OnBlock&& on_block) const {
+    walk_row_list(plan.row_index + row * plan.shape.k_blocks(), listing.count, lane_value, on_block);
+  }
+};
+
+struct LinearSetBlocks {
+  // Map entries each lane reads at once (independent loads) per pass of the warp.
+  static constexpr int kReads = 8;
+  RoutingPlanView plan;
+  LinearScope scope;
+
+  __device__ __forceinline__ BlockListing list(int64_t row) const {
+    const int64_t k_blocks = plan.shape.k_blocks();
+    int32_t included = 0;
+    for (int64_t base = 0; base < k_blocks; base += kReads * kWarpSize) {
+      bool in_set[kReads];
+      read(row, base, in_set);
+#pragma unroll
+      for (int u = 0; u < kReads; ++u) included += __popc(__ballot_sync(0xffffffffu, in_set[u]));
+    }
+    const auto excluded = static_cast<int32_t>(k_blocks - included);
+    return excluded < included ? BlockListing{excluded, true} : BlockListing{included, false};
+  }
+  template <typename LaneValue, typename OnBlock>
+  __device__ __forceinline__ void walk(int64_t row, BlockListing listing, LaneValue&& lane_value,
+                                       OnBlock&& on_block) const {
+    const int64_t k_blocks = plan.shape.k_blocks();
+    const int lane = threadIdx.x % kWarpSize;
+    for (int64_t base = 0; base < k_blocks; base += kReads * kWarpSize) {
+      bool in_set[kReads];
+      read(row, base, in_set);
+#pragma unroll
+      for (int u = 0; u < kReads; ++u) {
+        const int64_t chunk = base + u * kWarpSize;
+        const auto n = static_cast<int32_t>(chunk + lane);
+        const bool listed = n < k_blocks && in_set[u] != listing.complement;
+        uint32_t mask = __ballot_sync(0xffffffffu, listed);
+        if (mask == 0) continue;
+        const auto value = lane_value(n < k_blocks ? n : 0);
+        for (; mask != 0; mask &= mask - 1) {
+          const int j = __ffs(mask) - 1;
+          const auto its_value = __shfl_sync(0xffffffffu, value, j);
+          if (lane == 0) on_block(static_cast<int32_t>(chunk + j), its_value);
+          __syncwarp();
+        }
+      }
+    }
+  }
+
+ private:
+  // Whether key blocks base + 32 u + lane are in the set (false past the end).
+  __device__ __forceinline__ void read(int64_t row, int64_t base, bool (&in_set)[kReads]) const {
+    const int64_t k_blocks = plan.shape.k_blocks();
+    const int8_t* map = plan.block_map + row * k_blocks;
+    int8_t cls[kReads];
+#pragma unroll
+    for (int u = 0; u < kReads; ++u) {
+      const int64_t n = base + u * kWarpSize + threadIdx.x % kWarpSize;
+      cls[u] = n < k_blocks ? map[n] : kNegligible;
+    }
+#pragma unroll
+    for (int u = 0; u < kReads; ++u) {
+      const int64_t n = base + u * kWarpSize + threadIdx.x % kWarpSize;
+      in_set[u] = n < k_blocks && in_linear_set(cls[u], scope);
+    }
+  }
+};
+
 // The producer warp's part, for the items of this thread block: announces
-// each item's tile count with its query tile (load_query(item, barrier)
-// announces the bytes and starts the copy; an item without tiles copies
-// none), then, per listed key block n, once its stage is free, records where
-// the tile starts and calls load_keys(stage, item, n, value, barrier) and
-// load_values(stage, item, n, barrier), which announce and start their copies
-// (value: lane_value(item, n), read ahead by walk_row_list).
-template <int kStages, typename LoadQuery, typename LaneValue, typename LoadKeys, typename LoadValues>
-__device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, const Geometry& g,
-                                              const RoutingPlanView& plan, LoadQuery&& load_query,
-                                              LaneValue&& lane_value, LoadKeys&& load_keys,
-                                              LoadValues&& load_values) {
+// each item's tile count with its query tile (load_query(item, listing,
+// barrier) announces the bytes and starts the copies, or arrives without
+// copying), then, per key block n that `blocks` walks, once its stage is
+// free, records where the tile starts and calls load_keys(stage, item, n,
+// value, barrier) and load_values(stage, item, n, barrier), which announce
+// and start their copies (value: lane_value(item, n), read ahead by the walk).
+template <int kStages, typename Blocks, typename LoadQuery, typename LaneValue, typename LoadKeys,
+          typename LoadValues>
+__device__ __forceinline__ void produce_items_of(KeyTilePipeline<kStages>& pipe, const Geometry& g,
+                                                 const Blocks& blocks, LoadQuery&& load_query,
+                                                 LaneValue&& lane_value, LoadKeys&& load_keys,
+                                                 LoadValues&& load_values) {
   const int64_t items = g.q_blocks * g.heads * g.batch;
   int32_t t = 0;  // key tiles copied so far, over all items (counted on lane 0)
   int32_t use = 0;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
     const QueryItem at = QueryItem::of(item, g);
     const int64_t plan_row = (at.b * g.heads + at.h) * g.q_blocks + at.m;
-    const int32_t count = plan.row_count[plan_row];
+    const BlockListing listing = blocks.list(plan_row);
     if (threadIdx.x % kWarpSize == 0) {
       if (use > 0) pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's query tile
-      pipe.item_tiles = count;
-      if (count > 0) {
-        load_query(at, pipe.q_full);
-      } else {
-        pipe.q_full.arrive();
-      }
+      pipe.item_tiles = listing.count;
+      load_query(at, listing, pipe.q_full);
     }
-    walk_row_list(plan.row_index + plan_row * g.k_blocks, count, [&](int32_t n) { return lane_value(at, n); },
-                  [&](int32_t n, auto value) {
+    blocks.walk(plan_row, listing, [&](int32_t n) { return lane_value(at, n); }, [&](int32_t n, auto value) {
       const int stage = pipe.stage(t);
       SharedBarrier& keys = pipe.keys_slot(t);
       pipe.tile_first[stage] = static_cast<int32_t>(n * g.block_k);  // a key tile is a whole block
@@ -134,6 +217,25 @@ __device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, co
       ++t;
     });
   }
+}
+
+// produce_items_of over the row lists of the critical blocks; an item
+// without any copies no query tile (load_query(item, barrier)).
+template <int kStages, typename LoadQuery, typename LaneValue, typename LoadKeys, typename LoadValues>
+__device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, const Geometry& g,
+                                              const RoutingPlanView& plan, LoadQuery&& load_query,
+                                              LaneValue&& lane_value, LoadKeys&& load_keys,
+                                              LoadValues&& load_values) {
+  produce_items_of(
+      pipe, g, CriticalBlocks{plan},
+      [&](const QueryItem& at, BlockListing listing, SharedBarrier& full) {
+        if (listing.count > 0) {
+          load_query(at, full);
+        } else {
+          full.arrive();
+        }
+      },
+      lane_value, load_keys, load_values);
 }
 
 // Thread blocks of `shared_bytes` (and one consumer warpgroup) per SM: two
@@ -147,10 +249,10 @@ constexpr int blocks_per_sm(size_t shared_bytes, int consumers) {
 // The producer warpgroup keeps few registers and the consumers take the rest
 // of the SM's share, when that is more than the compiler may give every
 // thread at launch (release_registers_to / claim_registers_to).
-template <int kThreads, int kConsumers, int kBlocksPerSm>
+template <int kThreads, int kConsumers, int kBlocksPerSm, int kProducerRegisters = 40>
 struct RegisterSplit {
   static constexpr int kPerSm = 64 * 1024;
-  static constexpr int kProducer = 40;
+  static constexpr int kProducer = kProducerRegisters;
   static constexpr int kConsumer =
       std::min(240, (kPerSm / kBlocksPerSm - kWarpgroupThreads * kProducer) / (kConsumers * kWarpgroupThreads) / 8 * 8);
   static constexpr int kAtLaunch = std::min(255, kPerSm / (kThreads * kBlocksPerSm) / 8 * 8);

@@ -242,7 +242,7 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
     const int64_t rows = g.q_pairs() * g.q_rows();
     gemm(1, dense(dout_rows, rows, g.dim), dense(weight, g.dim, g.dim), dense_out(buf.dol, rows, g.dim), stream);
   }
-  key_block_states(g, k, v, feature_map, buf.keys, stream);
+  key_block_states(g, k, v, feature_map, buf.keys, nullptr, stream);
   const dim3 query_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.q_pairs()));
   dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
     using Element = decltype(tag);

@@ -1,12 +1,16 @@
 // Forward of SLA on CUDA: the sparse kernel, then (when asked for) the linear
-// branch and the projection out = Os + Ol Wᵀ + b: fused for the fixed feature
-// maps (linear_forward_fused.h), through fp32 rows for hedgehog (linear_states.h).
+// branch and the projection out = Os + Ol Wᵀ + b: for the fixed feature maps
+// on Hopper from the totals and the listed blocks' products
+// (linear_forward_wgmma.h), elsewhere fused from per-block states
+// (linear_forward_fused.h); through fp32 rows for hedgehog (linear_states.h).
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/linear_forward_fused.h"
+#include "cuda/linear_forward_wgmma.h"
 #include "cuda/linear_states.h"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
+#include "cuda/sparse_mainloops.h"
 #include "cuda/sparse_quantized.h"
 
 namespace slattn::cuda {
@@ -14,9 +18,16 @@ namespace {
 
 bool fused(const SlaForwardParams& p) { return fused_linear_forward_supported(p.feature_map); }
 
+// The Hopper linear forward is tried (it may still refuse a layout of v) on a
+// Hopper GPU unless SLATTN_CUDA_MAINLOOP=mma asks for the sm_80 kernels.
+bool hopper_linear(const SlaForwardParams& p) {
+  return fused(p) && requested_mainloop() != Mainloop::mma && current_device_is_hopper();
+}
+
 struct ForwardBuffers {
   QuantizedOperands quantized{};  // quantized=True
   KeyStates key_states{};    // fused path
+  LinearSetOperands linear_set{};  // fused path on Hopper
   LinearBuffers linear{};    // unfused path
   float* os_rows = nullptr;  // unfused path, (q pairs, q_rows, D): Os, then Os + Ol Wᵀ
 
@@ -26,6 +37,7 @@ struct ForwardBuffers {
     if (!p.linear_branch()) return b;
     if (fused(p)) {
       b.key_states = KeyStates::carve(carver, g);
+      if (hopper_linear(p)) b.linear_set = LinearSetOperands::carve(carver, g, p.q.dtype);
       return b;
     }
     b.linear = LinearBuffers::carve(carver, g, p.feature_map);
@@ -52,10 +64,18 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
                            static_cast<float>(p.scale)};
   run_sparse_forward(p, g, plan, sparse, buf, stream);
   if (!p.linear_branch()) return;
-  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, stream);
+  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, buf.linear_set.phi_k, stream);
+  const auto* weight = static_cast<const float*>(p.proj_weight);
+  const auto* bias = static_cast<const float*>(p.proj_bias);
+  if (buf.linear_set.phi_k) {
+    const char* refusal = linear_output_wgmma(g, plan, p.q, p.v, p.feature_map, p.linear_scope, buf.key_states,
+                                              buf.linear_set, weight, bias, p.out, p.out_linear, stream);
+    if (refusal == nullptr) return;
+    if (requested_mainloop() == Mainloop::wgmma)
+      throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
+  }
   linear_output_fused(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states,
-                      static_cast<const float*>(p.proj_weight), static_cast<const float*>(p.proj_bias), p.out,
-                      p.out_linear, stream);
+                      weight, bias, p.out, p.out_linear, stream);
 }
 
 }  // namespace

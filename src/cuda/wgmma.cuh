@@ -255,31 +255,32 @@ __device__ __forceinline__ void fence_accumulators(int32_t (&acc)[kTiles][4]) {
 
 
 // The operand numbers after the N / 2 accumulators are spelled out: %N/2 on.
-#define SLATTN_WGMMA_SS(N, TYPE, A, B, S, TA, TB)                                                           \
+#define SLATTN_WGMMA_SS(N, TYPE, A, B, S, TA, TB, SA)                                                       \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." \
-               TYPE "." TYPE " " SLATTN_WGMMA_REGS##N ", " A ", " B ", p, 1, 1, " TA ", " TB ";\n}\n"        \
+               TYPE "." TYPE " " SLATTN_WGMMA_REGS##N ", " A ", " B ", p, " SA ", 1, " TA ", " TB ";\n}\n"   \
                : SLATTN_WGMMA_ACC##N("+f", d)                                                                    \
-               : "l"(a), "l"(b), "r"(int(accumulate)), "n"(kTransA), "n"(kTransB))
+               : "l"(a), "l"(b), "r"(int(accumulate)), "n"(kTransA), "n"(kTransB), "n"(kScaleA))
 #define SLATTN_WGMMA_RS(N, TYPE, A, B, S, TB)                                                               \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." \
                TYPE "." TYPE " " SLATTN_WGMMA_REGS##N ", " A ", " B ", p, 1, 1, " TB ";\n}\n"                \
                : SLATTN_WGMMA_ACC##N("+f", d)                                                                    \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)), "n"(kTransB))
 
-// d (64 x N) = A (64 x 16) · B (N x 16)ᵀ [+ d], both from shared memory
-// (kTransA / kTransB: the operand is M-/N-major instead of K-major).
-template <typename Element, int N, int kTransA, int kTransB>
+// d (64 x N) = kScaleA A (64 x 16) · B (N x 16)ᵀ [+ d], both from shared memory
+// (kTransA / kTransB: the operand is M-/N-major instead of K-major; kScaleA: 1 or -1).
+template <typename Element, int N, int kTransA, int kTransB, int kScaleA = 1>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t a, uint64_t b, bool accumulate) {
   static_assert(N == 64 || N == 128, "instantiated for N = 64 and 128");
+  static_assert(kScaleA == 1 || kScaleA == -1, "the product takes A or -A");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if constexpr (N == 64 && std::is_same_v<Element, __nv_bfloat16>)
-    SLATTN_WGMMA_SS(64, "bf16", "%32", "%33", "%34", "%35", "%36");
+    SLATTN_WGMMA_SS(64, "bf16", "%32", "%33", "%34", "%35", "%36", "%37");
   else if constexpr (N == 64)
-    SLATTN_WGMMA_SS(64, "f16", "%32", "%33", "%34", "%35", "%36");
+    SLATTN_WGMMA_SS(64, "f16", "%32", "%33", "%34", "%35", "%36", "%37");
   else if constexpr (std::is_same_v<Element, __nv_bfloat16>)
-    SLATTN_WGMMA_SS(128, "bf16", "%64", "%65", "%66", "%67", "%68");
+    SLATTN_WGMMA_SS(128, "bf16", "%64", "%65", "%66", "%67", "%68", "%69");
   else
-    SLATTN_WGMMA_SS(128, "f16", "%64", "%65", "%66", "%67", "%68");
+    SLATTN_WGMMA_SS(128, "f16", "%64", "%65", "%66", "%67", "%68", "%69");
 #endif
 }
 

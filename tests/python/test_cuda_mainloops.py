@@ -69,20 +69,35 @@ def test_topk_one_is_dense_attention_at_any_scale(rng, mainloop, scale):
     not HOPPER, reason="the low-bit forward needs a Hopper GPU"))])
 @pytest.mark.parametrize("blocks", [64, 128])
 def test_more_query_blocks_than_thread_blocks(rng, mainloop, blocks, quantized):
-    """The Hopper forwards walk several query blocks per thread block (the producer running into the
-    next while the consumers finish one): each head comes out bit for bit as it does alone, with
-    fewer query blocks than thread blocks."""
+    """The Hopper forwards (sparse and linear) walk several query blocks per thread block (the
+    producer running into the next while the consumers finish one): each head comes out bit for bit
+    as it does alone, with fewer query blocks than thread blocks."""
     heads, length = 8, 8192
     assert heads * length // blocks > 2 * torch.cuda.get_device_properties(0).multi_processor_count
     q, k, v = (torch.randn(1, heads, length, 128, generator=rng).to("cuda", torch.bfloat16) for _ in range(3))
+    w, b = (0.3 * torch.randn(shape, generator=rng).cuda() for shape in ((128, 128), (128,)))
     plan = slattn.route(q, k, topk=0.05, block_q=blocks, block_k=blocks)
-    whole = slattn.sparse_linear_attention(q, k, v, plan=plan, quantized=quantized)
+    whole = slattn.sparse_linear_attention(q, k, v, w, b, plan=plan, quantized=quantized)
     for h in range(heads):
         one = slice(h, h + 1)
         alone_plan = slattn.route(q[:, one], k[:, one], topk=0.05, block_q=blocks, block_k=blocks)
         assert torch.equal(alone_plan.block_map, plan.block_map[:, one])
-        alone = slattn.sparse_linear_attention(q[:, one], k[:, one], v[:, one], plan=alone_plan, quantized=quantized)
+        alone = slattn.sparse_linear_attention(q[:, one], k[:, one], v[:, one], w, b, plan=alone_plan,
+                                               quantized=quantized)
         assert torch.equal(alone, whole[:, one]), f"head {h}"
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
+@pytest.mark.parametrize("linear_scope", ["marginal", "all"])
+@pytest.mark.parametrize("topk, negligible", [(0.1, 0.0), (0.1, 0.3), (0.8, 0.0)])
+def test_linear_branch_sums_or_subtracts(rng, mainloop, feature_map, linear_scope, topk, negligible):
+    """The Hopper linear forward sums the products of the key blocks of U_m, or subtracts those of
+    the others from the totals' when they are fewer: 11 key blocks, of which 1 critical (subtracted
+    under the marginal scope, none under all), 8 (3 summed; all 11 from the totals under all), or 1
+    critical and 3 negligible (4 or 3 subtracted)."""
+    q, k, v, w, b = layer(rng, heads=2, q_len=700, k_len=1300, dim=128)
+    check_against_composite(q, k, v, w, b, topk=topk, negligible=negligible, block_q=128, block_k=128,
+                            feature_map=feature_map, linear_scope=linear_scope)
 
 
 def strided_layer(rng):

@@ -1,0 +1,421 @@
+// The linear branch's forward on Hopper (linear_forward_wgmma.h): φ(Q) rows
+// and their denominators with the total Z, H and W in the input dtype, then
+// one warp-specialised, persistent kernel. Its producer warp copies per query
+// block φ(Q_m) (and H when the block's tiles are subtracted) and, for each
+// key block of the walked list (LinearSetBlocks), φ(K_n) and V_n with the
+// tile copy engine into two stages; one consumer warpgroup per 64 query rows
+// computes S = φ(Q) φ(K_n)ᵀ, adds its row sums, and issues O += S V_n with S
+// in registers, S of tile t in flight with S V of tile t - 1 as in the
+// sparse forward. With the complement, O starts at −φ(Q) H (a product with
+// A negated) and the denominator is the row sums less φ(q)·Z + ε, so that
+// O / den is Ol either way. The epilogue writes Ol and adds Ol Wᵀ + b (a
+// register-A product with W) to the output. Built for sm_90a only; other
+// targets get an empty body that is never launched.
+#include "cuda/linear_forward_wgmma.h"
+
+#include <algorithm>
+
+#include "cuda/common.cuh"
+#include "cuda/key_tile_pipeline.cuh"
+#include "cuda/row_ops.cuh"
+#include "cuda/sla_cuda.h"
+#include "cuda/sparse_kernels.h"
+#include "cuda/sparse_mainloops.h"
+#include "cuda/tile_mma.cuh"
+#include "cuda/wgmma_tile_products.cuh"
+#include "slattn/sla.h"
+
+namespace slattn::cuda {
+namespace {
+
+// The shape of the kernel: warpgroups, stages, shared memory, thread blocks per SM.
+template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
+struct WgmmaLinear {
+  static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
+  static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
+  static constexpr int kStages = 2;
+  using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;      // φ(Q_m)
+  using KeyTile = SwizzledTile<Element, kKeyTile, kHeadDim>;   // φ(K_n) or V_n
+  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // H (F x D), or W as (out, in)
+  struct Shared {
+    QTile q;
+    StateTile h;
+    StateTile w;
+    KeyTile k[kStages];
+    KeyTile v[kStages];
+    KeyTilePipeline<kStages> pipe;
+    SharedBarrier w_full;
+    int32_t complement;  // whether the item's tiles are subtracted from the totals; announced with its query tile
+  };
+  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
+  static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
+};
+
+struct LinearTileMaps {
+  RowTileMap phi_q, phi_k, v, h, w;
+};
+
+// What the kernel reads besides its tiles, and where it writes.
+template <typename Element>
+struct LinearOutputArgs {
+  LinearScope scope;
+  const float* denominator;  // φ(q)·Z + ε per query row
+  bool project;              // out += Ol Wᵀ + b
+  const float* bias;         // or null
+  DeviceView<Element> out, out_linear;
+};
+
+// O = −φ(Q) H for the warpgroup's 64 rows from `row0`: A = φ(Q) read K-major
+// (over the features), B = H read MN-major, as V is. Issued and committed.
+template <typename QTile, typename StateTile, int kDimTiles8>
+__device__ __forceinline__ void issue_negated_totals(float (&out)[kDimTiles8][4], const QTile& q,
+                                                     const StateTile& h, int row0) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(q.data[0])>>;
+  uint64_t q_desc = k_major_descriptor(q), h_desc = mn_major_descriptor(h);
+  opaque(q_desc);
+#pragma unroll
+  for (int step = 0; step < QTile::kChunks * QTile::kChunkCols / 16; ++step)
+    wgmma_ss<Element, kDimTiles8 * 8, 0, 1, -1>(out, q_desc + k_major_offset<QTile>(row0, step),
+                                                h_desc + mn_major_offset(step), step > 0);
+  wgmma_commit();
+}
+
+// projected = Ol Wᵀ with Ol in registers (A) and W (out, in) read K-major. Issued and committed.
+template <typename StateTile, int kDimTiles8>
+__device__ __forceinline__ void issue_projection(float (&projected)[kDimTiles8][4],
+                                                 const uint32_t (&ol)[kDimTiles8 / 2][4], const StateTile& w) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(w.data[0])>>;
+  uint64_t w_desc = k_major_descriptor(w);
+  opaque(w_desc);
+#pragma unroll
+  for (int step = 0; step < kDimTiles8 / 2; ++step)
+    wgmma_rs<Element, kDimTiles8 * 8, 0>(projected, ol[step], w_desc + k_major_offset<StateTile>(0, step), step > 0);
+  wgmma_commit();
+}
+
+// Adds this thread's accumulators of S to the sums of its two rows.
+template <int kTiles8>
+__device__ __forceinline__ void add_row_sums(const float (&score)[kTiles8][4], float (&sum)[2]) {
+#pragma unroll
+  for (int j = 0; j < kTiles8; ++j) {
+    sum[0] += score[j][0] + score[j][1];
+    sum[1] += score[j][2] + score[j][3];
+  }
+}
+
+template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
+__global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTile>::kThreads,
+                                  WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
+    linear_output_wgmma_kernel(const __grid_constant__ LinearTileMaps maps, Geometry g, RoutingPlanView plan,
+                               LinearOutputArgs<Element> a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Config = WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTile>;
+  using Shared = typename Config::Shared;
+  using QTile = typename Config::QTile;
+  using KeyTile = typename Config::KeyTile;
+  using StateTile = typename Config::StateTile;
+  // The producer walks the block map: 40 registers would spill.
+  using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm, 56>;
+  extern __shared__ unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
+
+  if (threadIdx.x == 0) {
+    s.w_full.init(1);
+    s.pipe.init(Config::kConsumers * kWarpgroupThreads);
+  }
+  __syncthreads();
+  if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
+    if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
+    if (threadIdx.x >= kWarpSize) return;
+    if (threadIdx.x == 0 && a.project) {
+      s.w_full.arrive_expect_bytes(sizeof(StateTile));
+      load_row_tile(s.w, maps.w, 0, 0, 0, s.w_full);
+    }
+    produce_items_of(
+        s.pipe, g, LinearSetBlocks{plan, a.scope},
+        [&](const QueryItem& at, BlockListing listing, SharedBarrier& full) {
+          s.complement = listing.complement;
+          full.arrive_expect_bytes(sizeof(QTile) + (listing.complement ? sizeof(StateTile) : 0));
+          load_row_tile(s.q, maps.phi_q, at.m * kBlockQ, at.h, at.b, full);
+          if (listing.complement) load_row_tile(s.h, maps.h, 0, at.h / g.group(), at.b, full);
+        },
+        [](const QueryItem&, int32_t) { return 0; },
+        [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(KeyTile));
+          load_row_tile(s.k[stage], maps.phi_k, n * g.block_k, at.h / g.group(), at.b, full);
+        },
+        [&](int stage, const QueryItem& at, int32_t n, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(KeyTile));
+          load_row_tile(s.v[stage], maps.v, n * g.block_k, at.h / g.group(), at.b, full);
+        });
+    return;
+  }
+
+  if constexpr (Registers::kHandOver) claim_registers_to<Registers::kConsumer>();
+  const int consumer_thread = threadIdx.x - kWarpgroupThreads;
+  const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, quad = lane % 4;
+  float score[kKeyTile / 8][4];
+  uint32_t p[kKeyTile / 16][4];  // S of the previous tile, whose O += S V is issued with the next S
+  float score_sum[2];
+  // Tile t's row sums once its products are complete (the stage's φ(K) handed back first).
+  auto sums_of = [&](int32_t t) {
+    fence_accumulators(score);
+    s.pipe.release_keys(t);
+    add_row_sums(score, score_sum);
+  };
+  int32_t t0 = 0;  // the ring position of this item's first tile
+  int32_t use = 0;
+  const int64_t items = g.q_blocks * g.heads * g.batch;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    const QueryItem at = QueryItem::of(item, g);
+    s.pipe.q_full.wait(use & 1);
+    const int32_t total = s.pipe.item_tiles;
+    const bool complement = s.complement;
+    float out[kHeadDim / 8][4] = {};
+    score_sum[0] = score_sum[1] = 0.0f;
+    wgmma_fence();
+    if (complement) issue_negated_totals(out, s.q, s.h, warpgroup_row0);
+    if (total > 0) {
+      s.pipe.wait_keys(t0);
+      issue_scores(score, s.q, s.k[s.pipe.stage(t0)], warpgroup_row0);
+    }
+    wgmma_wait<0>();
+    fence_accumulators(out);
+    if (total > 0) {
+      sums_of(t0);
+      accumulators_to_fragments<Element, kKeyTile>(score, p);
+    }
+    for (int32_t t = t0 + 1; t < t0 + total; ++t) {
+      s.pipe.wait_keys(t);
+      wgmma_fence();
+      issue_scores(score, s.q, s.k[s.pipe.stage(t)], warpgroup_row0);
+      s.pipe.wait_values(t - 1);
+      issue_values(out, p, s.v[s.pipe.stage(t - 1)]);
+      wgmma_wait<1>();
+      sums_of(t);
+      wgmma_wait<0>();
+      fence_accumulators(out);
+      s.pipe.release_values(t - 1);
+      accumulators_to_fragments<Element, kKeyTile>(score, p);
+    }
+    s.pipe.q_empty.arrive();  // every product that reads φ(Q) and H is complete
+    if (total > 0) {
+      const int32_t last = t0 + total - 1;
+      s.pipe.wait_values(last);
+      wgmma_fence();
+      issue_values(out, p, s.v[s.pipe.stage(last)]);
+      wgmma_wait<0>();
+      fence_accumulators(out);
+      s.pipe.release_values(last);
+    }
+    t0 += total;
+
+    // Ol = O / den on the rows of the sequence (0 elsewhere); an empty U_m has O = 0.
+    const int64_t pair = at.b * g.heads + at.h;
+    const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = score_sum[r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int64_t row = warp_row0 + group + 8 * r;
+      float inverse = 0.0f;
+      if (row < g.q_len)
+        inverse = 1.0f / (complement ? sum - a.denominator[pair * g.q_len + row]
+                                     : sum + static_cast<float>(kLinearEpsilon));
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        out[j][2 * r] *= inverse;
+        out[j][2 * r + 1] *= inverse;
+        if (a.out_linear.defined() && row < g.q_len)
+          store_pair(a.out_linear, at.b, at.h, row, j * 8 + 2 * quad, out[j][2 * r], out[j][2 * r + 1]);
+      }
+    }
+    if (!a.project) continue;
+
+    // out = Os + Ol Wᵀ + b, Ol rounded to the input dtype for the product (SPEC section 4).
+    uint32_t ol[kHeadDim / 16][4];
+    accumulators_to_fragments<Element, kHeadDim>(out, ol);
+    float projected[kHeadDim / 8][4];
+    s.w_full.wait(0);
+    wgmma_fence();
+    issue_projection(projected, ol, s.w);
+    wgmma_wait<0>();
+    fence_accumulators(projected);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = warp_row0 + group + 8 * r;
+      if (row >= g.q_len) continue;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        const int d = j * 8 + 2 * quad;
+        const float2 os = load_pair(a.out, at.b, at.h, row, d);
+        const float2 b = a.bias ? make_float2(a.bias[d], a.bias[d + 1]) : make_float2(0.0f, 0.0f);
+        store_pair(a.out, at.b, at.h, row, d, os.x + projected[j][2 * r] + b.x, os.y + projected[j][2 * r + 1] + b.y);
+      }
+    }
+  }
+#endif
+}
+
+// Sum (or maximum) over the kLanes lanes that share a row.
+template <int kLanes, typename Op>
+__device__ __forceinline__ float row_group_reduce(float x, Op&& op) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+// φ(q) of every query row rounded to the input dtype into phi_q (dense), and
+// φ(q)·Z + ε with φ in fp32. A lane takes 8 consecutive features (one
+// 16-byte vector where the row allows), D / 8 lanes a row: the rows are
+// short, and a warp per row left most lanes waiting on reductions.
+template <typename Element, int kDim>
+__global__ void __launch_bounds__(kRowThreads)
+    query_features_kernel(Geometry g, DeviceView<const Element> q, FeatureMap feature_map, const float* total_z,
+                          Element* phi_q, float* denominator) {
+  constexpr int kPerLane = 8, kLanes = kDim / kPerLane;
+  const int64_t rows = g.q_pairs() * g.q_len;
+  const int64_t flat = (blockIdx.x * int64_t(kRowThreads) + threadIdx.x) / kLanes;
+  const bool valid = flat < rows;  // lanes past the end compute row 0 alongside, for the reductions
+  const int64_t pair = (valid ? flat : 0) / g.q_len, row = (valid ? flat : 0) % g.q_len;
+  const int first = (threadIdx.x % kLanes) * kPerLane;
+
+  float x[kPerLane];
+  const Element* source = &q.at(pair / g.heads, pair % g.heads, row, first);
+  if (q.stride_d == 1 && reinterpret_cast<uintptr_t>(source) % 16 == 0) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(source);
+    const auto* e = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) x[i] = to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) x[i] = to_float(source[i * q.stride_d]);
+  }
+
+  float phi[kPerLane];
+  if (feature_map == FeatureMap::softmax) {  // as feature_map_row
+    float peak = x[0];
+#pragma unroll
+    for (int i = 1; i < kPerLane; ++i) peak = fmaxf(peak, x[i]);
+    peak = row_group_reduce<kLanes>(peak, [](float a, float b) { return fmaxf(a, b); });
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      phi[i] = __expf(x[i] - peak);
+      total += phi[i];
+    }
+    const float inverse = 1.0f / row_group_reduce<kLanes>(total, [](float a, float b) { return a + b; });
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) phi[i] *= inverse;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      phi[i] = feature_map == FeatureMap::elu ? (x[i] > 0.0f ? x[i] + 1.0f : __expf(x[i])) : fmaxf(x[i], 0.0f);
+  }
+
+  const auto* z = reinterpret_cast<const float4*>(total_z + g.kv_pair_of(pair) * kDim + first);
+  const float4 z0 = z[0], z1 = z[1];
+  float dot = phi[0] * z0.x + phi[1] * z0.y + phi[2] * z0.z + phi[3] * z0.w + phi[4] * z1.x + phi[5] * z1.y +
+              phi[6] * z1.z + phi[7] * z1.w;
+  dot = row_group_reduce<kLanes>(dot, [](float a, float b) { return a + b; });
+  if (!valid) return;
+  uint4 raw;
+  auto* e = reinterpret_cast<Element*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) e[i] = from_float<Element>(phi[i]);
+  *reinterpret_cast<uint4*>(phi_q + flat * kDim + first) = raw;
+  if (first == 0) denominator[flat] = dot + static_cast<float>(kLinearEpsilon);
+}
+
+template <typename Element>
+__global__ void round_to_element_kernel(const float* source, Element* target, int64_t count) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
+    target[i] = from_float<Element>(source[i]);
+}
+
+template <typename Element>
+void round_to_element(const float* source, void* target, int64_t count, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(count, kThreads), 1024));
+  round_to_element_kernel<<<blocks, kThreads, 0, stream>>>(source, static_cast<Element*>(target), count);
+  SLATTN_LAUNCH_CHECK("round_to_element_kernel");
+}
+
+// A (batch, heads, length, dim) tensor stored densely in that order.
+TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim) {
+  TensorView view;
+  view.data = data;
+  view.dtype = dtype;
+  view.size = {batch, heads, length, dim};
+  view.stride = {heads * length * dim, length * dim, dim, 1};
+  return view;
+}
+
+}  // namespace
+
+LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geometry& g, DType dtype) {
+  LinearSetOperands o;
+  const auto element_count = [&](int64_t count) { return count * static_cast<int64_t>(dtype_size(dtype)); };
+  o.phi_q = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_len * g.dim));
+  o.phi_k = carver.take<unsigned char>(element_count(g.kv_pairs() * g.k_len * g.dim));
+  o.denominator = carver.take<float>(g.q_pairs() * g.q_len);
+  o.total_h = carver.take<unsigned char>(element_count(g.kv_pairs() * g.features * g.dim));
+  o.weight = carver.take<unsigned char>(element_count(g.dim * g.dim));
+  return o;
+}
+
+const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
+                                const TensorView& v, FeatureMap feature_map, LinearScope scope,
+                                const KeyStates& states, const LinearSetOperands& operands, const float* weight,
+                                const float* bias, const TensorView& out, const TensorView& out_linear,
+                                cudaStream_t stream) {
+  SLATTN_CHECK(g.features == g.dim, "linear_output_wgmma: fixed feature maps only");
+  const char* refusal = nullptr;
+  const int64_t items = g.q_blocks * g.heads * g.batch;
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
+    using Element = decltype(tag);
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, KT = decltype(block_k)::value;
+    using Config = WgmmaLinear<Element, D, BQ, KT>;
+    const auto kernel = linear_output_wgmma_kernel<Element, D, BQ, KT>;
+    static const bool available = loaded_for_hopper(kernel);
+    LinearTileMaps maps;
+    if (!available) {
+      refusal = "the build has no sm_90a code";
+      return;
+    }
+    if (Config::kSharedBytes > max_shared_per_block()) {
+      refusal = "the Hopper linear forward needs more shared memory than this GPU gives a thread block";
+      return;
+    }
+    if (!make_row_tile_map(v, KT, &maps.v)) {
+      refusal = "the Hopper linear forward copies v with the tile copy engine, which needs a contiguous head dim, "
+                "a 16-byte-aligned start and strides that are multiples of 16 bytes";
+      return;
+    }
+    const bool packed =
+        make_row_tile_map(dense_rows(operands.phi_q, q.dtype, g.batch, g.heads, g.q_len, D), BQ, &maps.phi_q) &&
+        make_row_tile_map(dense_rows(operands.phi_k, q.dtype, g.batch, g.kv_heads, g.k_len, D), KT, &maps.phi_k) &&
+        make_row_tile_map(dense_rows(operands.total_h, q.dtype, g.batch, g.kv_heads, D, D), D, &maps.h) &&
+        make_row_tile_map(dense_rows(operands.weight, q.dtype, 1, 1, D, D), D, &maps.w);
+    SLATTN_CHECK(packed, "linear_output_wgmma: the tile copy engine refused a workspace buffer");
+
+    const auto feature_blocks = static_cast<unsigned>(ceil_div(g.q_pairs() * g.q_len * (D / 8), kRowThreads));
+    query_features_kernel<Element, D><<<feature_blocks, kRowThreads, 0, stream>>>(
+        g, DeviceView<const Element>::of(q), feature_map, states.total_z, static_cast<Element*>(operands.phi_q),
+        operands.denominator);
+    SLATTN_LAUNCH_CHECK("query_features_kernel");
+    round_to_element<Element>(states.total_h, operands.total_h, g.kv_pairs() * D * D, stream);
+    if (weight) round_to_element<Element>(weight, operands.weight, D * D, stream);
+
+    const LinearOutputArgs<Element> args{scope, operands.denominator, weight != nullptr, bias,
+                                         DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear)};
+    const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
+    launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, plan, args);
+    SLATTN_LAUNCH_CHECK("linear_output_wgmma_kernel");
+  });
+  return refusal;
+}
+
+}  // namespace slattn::cuda
