@@ -259,74 +259,46 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTi
 #endif
 }
 
-// Sum (or maximum) over the kLanes lanes that share a row.
-template <int kLanes, typename Op>
-__device__ __forceinline__ float row_group_reduce(float x, Op&& op) {
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
-
 // φ(q) of every query row rounded to the input dtype into phi_q (dense), and
-// φ(q)·Z + ε with φ in fp32. A lane takes 8 consecutive features (one
-// 16-byte vector where the row allows), D / 8 lanes a row: the rows are
-// short, and a warp per row left most lanes waiting on reductions.
+// φ(q)·Z + ε with φ in fp32, in row slices (row_ops.cuh).
 template <typename Element, int kDim>
 __global__ void __launch_bounds__(kRowThreads)
     query_features_kernel(Geometry g, DeviceView<const Element> q, FeatureMap feature_map, const float* total_z,
                           Element* phi_q, float* denominator) {
-  constexpr int kPerLane = 8, kLanes = kDim / kPerLane;
-  const int64_t rows = g.q_pairs() * g.q_len;
-  const int64_t flat = (blockIdx.x * int64_t(kRowThreads) + threadIdx.x) / kLanes;
-  const bool valid = flat < rows;  // lanes past the end compute row 0 alongside, for the reductions
+  using Slice = RowSlice<kDim>;
+  const int64_t flat = Slice::row_of_thread();
+  const bool valid = flat < g.q_pairs() * g.q_len;  // lanes past the end compute row 0 alongside, for the reductions
   const int64_t pair = (valid ? flat : 0) / g.q_len, row = (valid ? flat : 0) % g.q_len;
-  const int first = (threadIdx.x % kLanes) * kPerLane;
-
-  float x[kPerLane];
-  const Element* source = &q.at(pair / g.heads, pair % g.heads, row, first);
-  if (q.stride_d == 1 && reinterpret_cast<uintptr_t>(source) % 16 == 0) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(source);
-    const auto* e = reinterpret_cast<const Element*>(&raw);
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) x[i] = to_float(e[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) x[i] = to_float(source[i * q.stride_d]);
-  }
-
-  float phi[kPerLane];
+  Slice x, phi, z;
+  x.load(q, pair / g.heads, pair % g.heads, row);
   if (feature_map == FeatureMap::softmax) {  // as feature_map_row
-    float peak = x[0];
+    float peak = x.v[0];
 #pragma unroll
-    for (int i = 1; i < kPerLane; ++i) peak = fmaxf(peak, x[i]);
-    peak = row_group_reduce<kLanes>(peak, [](float a, float b) { return fmaxf(a, b); });
+    for (int i = 1; i < Slice::kPerLane; ++i) peak = fmaxf(peak, x.v[i]);
+    peak = Slice::reduce(peak, [](float a, float b) { return fmaxf(a, b); });
     float total = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      phi[i] = __expf(x[i] - peak);
-      total += phi[i];
+    for (int i = 0; i < Slice::kPerLane; ++i) {
+      phi.v[i] = __expf(x.v[i] - peak);
+      total += phi.v[i];
     }
-    const float inverse = 1.0f / row_group_reduce<kLanes>(total, [](float a, float b) { return a + b; });
+    const float inverse = 1.0f / Slice::reduce(total, [](float a, float b) { return a + b; });
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) phi[i] *= inverse;
+    for (int i = 0; i < Slice::kPerLane; ++i) phi.v[i] *= inverse;
   } else {
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i)
-      phi[i] = feature_map == FeatureMap::elu ? (x[i] > 0.0f ? x[i] + 1.0f : __expf(x[i])) : fmaxf(x[i], 0.0f);
+    for (int i = 0; i < Slice::kPerLane; ++i) {
+      const float value = x.v[i];
+      phi.v[i] = feature_map == FeatureMap::elu ? (value > 0.0f ? value + 1.0f : __expf(value)) : fmaxf(value, 0.0f);
+    }
   }
-
-  const auto* z = reinterpret_cast<const float4*>(total_z + g.kv_pair_of(pair) * kDim + first);
-  const float4 z0 = z[0], z1 = z[1];
-  float dot = phi[0] * z0.x + phi[1] * z0.y + phi[2] * z0.z + phi[3] * z0.w + phi[4] * z1.x + phi[5] * z1.y +
-              phi[6] * z1.z + phi[7] * z1.w;
-  dot = row_group_reduce<kLanes>(dot, [](float a, float b) { return a + b; });
-  if (!valid) return;
-  uint4 raw;
-  auto* e = reinterpret_cast<Element*>(&raw);
+  const float* z_row = total_z + g.kv_pair_of(pair) * kDim + Slice::first();
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) e[i] = from_float<Element>(phi[i]);
-  *reinterpret_cast<uint4*>(phi_q + flat * kDim + first) = raw;
-  if (first == 0) denominator[flat] = dot + static_cast<float>(kLinearEpsilon);
+  for (int i = 0; i < Slice::kPerLane; ++i) z.v[i] = z_row[i];
+  const float product = phi.dot(z);
+  if (!valid) return;
+  phi.store(phi_q + flat * kDim);
+  if (Slice::first() == 0) denominator[flat] = product + static_cast<float>(kLinearEpsilon);
 }
 
 template <typename Element>
@@ -401,8 +373,8 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
         make_row_tile_map(dense_rows(operands.weight, q.dtype, 1, 1, D, D), D, &maps.w);
     SLATTN_CHECK(packed, "linear_output_wgmma: the tile copy engine refused a workspace buffer");
 
-    const auto feature_blocks = static_cast<unsigned>(ceil_div(g.q_pairs() * g.q_len * (D / 8), kRowThreads));
-    query_features_kernel<Element, D><<<feature_blocks, kRowThreads, 0, stream>>>(
+    query_features_kernel<Element, D><<<RowSlice<D>::blocks(g.q_pairs() * g.q_len, kRowThreads), kRowThreads, 0,
+                                        stream>>>(
         g, DeviceView<const Element>::of(q), feature_map, states.total_z, static_cast<Element*>(operands.phi_q),
         operands.denominator);
     SLATTN_LAUNCH_CHECK("query_features_kernel");

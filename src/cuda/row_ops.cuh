@@ -58,6 +58,64 @@ struct WarpRow {
   }
 };
 
+// A lane's share of a row when kDim / 8 lanes hold it, 8 consecutive values
+// each (one 16-byte vector of 16-bit elements): for kernels whose rows are
+// short work, where a warp per row leaves most lanes waiting on reductions
+// and element-wide accesses. Rows of a thread index: row_of_thread().
+template <int kDim>
+struct RowSlice {
+  static constexpr int kPerLane = 8, kLanes = kDim / kPerLane;
+  static_assert(kWarpSize % kLanes == 0, "whole rows per warp");
+  float v[kPerLane];
+
+  static __device__ __forceinline__ int64_t row_of_thread() {
+    return (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes;
+  }
+  static __device__ __forceinline__ int first() { return (threadIdx.x % kLanes) * kPerLane; }
+  // Thread blocks of `threads` for `rows` rows.
+  static unsigned blocks(int64_t rows, int threads) { return static_cast<unsigned>(ceil_div(rows * kLanes, threads)); }
+
+  template <typename Element>
+  __device__ __forceinline__ void load(const DeviceView<const Element>& x, int64_t b, int64_t h, int64_t l) {
+    const Element* source = &x.at(b, h, l, first());
+    if (x.stride_d == 1 && reinterpret_cast<uintptr_t>(source) % 16 == 0) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(source);
+      const auto* e = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) v[i] = to_float(e[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) v[i] = to_float(source[i * x.stride_d]);
+    }
+  }
+  // Into a dense row of 16-bit elements or fp32 (16-byte aligned: vector stores).
+  template <typename T>
+  __device__ __forceinline__ void store(T* row) const {
+    constexpr int kVector = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < kPerLane; i += kVector) {
+      uint4 raw;
+      auto* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kVector; ++j) e[j] = from_float<T>(v[i + j]);
+      *reinterpret_cast<uint4*>(row + first() + i) = raw;
+    }
+  }
+  // x combined over the lanes of the row.
+  template <typename Op>
+  static __device__ __forceinline__ float reduce(float x, Op&& op) {
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    return x;
+  }
+  __device__ __forceinline__ float dot(const RowSlice& other) const {
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) sum += v[i] * other.v[i];
+    return reduce(sum, [](float a, float b) { return a + b; });
+  }
+};
+
 // φ over one row of `width` values (SPEC section 3), for the fixed maps;
 // hedgehog runs the softmax branch over its 2·D pre-activations (hedgehog.cu).
 __device__ __forceinline__ WarpRow feature_map_row(FeatureMap feature_map, const WarpRow& x, int64_t width) {

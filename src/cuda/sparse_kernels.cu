@@ -13,34 +13,32 @@ namespace {
 constexpr int kThreads = 256;
 constexpr const char* kWgmmaUnavailable =
     "SLATTN_CUDA_MAINLOOP=wgmma needs a compute capability 9.0 GPU and a build with sm_90a code";
-constexpr int kWarps = kThreads / kWarpSize;
 
-// Warp per padded query row: dOs = dout + dout_sparse, D_i = dOs · Os.
-template <typename Element>
-__global__ void sparse_delta_kernel(Geometry g, SparseBackwardArgs a) {
-  const int64_t flat = blockIdx.x * int64_t(kWarps) + threadIdx.x / kWarpSize;
-  if (flat >= g.q_pairs() * g.q_rows()) return;
-  const int64_t pair = flat / g.q_rows(), row = flat % g.q_rows();
+// Per padded query row, in row slices (row_ops.cuh): dOs = dout + dout_sparse, D_i = dOs · Os.
+template <typename Element, int kDim>
+__global__ void __launch_bounds__(kThreads) sparse_delta_kernel(Geometry g, SparseBackwardArgs a) {
+  using Slice = RowSlice<kDim>;
+  const int64_t flat = Slice::row_of_thread();
+  const bool valid = flat < g.q_pairs() * g.q_rows();  // lanes past the end take part in the reductions
+  const int64_t pair = (valid ? flat : 0) / g.q_rows(), row = (valid ? flat : 0) % g.q_rows();
   const int64_t b = pair / g.heads, h = pair % g.heads;
-  WarpRow dout{}, dos{}, os{};
+  Slice dout{}, dos{}, os{};
   if (row < g.q_len) {
-    dout.load(DeviceView<const Element>::of(a.dout), b, h, row, g.dim);
-    os.load(DeviceView<const Element>::of(a.out_sparse), b, h, row, g.dim);
+    dout.load(DeviceView<const Element>::of(a.dout), b, h, row);
+    os.load(DeviceView<const Element>::of(a.out_sparse), b, h, row);
     dos = dout;
     if (a.dout_sparse.defined()) {
-      WarpRow extra;
-      extra.load(DeviceView<const Element>::of(a.dout_sparse), b, h, row, g.dim);
+      Slice extra;
+      extra.load(DeviceView<const Element>::of(a.dout_sparse), b, h, row);
 #pragma unroll
-      for (int t = 0; t < kMaxPerLane; ++t) dos.v[t] += extra.v[t];
+      for (int i = 0; i < Slice::kPerLane; ++i) dos.v[i] += extra.v[i];
     }
   }
   const float delta = dos.dot(os);
-  Element* dos_row = static_cast<Element*>(a.dos_rows) + flat * g.dim;
-#pragma unroll
-  for (int t = 0; t < kMaxPerLane; ++t)
-    if (WarpRow::index(t) < g.dim) dos_row[WarpRow::index(t)] = from_float<Element>(dos.v[t]);
-  if (a.dout_rows) dout.store(a.dout_rows + flat * g.dim, g.dim);
-  if (threadIdx.x % kWarpSize == 0) a.delta[flat] = delta;
+  if (!valid) return;
+  dos.store(static_cast<Element*>(a.dos_rows) + flat * kDim);
+  if (a.dout_rows) dout.store(a.dout_rows + flat * kDim);
+  if (Slice::first() == 0) a.delta[flat] = delta;
 }
 
 }  // namespace
@@ -103,10 +101,11 @@ void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const Spars
 }
 
 void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream) {
-  dispatch_element(args.q.dtype, [&](auto tag) {
+  dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto, auto) {
     using Element = decltype(tag);
-    const auto rows = g.q_pairs() * g.q_rows();
-    sparse_delta_kernel<Element><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(g, args);
+    constexpr int D = decltype(head_dim)::value;
+    sparse_delta_kernel<Element, D>
+        <<<RowSlice<D>::blocks(g.q_pairs() * g.q_rows(), kThreads), kThreads, 0, stream>>>(g, args);
   });
   SLATTN_LAUNCH_CHECK("sparse_delta_kernel");
 }
