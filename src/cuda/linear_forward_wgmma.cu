@@ -268,9 +268,9 @@ __global__ void __launch_bounds__(kRowThreads)
   using Slice = RowSlice<kDim>;
   const int64_t flat = Slice::row_of_thread();
   const bool valid = flat < g.q_pairs() * g.q_len;  // lanes past the end compute row 0 alongside, for the reductions
-  const int64_t pair = (valid ? flat : 0) / g.q_len, row = (valid ? flat : 0) % g.q_len;
+  const auto [pair, b, h, row] = Slice::place(valid ? flat : 0, g.q_len, g.heads);
   Slice x, phi, z;
-  x.load(q, pair / g.heads, pair % g.heads, row);
+  x.load(q, b, h, row);
   if (feature_map == FeatureMap::softmax) {  // as feature_map_row
     float peak = x.v[0];
 #pragma unroll
@@ -292,7 +292,8 @@ __global__ void __launch_bounds__(kRowThreads)
       phi.v[i] = feature_map == FeatureMap::elu ? (value > 0.0f ? value + 1.0f : __expf(value)) : fmaxf(value, 0.0f);
     }
   }
-  const float* z_row = total_z + g.kv_pair_of(pair) * kDim + Slice::first();
+  const uint32_t kv_pair = b * static_cast<uint32_t>(g.kv_heads) + h / static_cast<uint32_t>(g.group());
+  const float* z_row = total_z + kv_pair * kDim + Slice::first();
 #pragma unroll
   for (int i = 0; i < Slice::kPerLane; ++i) z.v[i] = z_row[i];
   const float product = phi.dot(z);
@@ -373,6 +374,7 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
         make_row_tile_map(dense_rows(operands.weight, q.dtype, 1, 1, D, D), D, &maps.w);
     SLATTN_CHECK(packed, "linear_output_wgmma: the tile copy engine refused a workspace buffer");
 
+    SLATTN_CHECK(RowSlice<D>::fits_32_bits(g.q_pairs() * g.q_len), "linear_output_wgmma: more than 2^31 query rows");
     query_features_kernel<Element, D><<<RowSlice<D>::blocks(g.q_pairs() * g.q_len, kRowThreads), kRowThreads, 0,
                                         stream>>>(
         g, DeviceView<const Element>::of(q), feature_map, states.total_z, static_cast<Element*>(operands.phi_q),

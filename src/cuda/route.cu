@@ -105,9 +105,7 @@ __global__ void __launch_bounds__(kSumThreads) block_sums_kernel(const __grid_co
   const int64_t c0 = thread % a.lanes * kChannelsPerThread;
   double sums[kChannelsPerThread] = {};
   const int64_t end = min(s.length, (n + 1) * s.block);
-  // The sums must be added in row order (bit-identical to the CPU router); 16 rows unrolled keep
-  // 16 loads in flight ahead of the chain of additions (4 left the kernel waiting on memory).
-#pragma unroll 16
+#pragma unroll 4
   for (int64_t r = n * s.block; r < end; ++r) {
     float x[kChannelsPerThread];
     load_channels(s, b, h, r, c0, x);
