@@ -174,41 +174,12 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTi
     const bool complement = s.complement;
     float out[kHeadDim / 8][4] = {};
     score_sum[0] = score_sum[1] = 0.0f;
-    wgmma_fence();
-    if (complement) issue_negated_totals(out, s.q, s.h, warpgroup_row0);
-    if (total > 0) {
-      s.pipe.wait_keys(t0);
-      issue_scores(score, s.q, s.k[s.pipe.stage(t0)], warpgroup_row0);
-    }
-    wgmma_wait<0>();
-    fence_accumulators(out);
-    if (total > 0) {
-      sums_of(t0);
-      accumulators_to_fragments<Element, kKeyTile>(score, p);
-    }
-    for (int32_t t = t0 + 1; t < t0 + total; ++t) {
-      s.pipe.wait_keys(t);
-      wgmma_fence();
-      issue_scores(score, s.q, s.k[s.pipe.stage(t)], warpgroup_row0);
-      s.pipe.wait_values(t - 1);
-      issue_values(out, p, s.v[s.pipe.stage(t - 1)]);
-      wgmma_wait<1>();
-      sums_of(t);
-      wgmma_wait<0>();
-      fence_accumulators(out);
-      s.pipe.release_values(t - 1);
-      accumulators_to_fragments<Element, kKeyTile>(score, p);
-    }
-    s.pipe.q_empty.arrive();  // every product that reads φ(Q) and H is complete
-    if (total > 0) {
-      const int32_t last = t0 + total - 1;
-      s.pipe.wait_values(last);
-      wgmma_fence();
-      issue_values(out, p, s.v[s.pipe.stage(last)]);
-      wgmma_wait<0>();
-      fence_accumulators(out);
-      s.pipe.release_values(last);
-    }
+    overlap_key_tiles<Element>(
+        s.pipe, t0, total, s.q, s.k, s.v, warpgroup_row0, score, p, out,
+        [&] {
+          if (complement) issue_negated_totals(out, s.q, s.h, warpgroup_row0);
+        },
+        sums_of, [] {});
     t0 += total;
 
     // Ol = O / den on the rows of the sequence (0 elsewhere); an empty U_m has O = 0.
@@ -268,9 +239,9 @@ __global__ void __launch_bounds__(kRowThreads)
   using Slice = RowSlice<kDim>;
   const int64_t flat = Slice::row_of_thread();
   const bool valid = flat < g.q_pairs() * g.q_len;  // lanes past the end compute row 0 alongside, for the reductions
-  const auto [pair, b, h, row] = Slice::place(valid ? flat : 0, g.q_len, g.heads);
+  const int64_t pair = (valid ? flat : 0) / g.q_len, row = (valid ? flat : 0) % g.q_len;
   Slice x, phi, z;
-  x.load(q, b, h, row);
+  x.load(q, pair / g.heads, pair % g.heads, row);
   if (feature_map == FeatureMap::softmax) {  // as feature_map_row
     float peak = x.v[0];
 #pragma unroll
@@ -292,8 +263,7 @@ __global__ void __launch_bounds__(kRowThreads)
       phi.v[i] = feature_map == FeatureMap::elu ? (value > 0.0f ? value + 1.0f : __expf(value)) : fmaxf(value, 0.0f);
     }
   }
-  const uint32_t kv_pair = b * static_cast<uint32_t>(g.kv_heads) + h / static_cast<uint32_t>(g.group());
-  const float* z_row = total_z + kv_pair * kDim + Slice::first();
+  const float* z_row = total_z + g.kv_pair_of(pair) * kDim + Slice::first();
 #pragma unroll
   for (int i = 0; i < Slice::kPerLane; ++i) z.v[i] = z_row[i];
   const float product = phi.dot(z);
@@ -374,7 +344,6 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
         make_row_tile_map(dense_rows(operands.weight, q.dtype, 1, 1, D, D), D, &maps.w);
     SLATTN_CHECK(packed, "linear_output_wgmma: the tile copy engine refused a workspace buffer");
 
-    SLATTN_CHECK(RowSlice<D>::fits_32_bits(g.q_pairs() * g.q_len), "linear_output_wgmma: more than 2^31 query rows");
     query_features_kernel<Element, D><<<RowSlice<D>::blocks(g.q_pairs() * g.q_len, kRowThreads), kRowThreads, 0,
                                         stream>>>(
         g, DeviceView<const Element>::of(q), feature_map, states.total_z, static_cast<Element*>(operands.phi_q),

@@ -71,18 +71,6 @@ struct RowSlice {
   static __device__ __forceinline__ int64_t row_of_thread() {
     return (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes;
   }
-  // Row `flat` of a (pairs, rows) grid as (b, h, row) with 32-bit division
-  // (64-bit division costs these short kernels most of their time): the
-  // caller checks that pairs * rows fits (fits_32_bits).
-  struct Place {
-    uint32_t pair, b, h, row;
-  };
-  static __device__ __forceinline__ Place place(int64_t flat, int64_t rows, int64_t heads) {
-    const auto f = static_cast<uint32_t>(flat), r = static_cast<uint32_t>(rows), n = static_cast<uint32_t>(heads);
-    const uint32_t pair = f / r;
-    return {pair, pair / n, pair % n, f % r};
-  }
-  static bool fits_32_bits(int64_t rows) { return rows < (int64_t(1) << 31); }
   static __device__ __forceinline__ int first() { return (threadIdx.x % kLanes) * kPerLane; }
   // Thread blocks of `threads` for `rows` rows.
   static unsigned blocks(int64_t rows, int threads) { return static_cast<unsigned>(ceil_div(rows * kLanes, threads)); }

@@ -102,41 +102,9 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
     const int32_t total = s.pipe.item_tiles;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
     float out[kHeadDim / 8][4] = {};
-    // FlashAttention-3's overlap within a warpgroup: S of tile t and O += P V of tile t - 1 are issued
-    // together, and tile t's softmax runs while the second product is in flight. The first tile's
-    // scores and the last tile's values are issued on their own, so that the loop body has one shape.
-    if (total > 0) {
-      s.pipe.wait_keys(t0);
-      wgmma_fence();
-      issue_scores(score, s.q, s.k[s.pipe.stage(t0)], warpgroup_row0);
-      wgmma_wait<0>();
-      softmax_of(t0, row_max, row_sum);
-      accumulators_to_fragments<Element, kKeyTile>(score, p);
-    }
-    for (int32_t t = t0 + 1; t < t0 + total; ++t) {
-      s.pipe.wait_keys(t);
-      wgmma_fence();
-      issue_scores(score, s.q, s.k[s.pipe.stage(t)], warpgroup_row0);
-      s.pipe.wait_values(t - 1);
-      issue_values(out, p, s.v[s.pipe.stage(t - 1)]);
-      wgmma_wait<1>();
-      softmax_of(t, row_max, row_sum);
-      wgmma_wait<0>();
-      fence_accumulators(out);
-      s.pipe.release_values(t - 1);
-      rescale_rows(out, correction);
-      accumulators_to_fragments<Element, kKeyTile>(score, p);
-    }
-    s.pipe.q_empty.arrive();  // every product that reads Q is complete
-    if (total > 0) {
-      const int32_t last = t0 + total - 1;
-      s.pipe.wait_values(last);
-      wgmma_fence();
-      issue_values(out, p, s.v[s.pipe.stage(last)]);
-      wgmma_wait<0>();
-      fence_accumulators(out);
-      s.pipe.release_values(last);
-    }
+    overlap_key_tiles<Element>(
+        s.pipe, t0, total, s.q, s.k, s.v, warpgroup_row0, score, p, out, NoFirstProducts{},
+        [&](int32_t t) { softmax_of(t, row_max, row_sum); }, [&] { rescale_rows(out, correction); });
     const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
     store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
     t0 += total;

@@ -20,7 +20,8 @@ __global__ void __launch_bounds__(kThreads) sparse_delta_kernel(Geometry g, Spar
   using Slice = RowSlice<kDim>;
   const int64_t flat = Slice::row_of_thread();
   const bool valid = flat < g.q_pairs() * g.q_rows();  // lanes past the end take part in the reductions
-  const auto [pair, b, h, row] = Slice::place(valid ? flat : 0, g.q_rows(), g.heads);
+  const int64_t pair = (valid ? flat : 0) / g.q_rows(), row = (valid ? flat : 0) % g.q_rows();
+  const int64_t b = pair / g.heads, h = pair % g.heads;
   Slice dout{}, dos{}, os{};
   if (row < g.q_len) {
     dout.load(DeviceView<const Element>::of(a.dout), b, h, row);
@@ -103,7 +104,6 @@ void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_
   dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto, auto) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value;
-    SLATTN_CHECK(RowSlice<D>::fits_32_bits(g.q_pairs() * g.q_rows()), "sparse_delta: more than 2^31 query rows");
     sparse_delta_kernel<Element, D>
         <<<RowSlice<D>::blocks(g.q_pairs() * g.q_rows(), kThreads), kThreads, 0, stream>>>(g, args);
   });
