@@ -1,16 +1,18 @@
 // The linear branch's forward on Hopper (linear_forward_wgmma.h): φ(Q) rows
-// and their denominators with the total Z, H and W in the input dtype, then
-// one warp-specialised, persistent kernel. Its producer warp copies per query
-// block φ(Q_m) (and H when the block's tiles are subtracted) and, for each
-// key block of the walked list (LinearSetBlocks), φ(K_n) and V_n with the
-// tile copy engine into two stages; one consumer warpgroup per 64 query rows
-// computes S = φ(Q) φ(K_n)ᵀ, adds its row sums, and issues O += S V_n with S
-// in registers, S of tile t in flight with S V of tile t - 1 as in the
-// sparse forward. With the complement, O starts at −φ(Q) H (a product with
-// A negated) and the denominator is the row sums less φ(q)·Z + ε, so that
-// O / den is Ol either way. The epilogue writes Ol and adds Ol Wᵀ + b (a
-// register-A product with W) to the output. Built for sm_90a only; other
-// targets get an empty body that is never launched.
+// and their denominators with the total Z, H, W and every key block's state
+// h_n in the input dtype, then one warp-specialised, persistent kernel. Its
+// producer warp copies per query block φ(Q_m) (and H when the block's states
+// are subtracted) and, for each key block of the walked list
+// (LinearSetBlocks), h_n with the tile copy engine into three stages; one
+// consumer warpgroup per 64 query rows issues O ±= φ(Q) h_n for one tile
+// after another (the products accumulate into O: no chain between them but
+// the tensor cores'), and meanwhile adds its slice of z_n (from global
+// memory) to a sum of the listed blocks' z. With the complement, O starts at
+// φ(Q) H and each tile's product is subtracted; the denominator is
+// φ(q)·Z + ε less φ(q)·Σ z_n, or φ(q)·Σ z_n + ε, from φ(Q) in shared memory.
+// The epilogue writes Ol and adds Ol Wᵀ + b (a register-A product with W) to
+// the output. Built for sm_90a only; other targets get an empty body that is
+// never launched.
 #include "cuda/linear_forward_wgmma.h"
 
 #include <algorithm>
@@ -29,30 +31,28 @@ namespace slattn::cuda {
 namespace {
 
 // The shape of the kernel: warpgroups, stages, shared memory, thread blocks per SM.
-template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
+template <typename Element, int kHeadDim, int kBlockQ>
 struct WgmmaLinear {
   static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-  static constexpr int kStages = 2;
-  using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;      // φ(Q_m)
-  using KeyTile = SwizzledTile<Element, kKeyTile, kHeadDim>;   // φ(K_n) or V_n
-  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // H (F x D), or W as (out, in)
+  static constexpr int kStages = 3;
+  using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;       // φ(Q_m)
+  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // h_n or H (F x D), or W as (out, in)
   struct Shared {
     QTile q;
     StateTile h;
     StateTile w;
-    KeyTile k[kStages];
-    KeyTile v[kStages];
-    KeyTilePipeline<kStages> pipe;
+    StateTile states[kStages];
+    KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barrier carries nothing
     SharedBarrier w_full;
-    int32_t complement;  // whether the item's tiles are subtracted from the totals; announced with its query tile
+    int32_t complement;  // whether the item's states are subtracted from the totals; announced with its query tile
   };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
 };
 
 struct LinearTileMaps {
-  RowTileMap phi_q, phi_k, v, h, w;
+  RowTileMap phi_q, states, h, w;  // states: (1, kv pairs * Nk, F, D)
 };
 
 // What the kernel reads besides its tiles, and where it writes.
@@ -60,23 +60,25 @@ template <typename Element>
 struct LinearOutputArgs {
   LinearScope scope;
   const float* denominator;  // φ(q)·Z + ε per query row
+  const float* block_z;      // z_n per key block, (kv pairs * Nk, F)
   bool project;              // out += Ol Wᵀ + b
   const float* bias;         // or null
   DeviceView<Element> out, out_linear;
 };
 
-// O = −φ(Q) H for the warpgroup's 64 rows from `row0`: A = φ(Q) read K-major
-// (over the features), B = H read MN-major, as V is. Issued and committed.
-template <typename QTile, typename StateTile, int kDimTiles8>
-__device__ __forceinline__ void issue_negated_totals(float (&out)[kDimTiles8][4], const QTile& q,
-                                                     const StateTile& h, int row0) {
+// O += kSign φ(Q) X for the warpgroup's 64 rows from `row0`, X an F x D
+// state (h_n or H): A = φ(Q) read K-major (over the features), B = X read
+// MN-major, as V is. Issued and committed.
+template <int kSign, typename QTile, typename StateTile, int kDimTiles8>
+__device__ __forceinline__ void issue_state_product(float (&out)[kDimTiles8][4], const QTile& q,
+                                                    const StateTile& state, int row0) {
   using Element = std::remove_cv_t<std::remove_reference_t<decltype(q.data[0])>>;
-  uint64_t q_desc = k_major_descriptor(q), h_desc = mn_major_descriptor(h);
+  uint64_t q_desc = k_major_descriptor(q), state_desc = mn_major_descriptor(state);
   opaque(q_desc);
 #pragma unroll
   for (int step = 0; step < QTile::kChunks * QTile::kChunkCols / 16; ++step)
-    wgmma_ss<Element, kDimTiles8 * 8, 0, 1, -1>(out, q_desc + k_major_offset<QTile>(row0, step),
-                                                h_desc + mn_major_offset(step), step > 0);
+    wgmma_ss<Element, kDimTiles8 * 8, 0, 1, kSign>(out, q_desc + k_major_offset<QTile>(row0, step),
+                                                   state_desc + mn_major_offset(step), true);
   wgmma_commit();
 }
 
@@ -93,29 +95,44 @@ __device__ __forceinline__ void issue_projection(float (&projected)[kDimTiles8][
   wgmma_commit();
 }
 
-// Adds this thread's accumulators of S to the sums of its two rows.
-template <int kTiles8>
-__device__ __forceinline__ void add_row_sums(const float (&score)[kTiles8][4], float (&sum)[2]) {
+// Each thread of a quad holds a quarter of the features of z (kQuarter from
+// kQuarter * quad); φ(q)·z for the thread's two accumulator rows of the Q
+// tile (`row` and row + 8), summed over the quad.
+template <int kQuarter, typename QTile>
+__device__ __forceinline__ void quarter_row_dots(const QTile& q, int row, const float (&z)[kQuarter],
+                                                 float (&dot)[2]) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(q.data[0])>>;
+  constexpr int kUnits = kQuarter / QTile::kUnitElements;
+  const int quad = threadIdx.x % 4;
 #pragma unroll
-  for (int j = 0; j < kTiles8; ++j) {
-    sum[0] += score[j][0] + score[j][1];
-    sum[1] += score[j][2] + score[j][3];
+  for (int r = 0; r < 2; ++r) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(const_cast<QTile&>(q).unit(row + 8 * r, quad * kUnits + u));
+      const auto* e = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+      for (int i = 0; i < QTile::kUnitElements; ++i) sum += to_float(e[i]) * z[u * QTile::kUnitElements + i];
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    dot[r] = sum;
   }
 }
 
-template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
-__global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTile>::kThreads,
-                                  WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
+template <typename Element, int kHeadDim, int kBlockQ>
+__global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThreads,
+                                  WgmmaLinear<Element, kHeadDim, kBlockQ>::kBlocksPerSm)
     linear_output_wgmma_kernel(const __grid_constant__ LinearTileMaps maps, Geometry g, RoutingPlanView plan,
                                LinearOutputArgs<Element> a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Config = WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTile>;
+  using Config = WgmmaLinear<Element, kHeadDim, kBlockQ>;
   using Shared = typename Config::Shared;
   using QTile = typename Config::QTile;
-  using KeyTile = typename Config::KeyTile;
   using StateTile = typename Config::StateTile;
   // The producer walks the block map: 40 registers would spill.
   using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm, 56>;
+  constexpr int kQuarter = kHeadDim / 4;  // features of z per thread of a quad
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
 
@@ -141,13 +158,11 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTi
         },
         [](const QueryItem&, int32_t) { return 0; },
         [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
-          full.arrive_expect_bytes(sizeof(KeyTile));
-          load_row_tile(s.k[stage], maps.phi_k, n * g.block_k, at.h / g.group(), at.b, full);
+          full.arrive_expect_bytes(sizeof(StateTile));
+          const int64_t block = (at.b * g.kv_heads + at.h / g.group()) * g.k_blocks + n;
+          load_row_tile(s.states[stage], maps.states, 0, block, 0, full);
         },
-        [&](int stage, const QueryItem& at, int32_t n, SharedBarrier& full) {
-          full.arrive_expect_bytes(sizeof(KeyTile));
-          load_row_tile(s.v[stage], maps.v, n * g.block_k, at.h / g.group(), at.b, full);
-        });
+        [](int, const QueryItem&, int32_t, SharedBarrier& full) { full.arrive(); });
     return;
   }
 
@@ -155,15 +170,7 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTi
   const int consumer_thread = threadIdx.x - kWarpgroupThreads;
   const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
   const int lane = threadIdx.x % kWarpSize, group = lane / 4, quad = lane % 4;
-  float score[kKeyTile / 8][4];
-  uint32_t p[kKeyTile / 16][4];  // S of the previous tile, whose O += S V is issued with the next S
-  float score_sum[2];
-  // Tile t's row sums once its products are complete (the stage's φ(K) handed back first).
-  auto sums_of = [&](int32_t t) {
-    fence_accumulators(score);
-    s.pipe.release_keys(t);
-    add_row_sums(score, score_sum);
-  };
+  const int tile_row = consumer_thread / kWarpSize * kRowsPerWarp + group;  // the thread's first row of the Q tile
   int32_t t0 = 0;  // the ring position of this item's first tile
   int32_t use = 0;
   const int64_t items = g.q_blocks * g.heads * g.batch;
@@ -172,14 +179,48 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTi
     s.pipe.q_full.wait(use & 1);
     const int32_t total = s.pipe.item_tiles;
     const bool complement = s.complement;
+    const int64_t kv_pair = at.b * g.kv_heads + at.h / g.group();
     float out[kHeadDim / 8][4] = {};
-    score_sum[0] = score_sum[1] = 0.0f;
-    overlap_key_tiles<Element>(
-        s.pipe, t0, total, s.q, s.k, s.v, warpgroup_row0, score, p, out,
-        [&] {
-          if (complement) issue_negated_totals(out, s.q, s.h, warpgroup_row0);
-        },
-        sums_of, [] {});
+    float z[kQuarter] = {};  // this thread's quarter of the listed blocks' z
+    if (complement) {
+      wgmma_fence();
+      issue_state_product<1>(out, s.q, s.h, warpgroup_row0);
+    }
+    for (int32_t t = t0; t < t0 + total; ++t) {
+      const int stage = s.pipe.stage(t);
+      s.pipe.wait_keys(t);
+      wgmma_fence();
+      if (complement) {
+        issue_state_product<-1>(out, s.q, s.states[stage], warpgroup_row0);
+      } else {
+        issue_state_product<1>(out, s.q, s.states[stage], warpgroup_row0);
+      }
+      const int64_t n = s.pipe.tile_first[stage] / g.block_k;
+      const auto* z_n = reinterpret_cast<const float4*>(a.block_z + (kv_pair * g.k_blocks + n) * kHeadDim +
+                                                        quad * kQuarter);
+#pragma unroll
+      for (int i = 0; i < kQuarter / 4; ++i) {
+        const float4 part = z_n[i];
+        z[4 * i] += part.x;
+        z[4 * i + 1] += part.y;
+        z[4 * i + 2] += part.z;
+        z[4 * i + 3] += part.w;
+      }
+      wgmma_wait<1>();  // the previous tile's product is done with its stage
+      if (t > t0) {
+        s.pipe.release_keys(t - 1);
+        s.pipe.release_values(t - 1);
+      }
+    }
+    wgmma_wait<0>();
+    fence_accumulators(out);
+    if (total > 0) {
+      s.pipe.release_keys(t0 + total - 1);
+      s.pipe.release_values(t0 + total - 1);
+    }
+    float z_dot[2];
+    quarter_row_dots<kQuarter>(s.q, tile_row, z, z_dot);
+    s.pipe.q_empty.arrive();  // every product and read of φ(Q) and H is complete
     t0 += total;
 
     // Ol = O / den on the rows of the sequence (0 elsewhere); an empty U_m has O = 0.
@@ -187,14 +228,11 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ, kKeyTi
     const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float sum = score_sum[r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const int64_t row = warp_row0 + group + 8 * r;
       float inverse = 0.0f;
       if (row < g.q_len)
-        inverse = 1.0f / (complement ? sum - a.denominator[pair * g.q_len + row]
-                                     : sum + static_cast<float>(kLinearEpsilon));
+        inverse = 1.0f / (complement ? a.denominator[pair * g.q_len + row] - z_dot[r]
+                                     : z_dot[r] + static_cast<float>(kLinearEpsilon));
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
         out[j][2 * r] *= inverse;
@@ -302,7 +340,7 @@ LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geomet
   LinearSetOperands o;
   const auto element_count = [&](int64_t count) { return count * static_cast<int64_t>(dtype_size(dtype)); };
   o.phi_q = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_len * g.dim));
-  o.phi_k = carver.take<unsigned char>(element_count(g.kv_pairs() * g.k_len * g.dim));
+  o.block_h = carver.take<unsigned char>(element_count(g.kv_pairs() * g.k_blocks * g.features * g.dim));
   o.denominator = carver.take<float>(g.q_pairs() * g.q_len);
   o.total_h = carver.take<unsigned char>(element_count(g.kv_pairs() * g.features * g.dim));
   o.weight = carver.take<unsigned char>(element_count(g.dim * g.dim));
@@ -310,20 +348,18 @@ LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geomet
 }
 
 const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
-                                const TensorView& v, FeatureMap feature_map, LinearScope scope,
-                                const KeyStates& states, const LinearSetOperands& operands, const float* weight,
-                                const float* bias, const TensorView& out, const TensorView& out_linear,
-                                cudaStream_t stream) {
+                                FeatureMap feature_map, LinearScope scope, const KeyStates& states,
+                                const LinearSetOperands& operands, const float* weight, const float* bias,
+                                const TensorView& out, const TensorView& out_linear, cudaStream_t stream) {
   SLATTN_CHECK(g.features == g.dim, "linear_output_wgmma: fixed feature maps only");
   const char* refusal = nullptr;
   const int64_t items = g.q_blocks * g.heads * g.batch;
-  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
     using Element = decltype(tag);
-    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, KT = decltype(block_k)::value;
-    using Config = WgmmaLinear<Element, D, BQ, KT>;
-    const auto kernel = linear_output_wgmma_kernel<Element, D, BQ, KT>;
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+    using Config = WgmmaLinear<Element, D, BQ>;
+    const auto kernel = linear_output_wgmma_kernel<Element, D, BQ>;
     static const bool available = loaded_for_hopper(kernel);
-    LinearTileMaps maps;
     if (!available) {
       refusal = "the build has no sm_90a code";
       return;
@@ -332,28 +368,25 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
       refusal = "the Hopper linear forward needs more shared memory than this GPU gives a thread block";
       return;
     }
-    if (!make_row_tile_map(v, KT, &maps.v)) {
-      refusal = "the Hopper linear forward copies v with the tile copy engine, which needs a contiguous head dim, "
-                "a 16-byte-aligned start and strides that are multiples of 16 bytes";
-      return;
-    }
+    LinearTileMaps maps;
     const bool packed =
         make_row_tile_map(dense_rows(operands.phi_q, q.dtype, g.batch, g.heads, g.q_len, D), BQ, &maps.phi_q) &&
-        make_row_tile_map(dense_rows(operands.phi_k, q.dtype, g.batch, g.kv_heads, g.k_len, D), KT, &maps.phi_k) &&
+        make_row_tile_map(dense_rows(operands.block_h, q.dtype, 1, g.kv_pairs() * g.k_blocks, D, D), D,
+                          &maps.states) &&
         make_row_tile_map(dense_rows(operands.total_h, q.dtype, g.batch, g.kv_heads, D, D), D, &maps.h) &&
         make_row_tile_map(dense_rows(operands.weight, q.dtype, 1, 1, D, D), D, &maps.w);
     SLATTN_CHECK(packed, "linear_output_wgmma: the tile copy engine refused a workspace buffer");
 
     query_features_kernel<Element, D><<<RowSlice<D>::blocks(g.q_pairs() * g.q_len, kRowThreads), kRowThreads, 0,
-                                        stream>>>(
-        g, DeviceView<const Element>::of(q), feature_map, states.total_z, static_cast<Element*>(operands.phi_q),
-        operands.denominator);
+                                        stream>>>(g, DeviceView<const Element>::of(q), feature_map, states.total_z,
+                                                  static_cast<Element*>(operands.phi_q), operands.denominator);
     SLATTN_LAUNCH_CHECK("query_features_kernel");
     round_to_element<Element>(states.total_h, operands.total_h, g.kv_pairs() * D * D, stream);
     if (weight) round_to_element<Element>(weight, operands.weight, D * D, stream);
 
-    const LinearOutputArgs<Element> args{scope, operands.denominator, weight != nullptr, bias,
-                                         DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear)};
+    const LinearOutputArgs<Element> args{scope,  operands.denominator,         states.z,
+                                         weight != nullptr, bias,          DeviceView<Element>::of(out),
+                                         DeviceView<Element>::of(out_linear)};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, plan, args);
     SLATTN_LAUNCH_CHECK("linear_output_wgmma_kernel");

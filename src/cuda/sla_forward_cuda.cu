@@ -1,6 +1,6 @@
 // Forward of SLA on CUDA: the sparse kernel, then (when asked for) the linear
 // branch and the projection out = Os + Ol Wᵀ + b: for the fixed feature maps
-// on Hopper from the totals and the listed blocks' products
+// on Hopper from the totals and the listed blocks' states
 // (linear_forward_wgmma.h), elsewhere fused from per-block states
 // (linear_forward_fused.h); through fp32 rows for hedgehog (linear_states.h).
 #include "cuda/common.cuh"
@@ -18,8 +18,8 @@ namespace {
 
 bool fused(const SlaForwardParams& p) { return fused_linear_forward_supported(p.feature_map); }
 
-// The Hopper linear forward is tried (it may still refuse a layout of v) on a
-// Hopper GPU unless SLATTN_CUDA_MAINLOOP=mma asks for the sm_80 kernels.
+// The Hopper linear forward runs on a Hopper GPU (if the build has its code)
+// unless SLATTN_CUDA_MAINLOOP=mma asks for the sm_80 kernels.
 bool hopper_linear(const SlaForwardParams& p) {
   return fused(p) && requested_mainloop() != Mainloop::mma && current_device_is_hopper();
 }
@@ -64,11 +64,11 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
                            static_cast<float>(p.scale)};
   run_sparse_forward(p, g, plan, sparse, buf, stream);
   if (!p.linear_branch()) return;
-  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, buf.linear_set.phi_k, stream);
+  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, buf.linear_set.block_h, stream);
   const auto* weight = static_cast<const float*>(p.proj_weight);
   const auto* bias = static_cast<const float*>(p.proj_bias);
-  if (buf.linear_set.phi_k) {
-    const char* refusal = linear_output_wgmma(g, plan, p.q, p.v, p.feature_map, p.linear_scope, buf.key_states,
+  if (buf.linear_set.block_h) {
+    const char* refusal = linear_output_wgmma(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states,
                                               buf.linear_set, weight, bias, p.out, p.out_linear, stream);
     if (refusal == nullptr) return;
     if (requested_mainloop() == Mainloop::wgmma)

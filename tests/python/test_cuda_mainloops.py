@@ -111,14 +111,19 @@ def strided_layer(rng):
 
 def test_strided_head_dim_matches_contiguous(rng, monkeypatch):
     """The default mainloop takes such rows, through mma.sync on Hopper too (the tile copy engine of
-    the Hopper forward reads whole rows): bit for bit what mma.sync gives the contiguous tensors."""
+    the Hopper sparse forward reads whole rows): bit for bit what mma.sync gives the contiguous
+    tensors. The linear branch reads q, k and v through kernels that take any strides: its output
+    is bit for bit the contiguous tensors'."""
     strided, contiguous, w, b = strided_layer(rng)
     plan = slattn.route(contiguous[0], contiguous[1], topk=0.3, block_q=128, block_k=128)
-    default = slattn.sparse_linear_attention(*strided, w, b, plan=plan)
+    default = slattn.sparse_linear_attention(*strided, plan=plan)
+    _, linear_strided, _ = slattn.sparse_linear_attention(*strided, plan=plan, return_branches=True)
+    _, linear_contiguous, _ = slattn.sparse_linear_attention(*contiguous, plan=plan, return_branches=True)
+    assert torch.equal(linear_strided, linear_contiguous)
     monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "mma")
-    expected = slattn.sparse_linear_attention(*contiguous, w, b, plan=plan)
+    expected = slattn.sparse_linear_attention(*contiguous, plan=plan)
     assert torch.equal(default, expected)
-    assert torch.equal(slattn.sparse_linear_attention(*strided, w, b, plan=plan), expected)
+    assert torch.equal(slattn.sparse_linear_attention(*strided, plan=plan), expected)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Hopper forward")
