@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
     float out[kHeadDim / 8][4] = {};
     overlap_key_tiles<Element>(
-        s.pipe, t0, total, s.q, s.k, s.v, warpgroup_row0, score, p, out, NoFirstProducts{},
+        s.pipe, t0, total, s.q, s.k, s.v, warpgroup_row0, score, p, out,
         [&](int32_t t) { softmax_of(t, row_max, row_sum); }, [&] { rescale_rows(out, correction); });
     const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
     store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);

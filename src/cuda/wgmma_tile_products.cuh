@@ -1,7 +1,6 @@
-// The steps the warp-specialised Hopper kernels (sparse and linear forward)
-// share: a row tile copied by the tile copy engine, S = A Bᵀ of two K-major
-// tiles, O += P V with P in registers and V read MN-major, and a consumer
-// warpgroup's pass over an item's key tiles.
+// Steps of the warp-specialised Hopper forwards: a row tile copied by the
+// tile copy engine (both forwards), and the sparse forward's products and its
+// consumer warpgroup's pass over an item's key tiles.
 #pragma once
 
 #include <type_traits>
@@ -56,35 +55,24 @@ __device__ __forceinline__ void issue_values(float (&out)[kDimTiles8][4], const 
 // stage's K back and makes S ready to be P, runs while the second product is
 // in flight; after_values() runs once O holds tile t - 1's values. The first
 // tile's scores and the last tile's values are issued on their own, so that
-// the loop body has one shape; first_products() may issue products into O
-// in the first batch (before any scores; alone when there are no tiles). The
-// query tile is handed back after the last scores. `score` and `p` (P of the
+// the loop body has one shape. The query tile is handed back after the last
+// scores. `score` and `p` (P of the
 // previous tile) are the caller's registers.
-struct NoFirstProducts {
-  __device__ void operator()() const {}
-};
-
 template <typename Element, int kStages, typename QTile, typename KeyTile, int kKeyTiles8, int kDimTiles8,
-          typename FirstProducts, typename OnScores, typename AfterValues>
+          typename OnScores, typename AfterValues>
 __device__ __forceinline__ void overlap_key_tiles(KeyTilePipeline<kStages>& pipe, int32_t t0, int32_t total,
                                                   const QTile& q, const KeyTile (&k)[kStages],
                                                   const KeyTile (&v)[kStages], int row0,
                                                   float (&score)[kKeyTiles8][4], uint32_t (&p)[kKeyTiles8 / 2][4],
-                                                  float (&out)[kDimTiles8][4], FirstProducts&& first_products,
-                                                  OnScores&& on_scores, AfterValues&& after_values) {
+                                                  float (&out)[kDimTiles8][4], OnScores&& on_scores,
+                                                  AfterValues&& after_values) {
   if (total > 0) {
     pipe.wait_keys(t0);
     wgmma_fence();
-    first_products();
     issue_scores(score, q, k[pipe.stage(t0)], row0);
     wgmma_wait<0>();
     on_scores(t0);
     accumulators_to_fragments<Element, kKeyTiles8 * 8>(score, p);
-  } else if constexpr (!std::is_same_v<std::decay_t<FirstProducts>, NoFirstProducts>) {
-    wgmma_fence();
-    first_products();
-    wgmma_wait<0>();
-    fence_accumulators(out);
   }
   for (int32_t t = t0 + 1; t < t0 + total; ++t) {
     pipe.wait_keys(t);
