@@ -109,7 +109,7 @@ __device__ __forceinline__ void quarter_row_dots(const QTile& q, int row, const 
     float sum = 0.0f;
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(const_cast<QTile&>(q).unit(row + 8 * r, quad * kUnits + u));
+      const uint4 raw = *reinterpret_cast<const uint4*>(q.unit(row + 8 * r, quad * kUnits + u));
       const auto* e = reinterpret_cast<const Element*>(&raw);
 #pragma unroll
       for (int i = 0; i < QTile::kUnitElements; ++i) sum += to_float(e[i]) * z[u * QTile::kUnitElements + i];

@@ -55,6 +55,9 @@ struct alignas(kSwizzleAtomBytes) SwizzledTile {
     const int chunk = u / (kChunkCols / kUnitElements), within = u % (kChunkCols / kUnitElements);
     return data + (chunk * kRows + r) * kChunkCols + (within ^ (r % 8)) * kUnitElements;
   }
+  __device__ __forceinline__ const Element* unit(int r, int u) const {
+    return const_cast<SwizzledTile*>(this)->unit(r, u);
+  }
 
   // Starts copying rows [first, first + kRows) of the (b, h) slice of x,
   // zero rows from `valid` on (as load_tile in tile_mma.cuh).
