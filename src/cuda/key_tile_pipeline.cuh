@@ -102,8 +102,9 @@ __device__ __forceinline__ void walk_row_list(const int32_t* list, int32_t count
 // lane_value, on_block) visits them in ascending order as walk_row_list
 // does. `row` is the item's row of the plan. CriticalBlocks: the row list.
 // LinearSetBlocks: the linear set U_m of SPEC section 3 read from the block
-// map 32 entries at a time, or the blocks outside it when they are fewer
-// (their products are then subtracted from the totals').
+// map 256 entries a pass, or the blocks outside it when they are fewer
+// (their products are then subtracted from the totals'; the same rule as
+// subset_list.cuh's).
 struct BlockListing {
   int32_t count;
   bool complement;  // the blocks outside the set

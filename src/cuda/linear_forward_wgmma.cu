@@ -23,8 +23,9 @@
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
+#include "cuda/tensor_map.h"
 #include "cuda/tile_mma.cuh"
-#include "cuda/wgmma_tile_products.cuh"
+#include "cuda/wgmma.cuh"
 #include "slattn/sla.h"
 
 namespace slattn::cuda {

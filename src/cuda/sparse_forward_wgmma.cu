@@ -18,7 +18,6 @@
 #include "cuda/tensor_map.h"
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
-#include "cuda/wgmma_tile_products.cuh"
 
 namespace slattn::cuda {
 namespace {
@@ -40,6 +39,34 @@ struct WgmmaForward {
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // aligned to the swizzle atom at run time
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
 };
+
+// S (64 x kKeyTile) = Q Kᵀ for the warpgroup's 64 query rows from `row0` of the Q tile, 16 head dims
+// a step; issued and committed, not awaited.
+template <typename QTile, typename KeyTile, int kKeyTiles8>
+__device__ __forceinline__ void issue_scores(float (&score)[kKeyTiles8][4], const QTile& q, const KeyTile& k,
+                                             int row0) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(q.data[0])>>;
+  uint64_t q_desc = k_major_descriptor(q), k_desc = k_major_descriptor(k);
+  opaque(q_desc);
+#pragma unroll
+  for (int step = 0; step < QTile::kChunks * QTile::kChunkCols / 16; ++step)
+    wgmma_ss<Element, kKeyTiles8 * 8, 0, 0>(score, q_desc + k_major_offset<QTile>(row0, step),
+                                            k_desc + k_major_offset<KeyTile>(0, step), step > 0);
+  wgmma_commit();
+}
+
+// O += P V, 16 keys a step, P in registers and V read N-major; issued and committed, not awaited.
+template <typename KeyTile, int kDimTiles8, int kKeySteps>
+__device__ __forceinline__ void issue_values(float (&out)[kDimTiles8][4], const uint32_t (&p)[kKeySteps][4],
+                                             const KeyTile& v) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(v.data[0])>>;
+  uint64_t v_desc = mn_major_descriptor(v);
+  opaque(v_desc);
+#pragma unroll
+  for (int step = 0; step < kKeySteps; ++step)
+    wgmma_rs<Element, kDimTiles8 * 8, 1>(out, p[step], v_desc + mn_major_offset(step), true);
+  wgmma_commit();
+}
 
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
 __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>::kThreads,
@@ -102,9 +129,41 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
     const int32_t total = s.pipe.item_tiles;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
     float out[kHeadDim / 8][4] = {};
-    overlap_key_tiles<Element>(
-        s.pipe, t0, total, s.q, s.k, s.v, warpgroup_row0, score, p, out,
-        [&](int32_t t) { softmax_of(t, row_max, row_sum); }, [&] { rescale_rows(out, correction); });
+    // FlashAttention-3's overlap within a warpgroup: S of tile t and O += P V of tile t - 1 are issued
+    // together, and tile t's softmax runs while the second product is in flight. The first tile's
+    // scores and the last tile's values are issued on their own, so that the loop body has one shape.
+    if (total > 0) {
+      s.pipe.wait_keys(t0);
+      wgmma_fence();
+      issue_scores(score, s.q, s.k[s.pipe.stage(t0)], warpgroup_row0);
+      wgmma_wait<0>();
+      softmax_of(t0, row_max, row_sum);
+      accumulators_to_fragments<Element, kKeyTile>(score, p);
+    }
+    for (int32_t t = t0 + 1; t < t0 + total; ++t) {
+      s.pipe.wait_keys(t);
+      wgmma_fence();
+      issue_scores(score, s.q, s.k[s.pipe.stage(t)], warpgroup_row0);
+      s.pipe.wait_values(t - 1);
+      issue_values(out, p, s.v[s.pipe.stage(t - 1)]);
+      wgmma_wait<1>();
+      softmax_of(t, row_max, row_sum);
+      wgmma_wait<0>();
+      fence_accumulators(out);
+      s.pipe.release_values(t - 1);
+      rescale_rows(out, correction);
+      accumulators_to_fragments<Element, kKeyTile>(score, p);
+    }
+    s.pipe.q_empty.arrive();  // every product that reads Q is complete
+    if (total > 0) {
+      const int32_t last = t0 + total - 1;
+      s.pipe.wait_values(last);
+      wgmma_fence();
+      issue_values(out, p, s.v[s.pipe.stage(last)]);
+      wgmma_wait<0>();
+      fence_accumulators(out);
+      s.pipe.release_values(last);
+    }
     const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
     store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
     t0 += total;

@@ -30,6 +30,18 @@ struct RowTileMap {
   }
 };
 
+// Starts copying rows [row, row + rows) of the (b, h) slice described by
+// `map` into `tile` (a SwizzledTile, one box per column chunk), completing
+// on `full`.
+template <typename Tile>
+__device__ __forceinline__ void load_row_tile(Tile& tile, const RowTileMap& map, int64_t row, int64_t h, int64_t b,
+                                              SharedBarrier& full) {
+  static_assert(Tile::kChunkCols == kRowTileBoxCols, "a box is a column chunk");
+#pragma unroll
+  for (int chunk = 0; chunk < Tile::kChunks; ++chunk)
+    tma_load(tile.chunk(chunk), map.map, map.at(chunk * kRowTileBoxCols, row, h, b), full);
+}
+
 // The maps a sparse forward reads its operands through.
 struct QkvTileMaps {
   RowTileMap q, k, v;
