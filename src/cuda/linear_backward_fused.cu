@@ -7,12 +7,14 @@
 // into dK, and dV += φ(K_n) dh_n. Products on tf32 tensor cores. Both add the
 // sparse branch's fp32 gradient rows and store dq, dk, dv in the output dtype.
 #include "cuda/gemm.cuh"
+#include "cuda/linear_backward_wgmma.h"
 #include "cuda/linear_backward_fused.h"
 #include "cuda/linear_forward_fused.h"
 #include "cuda/linear_kernels.h"
 #include "cuda/linear_tiles.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
+#include "cuda/sparse_mainloops.h"
 
 namespace slattn::cuda {
 namespace {
@@ -206,12 +208,36 @@ __global__ void __launch_bounds__(kBlockK / kRowsPerWarp * kWarpSize)
   }
 }
 
+// The query kernel of the sm_80 path: dOl by a product of fp32 rows first.
+void linear_query_grads(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, FeatureMap feature_map,
+                        LinearScope scope, const LinearGradBuffers& buf, const float* dout_rows, const float* weight,
+                        const TensorView& dout_linear, const float* dq_rows, const TensorView& dq,
+                        cudaStream_t stream) {
+  if (weight) {  // dOl = dO · W
+    const int64_t rows = g.q_pairs() * g.q_rows();
+    gemm(1, dense(dout_rows, rows, g.dim), dense(weight, g.dim, g.dim), dense_out(buf.dol, rows, g.dim), stream);
+  }
+  const dim3 query_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.q_pairs()));
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
+    using Element = decltype(tag);
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+    launch_with_shared(linear_query_grads_kernel<Element, D, BQ>, query_grid, BQ / kRowsPerWarp * kWarpSize,
+                       query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan, DeviceView<const Element>::of(q),
+                       feature_map, scope, buf.keys, weight ? buf.dol : nullptr,
+                       DeviceView<const Element>::of(dout_linear), buf.ol, dq_rows, DeviceView<Element>::of(dq),
+                       buf.dh_query, buf.dz_query);
+  });
+  SLATTN_LAUNCH_CHECK("linear_query_grads_kernel");
+}
+
 }  // namespace
 
-LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geometry& g, bool projection) {
+LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geometry& g, bool projection, DType dtype,
+                                           bool hopper) {
   const int64_t state = g.features * g.dim, rows = g.q_pairs() * g.q_rows();
   LinearGradBuffers b;
   b.keys = KeyStates::carve(carver, g);
+  if (hopper) b.linear_set = LinearSetOperands::carve(carver, g, dtype);
   if (projection) {
     b.ol = carver.take<float>(rows * g.dim);
     b.dol = carver.take<float>(rows * g.dim);
@@ -234,26 +260,21 @@ bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map) 
 
 void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
                            const TensorView& v, FeatureMap feature_map, LinearScope scope,
-                           const LinearGradBuffers& buf, const float* dout_rows, const float* weight,
-                           const TensorView& dout_linear, const float* dq_rows, const float* dk_rows,
-                           const float* dv_rows, const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                           cudaStream_t stream) {
-  if (weight) {  // dOl = dO · W
-    const int64_t rows = g.q_pairs() * g.q_rows();
-    gemm(1, dense(dout_rows, rows, g.dim), dense(weight, g.dim, g.dim), dense_out(buf.dol, rows, g.dim), stream);
+                           const LinearGradBuffers& buf, const TensorView& dout, const float* dout_rows,
+                           const float* weight, const TensorView& dout_linear, const float* dq_rows,
+                           const float* dk_rows, const float* dv_rows, const TensorView& dq, const TensorView& dk,
+                           const TensorView& dv, cudaStream_t stream) {
+  key_block_states(g, k, v, feature_map, buf.keys, buf.linear_set.block_h, stream);
+  const char* refusal = "not on Hopper";
+  if (buf.linear_set.block_h) {
+    refusal = linear_query_grads_wgmma(
+        g, plan, q, feature_map, scope, buf.keys, buf.linear_set,
+        LinearQueryGradArgs{dout, weight, dout_linear, buf.ol, dq_rows, dq, buf.dh_query, buf.dz_query}, stream);
+    if (refusal != nullptr && requested_mainloop() == Mainloop::wgmma)
+      throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
   }
-  key_block_states(g, k, v, feature_map, buf.keys, nullptr, stream);
-  const dim3 query_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.q_pairs()));
-  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
-    using Element = decltype(tag);
-    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
-    launch_with_shared(linear_query_grads_kernel<Element, D, BQ>, query_grid, BQ / kRowsPerWarp * kWarpSize,
-                       query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan, DeviceView<const Element>::of(q),
-                       feature_map, scope, buf.keys, weight ? buf.dol : nullptr,
-                       DeviceView<const Element>::of(dout_linear), buf.ol, dq_rows, DeviceView<Element>::of(dq),
-                       buf.dh_query, buf.dz_query);
-  });
-  SLATTN_LAUNCH_CHECK("linear_query_grads_kernel");
+  if (refusal != nullptr)
+    linear_query_grads(g, plan, q, feature_map, scope, buf, dout_rows, weight, dout_linear, dq_rows, dq, stream);
 
   const int64_t state = g.features * g.dim;
   column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);

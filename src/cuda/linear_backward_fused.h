@@ -1,14 +1,16 @@
 // The linear branch's backward for the fixed feature maps (SPEC section 5),
 // fused like its forward (linear_forward_fused.h): the key-block states are
-// recomputed, then one kernel per query block (Ol, G, c, dQ, dH_m, dZ_m) and
-// one per key block (dh_n, dz_n, dK, dV); no row of φ, V or G goes through
-// global memory. Hedgehog, and devices whose shared memory is too small for
-// the kernels (140 KB at 128-row blocks and D = 128), take the unfused path.
+// recomputed, then one kernel per query block (Ol, G, c, dQ, dH_m, dZ_m; on
+// Hopper linear_backward_wgmma.h's) and one per key block (dh_n, dz_n, dK,
+// dV); no row of φ, V or G goes through global memory. Hedgehog, and devices
+// whose shared memory is too small for the kernels (140 KB at 128-row blocks
+// and D = 128), take the unfused path.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "cuda/geometry.h"
+#include "cuda/linear_set_operands.h"
 #include "cuda/linear_states.h"
 #include "slattn/options.h"
 #include "slattn/plan.h"
@@ -18,6 +20,7 @@ namespace slattn::cuda {
 
 struct LinearGradBuffers {
   KeyStates keys;
+  LinearSetOperands linear_set{};  // with the Hopper query kernel (use_hopper_linear)
   float* ol = nullptr;   // (q pairs, q_rows, D): Ol rows for dW (with a projection)
   float* dol = nullptr;  // (q pairs, q_rows, D): dO W (with a projection)
   float* dh_query;       // (q pairs * Mq, F, D)
@@ -25,18 +28,20 @@ struct LinearGradBuffers {
   float* dh_total;       // (q pairs, F, D)
   float* dz_total;       // (q pairs, F)
 
-  static LinearGradBuffers carve(WorkspaceCarver& carver, const Geometry& g, bool projection);
+  static LinearGradBuffers carve(WorkspaceCarver& carver, const Geometry& g, bool projection, DType dtype,
+                                 bool hopper);
 };
 
 bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map);
 
 // dq, dk, dv = the sparse branch's gradients (dq_rows, dk_rows, dv_rows:
 // padded fp32 rows) + the linear branch's. dout_rows (fp32 rows of dO) and
-// weight (D, D) are given with a projection, else null; dout_linear may be
-// undefined.
+// weight (D, D) are given with a projection, else null; dout (dO) is read
+// with a projection; dout_linear may be undefined.
 void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
                            const TensorView& v, FeatureMap feature_map, LinearScope scope,
-                           const LinearGradBuffers& buffers, const float* dout_rows, const float* weight,
+                           const LinearGradBuffers& buffers, const TensorView& dout, const float* dout_rows,
+                           const float* weight,
                            const TensorView& dout_linear, const float* dq_rows, const float* dk_rows,
                            const float* dv_rows, const TensorView& dq, const TensorView& dk, const TensorView& dv,
                            cudaStream_t stream);

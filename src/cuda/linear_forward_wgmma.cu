@@ -19,11 +19,10 @@
 
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
-#include "cuda/row_ops.cuh"
+#include "cuda/linear_set_products.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
-#include "cuda/tensor_map.h"
 #include "cuda/tile_mma.cuh"
 #include "cuda/wgmma.cuh"
 #include "slattn/sla.h"
@@ -52,10 +51,6 @@ struct WgmmaLinear {
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
 };
 
-struct LinearTileMaps {
-  RowTileMap phi_q, states, h, w;  // states: (1, kv pairs * Nk, F, D)
-};
-
 // What the kernel reads besides its tiles, and where it writes.
 template <typename Element>
 struct LinearOutputArgs {
@@ -66,22 +61,6 @@ struct LinearOutputArgs {
   const float* bias;         // or null
   DeviceView<Element> out, out_linear;
 };
-
-// O += kSign φ(Q) X for the warpgroup's 64 rows from `row0`, X an F x D
-// state (h_n or H): A = φ(Q) read K-major (over the features), B = X read
-// MN-major, as V is. Issued and committed.
-template <int kSign, typename QTile, typename StateTile, int kDimTiles8>
-__device__ __forceinline__ void issue_state_product(float (&out)[kDimTiles8][4], const QTile& q,
-                                                    const StateTile& state, int row0) {
-  using Element = std::remove_cv_t<std::remove_reference_t<decltype(q.data[0])>>;
-  uint64_t q_desc = k_major_descriptor(q), state_desc = mn_major_descriptor(state);
-  opaque(q_desc);
-#pragma unroll
-  for (int step = 0; step < QTile::kChunks * QTile::kChunkCols / 16; ++step)
-    wgmma_ss<Element, kDimTiles8 * 8, 0, 1, kSign>(out, q_desc + k_major_offset<QTile>(row0, step),
-                                                   state_desc + mn_major_offset(step), true);
-  wgmma_commit();
-}
 
 // projected = Ol Wᵀ with Ol in registers (A) and W (out, in) read K-major. Issued and committed.
 template <typename StateTile, int kDimTiles8>
@@ -124,7 +103,7 @@ __device__ __forceinline__ void quarter_row_dots(const QTile& q, int row, const 
 template <typename Element, int kHeadDim, int kBlockQ>
 __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThreads,
                                   WgmmaLinear<Element, kHeadDim, kBlockQ>::kBlocksPerSm)
-    linear_output_wgmma_kernel(const __grid_constant__ LinearTileMaps maps, Geometry g, RoutingPlanView plan,
+    linear_output_wgmma_kernel(const __grid_constant__ LinearSetMaps maps, Geometry g, RoutingPlanView plan,
                                LinearOutputArgs<Element> a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Config = WgmmaLinear<Element, kHeadDim, kBlockQ>;
@@ -185,17 +164,19 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
     float z[kQuarter] = {};  // this thread's quarter of the listed blocks' z
     if (complement) {
       wgmma_fence();
-      issue_state_product<1>(out, s.q, s.h, warpgroup_row0);
+      issue_rows_times_state<1>(out, s.q, s.h, warpgroup_row0);
+      wgmma_commit();
     }
     for (int32_t t = t0; t < t0 + total; ++t) {
       const int stage = s.pipe.stage(t);
       s.pipe.wait_keys(t);
       wgmma_fence();
       if (complement) {
-        issue_state_product<-1>(out, s.q, s.states[stage], warpgroup_row0);
+        issue_rows_times_state<-1>(out, s.q, s.states[stage], warpgroup_row0);
       } else {
-        issue_state_product<1>(out, s.q, s.states[stage], warpgroup_row0);
+        issue_rows_times_state<1>(out, s.q, s.states[stage], warpgroup_row0);
       }
+      wgmma_commit();
       const int64_t n = s.pipe.tile_first[stage] / g.block_k;
       const auto* z_n = reinterpret_cast<const float4*>(a.block_z + (kv_pair * g.k_blocks + n) * kHeadDim +
                                                         quad * kQuarter);
@@ -269,84 +250,7 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
 #endif
 }
 
-// φ(q) of every query row rounded to the input dtype into phi_q (dense), and
-// φ(q)·Z + ε with φ in fp32, in row slices (row_ops.cuh).
-template <typename Element, int kDim>
-__global__ void __launch_bounds__(kRowThreads)
-    query_features_kernel(Geometry g, DeviceView<const Element> q, FeatureMap feature_map, const float* total_z,
-                          Element* phi_q, float* denominator) {
-  using Slice = RowSlice<kDim>;
-  const int64_t flat = Slice::row_of_thread();
-  const bool valid = flat < g.q_pairs() * g.q_len;  // lanes past the end compute row 0 alongside, for the reductions
-  const int64_t pair = (valid ? flat : 0) / g.q_len, row = (valid ? flat : 0) % g.q_len;
-  Slice x, phi, z;
-  x.load(q, pair / g.heads, pair % g.heads, row);
-  if (feature_map == FeatureMap::softmax) {  // as feature_map_row
-    float peak = x.v[0];
-#pragma unroll
-    for (int i = 1; i < Slice::kPerLane; ++i) peak = fmaxf(peak, x.v[i]);
-    peak = Slice::reduce(peak, [](float a, float b) { return fmaxf(a, b); });
-    float total = 0.0f;
-#pragma unroll
-    for (int i = 0; i < Slice::kPerLane; ++i) {
-      phi.v[i] = __expf(x.v[i] - peak);
-      total += phi.v[i];
-    }
-    const float inverse = 1.0f / Slice::reduce(total, [](float a, float b) { return a + b; });
-#pragma unroll
-    for (int i = 0; i < Slice::kPerLane; ++i) phi.v[i] *= inverse;
-  } else {
-#pragma unroll
-    for (int i = 0; i < Slice::kPerLane; ++i) {
-      const float value = x.v[i];
-      phi.v[i] = feature_map == FeatureMap::elu ? (value > 0.0f ? value + 1.0f : __expf(value)) : fmaxf(value, 0.0f);
-    }
-  }
-  const float* z_row = total_z + g.kv_pair_of(pair) * kDim + Slice::first();
-#pragma unroll
-  for (int i = 0; i < Slice::kPerLane; ++i) z.v[i] = z_row[i];
-  const float product = phi.dot(z);
-  if (!valid) return;
-  phi.store(phi_q + flat * kDim);
-  if (Slice::first() == 0) denominator[flat] = product + static_cast<float>(kLinearEpsilon);
-}
-
-template <typename Element>
-__global__ void round_to_element_kernel(const float* source, Element* target, int64_t count) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
-    target[i] = from_float<Element>(source[i]);
-}
-
-template <typename Element>
-void round_to_element(const float* source, void* target, int64_t count, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(count, kThreads), 1024));
-  round_to_element_kernel<<<blocks, kThreads, 0, stream>>>(source, static_cast<Element*>(target), count);
-  SLATTN_LAUNCH_CHECK("round_to_element_kernel");
-}
-
-// A (batch, heads, length, dim) tensor stored densely in that order.
-TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim) {
-  TensorView view;
-  view.data = data;
-  view.dtype = dtype;
-  view.size = {batch, heads, length, dim};
-  view.stride = {heads * length * dim, length * dim, dim, 1};
-  return view;
-}
-
 }  // namespace
-
-LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geometry& g, DType dtype) {
-  LinearSetOperands o;
-  const auto element_count = [&](int64_t count) { return count * static_cast<int64_t>(dtype_size(dtype)); };
-  o.phi_q = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_len * g.dim));
-  o.block_h = carver.take<unsigned char>(element_count(g.kv_pairs() * g.k_blocks * g.features * g.dim));
-  o.denominator = carver.take<float>(g.q_pairs() * g.q_len);
-  o.total_h = carver.take<unsigned char>(element_count(g.kv_pairs() * g.features * g.dim));
-  o.weight = carver.take<unsigned char>(element_count(g.dim * g.dim));
-  return o;
-}
 
 const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                 FeatureMap feature_map, LinearScope scope, const KeyStates& states,
@@ -369,21 +273,8 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
       refusal = "the Hopper linear forward needs more shared memory than this GPU gives a thread block";
       return;
     }
-    LinearTileMaps maps;
-    const bool packed =
-        make_row_tile_map(dense_rows(operands.phi_q, q.dtype, g.batch, g.heads, g.q_len, D), BQ, &maps.phi_q) &&
-        make_row_tile_map(dense_rows(operands.block_h, q.dtype, 1, g.kv_pairs() * g.k_blocks, D, D), D,
-                          &maps.states) &&
-        make_row_tile_map(dense_rows(operands.total_h, q.dtype, g.batch, g.kv_heads, D, D), D, &maps.h) &&
-        make_row_tile_map(dense_rows(operands.weight, q.dtype, 1, 1, D, D), D, &maps.w);
-    SLATTN_CHECK(packed, "linear_output_wgmma: the tile copy engine refused a workspace buffer");
-
-    query_features_kernel<Element, D><<<RowSlice<D>::blocks(g.q_pairs() * g.q_len, kRowThreads), kRowThreads, 0,
-                                        stream>>>(g, DeviceView<const Element>::of(q), feature_map, states.total_z,
-                                                  static_cast<Element*>(operands.phi_q), operands.denominator);
-    SLATTN_LAUNCH_CHECK("query_features_kernel");
-    round_to_element<Element>(states.total_h, operands.total_h, g.kv_pairs() * D * D, stream);
-    if (weight) round_to_element<Element>(weight, operands.weight, D * D, stream);
+    const LinearSetMaps maps = linear_set_maps(g, q.dtype, operands);
+    prepare_linear_set_operands(g, q, feature_map, states, weight, operands, stream);
 
     const LinearOutputArgs<Element> args{scope,  operands.denominator,         states.z,
                                          weight != nullptr, bias,          DeviceView<Element>::of(out),

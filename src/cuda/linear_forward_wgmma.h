@@ -15,30 +15,20 @@
 #include <cuda_runtime.h>
 
 #include "cuda/geometry.h"
+#include "cuda/linear_set_operands.h"
 #include "cuda/linear_states.h"
-#include "cuda/workspace.h"
 #include "slattn/options.h"
 #include "slattn/plan.h"
 #include "slattn/tensor_view.h"
 
 namespace slattn::cuda {
 
-// Workspace of linear_output_wgmma, in the input dtype where not said.
-struct LinearSetOperands {
-  void* phi_q = nullptr;         // (q pairs, Lq, D): φ(Q)
-  void* block_h = nullptr;       // (kv pairs * Nk, D, D): h_n, written by key_block_states
-  float* denominator = nullptr;  // (q pairs, Lq) fp32: φ(q)·Z + ε with the total Z
-  void* total_h = nullptr;       // (kv pairs, D, D): H
-  void* weight = nullptr;        // (D, D): the projection's W as (out, in)
-
-  static LinearSetOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
-};
-
 // Ol of every query block (written to out_linear when defined) and, with a
 // projection, out += Ol Wᵀ + b in place (out holds Os on entry); `states`
-// holds z_n and the totals, operands.block_h h_n (key_block_states). Returns
-// nullptr, or why it cannot run (nothing launched): no sm_90a code in the
-// build, or too little shared memory. weight (D, D) fp32 as (out, in), or null.
+// holds z_n and the totals, operands.block_h h_n (key_block_states); the
+// other operands are prepared here. Returns nullptr, or why it cannot run
+// (nothing launched): no sm_90a code in the build, or too little shared
+// memory. weight (D, D) fp32 as (out, in), or null.
 const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                 FeatureMap feature_map, LinearScope scope,
                                 const KeyStates& states, const LinearSetOperands& operands, const float* weight,

@@ -56,7 +56,8 @@ struct BackwardBuffers {
     b.dk_rows = c.take<float>(k_rows * g.dim);
     b.dv_rows = c.take<float>(k_rows * g.dim);
     if (p.linear_branch() && use_fused_linear(p, g)) {
-      b.fused = LinearGradBuffers::carve(c, g, p.proj_weight != nullptr);
+      b.fused = LinearGradBuffers::carve(c, g, p.proj_weight != nullptr, p.q.dtype,
+                                         use_hopper_linear(p.feature_map));
       b.ol = b.fused.ol;
     } else if (p.linear_branch()) {
       b.linear = LinearBuffers::carve(c, g, p.feature_map);
@@ -189,7 +190,7 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
   sparse_backward(g, plan, sparse, stream);
   const bool fused_linear = p.linear_branch() && use_fused_linear(p, g);
   if (fused_linear) {  // also stores dq, dk, dv
-    linear_backward_fused(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, buf.dout_rows,
+    linear_backward_fused(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, p.dout, buf.dout_rows,
                           static_cast<const float*>(p.proj_weight), p.dout_linear, buf.dq_rows, buf.dk_rows,
                           buf.dv_rows, p.dq, p.dk, p.dv, stream);
   } else if (p.linear_branch()) {

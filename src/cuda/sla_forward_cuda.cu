@@ -18,12 +18,6 @@ namespace {
 
 bool fused(const SlaForwardParams& p) { return fused_linear_forward_supported(p.feature_map); }
 
-// The Hopper linear forward runs on a Hopper GPU (if the build has its code)
-// unless SLATTN_CUDA_MAINLOOP=mma asks for the sm_80 kernels.
-bool hopper_linear(const SlaForwardParams& p) {
-  return fused(p) && requested_mainloop() != Mainloop::mma && current_device_is_hopper();
-}
-
 struct ForwardBuffers {
   QuantizedOperands quantized{};  // quantized=True
   KeyStates key_states{};    // fused path
@@ -37,7 +31,7 @@ struct ForwardBuffers {
     if (!p.linear_branch()) return b;
     if (fused(p)) {
       b.key_states = KeyStates::carve(carver, g);
-      if (hopper_linear(p)) b.linear_set = LinearSetOperands::carve(carver, g, p.q.dtype);
+      if (use_hopper_linear(p.feature_map)) b.linear_set = LinearSetOperands::carve(carver, g, p.q.dtype);
       return b;
     }
     b.linear = LinearBuffers::carve(carver, g, p.feature_map);

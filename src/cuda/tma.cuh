@@ -60,6 +60,12 @@ __device__ __forceinline__ void fence_barrier_init() {
   SLATTN_SM90A(asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"));
 }
 
+// Synchronises `threads` threads (whole warps) of the block on hardware
+// barrier `id`: some warpgroups meet while the others go on (0 is __syncthreads').
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  SLATTN_SM90A(asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory"));
+}
+
 // Coordinates of a box in a 4-dimensional tensor map, innermost first.
 struct TileCoordinates {
   int32_t c[4];

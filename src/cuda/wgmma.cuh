@@ -59,6 +59,15 @@ struct alignas(kSwizzleAtomBytes) SwizzledTile {
     return const_cast<SwizzledTile*>(this)->unit(r, u);
   }
 
+  // Columns 8j + 2 (lane % 4) and the next of row r, as one 4-byte word: a
+  // thread's accumulator pair of tile j (wgmma's layout) at row r.
+  __device__ __forceinline__ uint32_t& accumulator_pair(int r, int j) {
+    return *reinterpret_cast<uint32_t*>(unit(r, j) + 2 * (threadIdx.x % 4));
+  }
+  __device__ __forceinline__ uint32_t accumulator_pair(int r, int j) const {
+    return const_cast<SwizzledTile*>(this)->accumulator_pair(r, j);
+  }
+
   // Starts copying rows [first, first + kRows) of the (b, h) slice of x,
   // zero rows from `valid` on (as load_tile in tile_mma.cuh).
   template <int kThreads>

@@ -1,0 +1,389 @@
+// The query side of the linear backward on Hopper (linear_backward_wgmma.h):
+// one warp-specialised, persistent kernel over the query blocks. Its producer
+// warp copies per query block φ(Q_m), dO_m (with a projection) and H (when
+// the block's states are subtracted), and h_n of each key block of the
+// walked list (LinearSetBlocks) into the stages, as the forward does. One
+// consumer warpgroup per 64 query rows forms dOl = dO W (+ the returned Ol's
+// gradient) and stores it over dO in the input dtype, then issues, per tile,
+// P ±= dOl h_nᵀ and (for dW) O ±= φ(Q) h_n with one commit, summing its
+// columns of z_n meanwhile. After the walk each thread has its rows' den,
+// writes Ol, forms dQφ = P / den − c Z_m through φ into dq, and stores
+// φ(Q) / den over φ(Q); after a barrier of the consumers, dH_m (64 features
+// per warpgroup: A = φ(Q) / den read M-major, B = dOl read N-major) and
+// dZ_m (from the rows' c den, kept in shared memory). Built for sm_90a only.
+#include "cuda/linear_backward_wgmma.h"
+
+#include <algorithm>
+
+#include "cuda/common.cuh"
+#include "cuda/key_tile_pipeline.cuh"
+#include "cuda/linear_set_products.cuh"
+#include "cuda/linear_tiles.cuh"
+#include "cuda/sla_cuda.h"
+#include "cuda/sparse_kernels.h"
+#include "cuda/sparse_mainloops.h"
+#include "cuda/tile_mma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace slattn::cuda {
+namespace {
+
+inline constexpr size_t kHopperSharedPerBlock = 227 * 1024;  // the most a thread block may opt into
+
+template <typename Element, int kHeadDim, int kBlockQ, int kStages>
+struct QueryGradShared {
+  using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;
+  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // h_n or H (F x D), or W as (out, in)
+  QTile phi;  // φ(Q_m); after the walk φ(Q_m) / den
+  QTile dol;  // dO_m as copied, then dOl_m
+  StateTile h;
+  StateTile w;
+  StateTile states[kStages];
+  KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barrier carries nothing
+  SharedBarrier w_full;
+  float row_dots[kBlockQ];  // φ(q_i)·P_i / den_i = c_i den_i, for dZ_m
+  int32_t complement;       // whether the item's states are subtracted from the totals; announced with its tiles
+};
+
+// The shape of the kernel: three stages of states where they fit (D = 128,
+// 128-row blocks: 226 KB), else two.
+template <typename Element, int kHeadDim, int kBlockQ>
+struct WgmmaQueryGrads {
+  static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
+  static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
+  static constexpr int kStages =
+      sizeof(QueryGradShared<Element, kHeadDim, kBlockQ, 3>) + kSwizzleAtomBytes <= kHopperSharedPerBlock ? 3 : 2;
+  using Shared = QueryGradShared<Element, kHeadDim, kBlockQ, kStages>;
+  using QTile = typename Shared::QTile;
+  using StateTile = typename Shared::StateTile;
+  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
+  static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
+};
+
+struct QueryGradMaps {
+  LinearSetMaps set;
+  RowTileMap dout;  // boxes of block_q rows
+};
+
+template <typename Element>
+struct QueryGradKernelArgs {
+  FeatureMap feature_map;
+  LinearScope scope;
+  const float* denominator;  // φ(q)·Z + ε per query row
+  const float* block_z;      // z_n per key block, (kv pairs * Nk, F)
+  const float* total_z;      // Z per kv pair
+  bool project;              // dOl = dO W, and Ol rows for dW
+  DeviceView<const Element> dout_linear;
+  float* ol_rows;
+  const float* dq_rows;
+  DeviceView<Element> dq;
+  float* dh_query;
+  float* dz_query;
+};
+
+template <typename Element, int kHeadDim, int kBlockQ>
+__global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::kThreads,
+                                  WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::kBlocksPerSm)
+    linear_query_grads_wgmma_kernel(const __grid_constant__ QueryGradMaps maps, Geometry g, RoutingPlanView plan,
+                                    QueryGradKernelArgs<Element> a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Config = WgmmaQueryGrads<Element, kHeadDim, kBlockQ>;
+  using Shared = typename Config::Shared;
+  using QTile = typename Config::QTile;
+  using StateTile = typename Config::StateTile;
+  // The producer walks the block map: 40 registers would spill.
+  using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm, 56>;
+  constexpr int kTiles = kHeadDim / 8;  // accumulator tiles of a row
+  constexpr int kConsumerThreads = Config::kConsumers * kWarpgroupThreads;
+  extern __shared__ unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
+
+  if (threadIdx.x == 0) {
+    s.w_full.init(1);
+    s.pipe.init(kConsumerThreads);
+  }
+  __syncthreads();
+  if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
+    if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
+    if (threadIdx.x >= kWarpSize) return;
+    if (threadIdx.x == 0 && a.project) {
+      s.w_full.arrive_expect_bytes(sizeof(StateTile));
+      load_row_tile(s.w, maps.set.w, 0, 0, 0, s.w_full);
+    }
+    produce_items_of(
+        s.pipe, g, LinearSetBlocks{plan, a.scope},
+        [&](const QueryItem& at, BlockListing listing, SharedBarrier& full) {
+          s.complement = listing.complement;
+          full.arrive_expect_bytes(sizeof(QTile) * (a.project ? 2 : 1) +
+                                   (listing.complement ? sizeof(StateTile) : 0));
+          load_row_tile(s.phi, maps.set.phi_q, at.m * kBlockQ, at.h, at.b, full);
+          if (a.project) load_row_tile(s.dol, maps.dout, at.m * kBlockQ, at.h, at.b, full);
+          if (listing.complement) load_row_tile(s.h, maps.set.h, 0, at.h / g.group(), at.b, full);
+        },
+        [](const QueryItem&, int32_t) { return 0; },
+        [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(StateTile));
+          const int64_t block = (at.b * g.kv_heads + at.h / g.group()) * g.k_blocks + n;
+          load_row_tile(s.states[stage], maps.set.states, 0, block, 0, full);
+        },
+        [](int, const QueryItem&, int32_t, SharedBarrier& full) { full.arrive(); });
+    return;
+  }
+
+  if constexpr (Registers::kHandOver) claim_registers_to<Registers::kConsumer>();
+  const int consumer_thread = threadIdx.x - kWarpgroupThreads;
+  const int warpgroup = consumer_thread / kWarpgroupThreads;
+  const int warpgroup_row0 = warpgroup * kWarpgroupRows;
+  const int quad = threadIdx.x % 4;
+  // The thread's first row of the tiles (its second is 8 below), as in the accumulators.
+  const int tile_row = consumer_thread / kWarpSize * kRowsPerWarp + threadIdx.x % kWarpSize / 4;
+  int32_t t0 = 0;  // the ring position of this item's first tile
+  int32_t use = 0;
+  const int64_t items = g.q_blocks * g.heads * g.batch;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    const QueryItem at = QueryItem::of(item, g);
+    s.pipe.q_full.wait(use & 1);
+    const int32_t total = s.pipe.item_tiles;
+    const bool complement = s.complement;
+    const bool empty = !complement && total == 0;  // U_m is empty: Ol = 0, and no gradient flows
+    const int64_t pair = at.b * g.heads + at.h, kv_pair = at.b * g.kv_heads + at.h / g.group();
+    const int64_t row0 = at.m * kBlockQ + tile_row;
+
+    {  // dOl = dO W (+ the returned Ol's gradient) over dO, in the input dtype: this warpgroup's rows
+      float dol[kTiles][4] = {};
+      if (a.project) {
+        s.w_full.wait(0);
+        wgmma_fence();
+        issue_rows_times_state<1>(dol, s.dol, s.w, warpgroup_row0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_accumulators(dol);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = row0 + 8 * r;
+        const bool returned = a.dout_linear.defined() && row < g.q_len;
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) {
+          const float2 extra = returned ? load_pair(a.dout_linear, at.b, at.h, row, j * 8 + 2 * quad)
+                                        : make_float2(0.0f, 0.0f);
+          s.dol.accumulator_pair(tile_row + 8 * r, j) =
+              pack2<Element>(dol[j][2 * r] + extra.x, dol[j][2 * r + 1] + extra.y);
+        }
+      }
+    }
+    fence_shared_for_tensor_cores();
+    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
+
+    // The walk: P = dOl H_mᵀ and O = φ(Q_m) H_m (for dW), both times den. O is
+    // formed without a projection too: a product issued under a condition
+    // makes ptxas serialise all of them (C7515).
+    float grad[kTiles][4] = {};
+    float out[kTiles][4] = {};
+    float z[kTiles][2] = {};  // the listed blocks' Σ z_n at this thread's accumulator columns
+    if (complement) {
+      wgmma_fence();
+      issue_rows_times_state_transposed<1>(grad, s.dol, s.h, warpgroup_row0);
+      issue_rows_times_state<1>(out, s.phi, s.h, warpgroup_row0);
+      wgmma_commit();
+    }
+    for (int32_t t = t0; t < t0 + total; ++t) {
+      const int stage = s.pipe.stage(t);
+      s.pipe.wait_keys(t);
+      wgmma_fence();
+      if (complement) {
+        issue_rows_times_state_transposed<-1>(grad, s.dol, s.states[stage], warpgroup_row0);
+        issue_rows_times_state<-1>(out, s.phi, s.states[stage], warpgroup_row0);
+      } else {
+        issue_rows_times_state_transposed<1>(grad, s.dol, s.states[stage], warpgroup_row0);
+        issue_rows_times_state<1>(out, s.phi, s.states[stage], warpgroup_row0);
+      }
+      wgmma_commit();
+      const int64_t n = s.pipe.tile_first[stage] / g.block_k;
+      const float* z_n = a.block_z + (kv_pair * g.k_blocks + n) * kHeadDim + 2 * quad;
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        const float2 part = *reinterpret_cast<const float2*>(z_n + 8 * j);
+        z[j][0] += part.x;
+        z[j][1] += part.y;
+      }
+      wgmma_wait<1>();  // the previous tile's products are done with its stage
+      if (t > t0) {
+        s.pipe.release_keys(t - 1);
+        s.pipe.release_values(t - 1);
+      }
+    }
+    wgmma_wait<0>();
+    fence_accumulators(grad);
+    fence_accumulators(out);
+    if (total > 0) {
+      s.pipe.release_keys(t0 + total - 1);
+      s.pipe.release_values(t0 + total - 1);
+    }
+    t0 += total;
+
+    // 1 / den per row, as the forward takes it (0 past the sequence and for an empty U_m); then z = Z_m.
+    float inverse[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float z_dot = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        const float2 phi = unpack2<Element>(s.phi.accumulator_pair(tile_row + 8 * r, j));
+        z_dot += phi.x * z[j][0] + phi.y * z[j][1];
+      }
+      z_dot += __shfl_xor_sync(0xffffffffu, z_dot, 1);
+      z_dot += __shfl_xor_sync(0xffffffffu, z_dot, 2);
+      const int64_t row = row0 + 8 * r;
+      inverse[r] = 0.0f;
+      if (row < g.q_len && !empty)
+        inverse[r] = 1.0f / (complement ? a.denominator[pair * g.q_len + row] - z_dot
+                                        : z_dot + static_cast<float>(kLinearEpsilon));
+    }
+    if (complement) {
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        const float2 total_z = *reinterpret_cast<const float2*>(a.total_z + kv_pair * kHeadDim + j * 8 + 2 * quad);
+        z[j][0] = total_z.x - z[j][0];
+        z[j][1] = total_z.y - z[j][1];
+      }
+    }
+
+    if (a.ol_rows) {  // Ol on every row of the block, for dW
+      float* ol = a.ol_rows + (pair * g.q_rows() + row0) * kHeadDim + 2 * quad;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j)
+          *reinterpret_cast<float2*>(ol + 8 * r * kHeadDim + 8 * j) =
+              make_float2(out[j][2 * r] * inverse[r], out[j][2 * r + 1] * inverse[r]);
+    }
+
+    // c_i = φ(q_i)·P_i / den_i²; dQφ = P / den − c Z_m, through φ into dq.
+    float phi[kTiles][4];
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float2 pair_phi = unpack2<Element>(s.phi.accumulator_pair(tile_row + 8 * r, j));
+        phi[j][2 * r] = pair_phi.x;
+        phi[j][2 * r + 1] = pair_phi.y;
+      }
+    float dots[2];
+    accumulator_row_dots<kHeadDim>(phi, grad, dots);
+    float c[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      c[r] = dots[r] * inverse[r] * inverse[r];
+      if (quad == 0) s.row_dots[tile_row + 8 * r] = dots[r] * inverse[r];
+    }
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) grad[j][e] = grad[j][e] * inverse[e / 2] - c[e / 2] * z[j][e % 2];
+    feature_map_backward<kHeadDim>(a.feature_map, phi, grad);
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)  // φ / den over φ: A of dH_m (every product reading φ is done)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        s.phi.accumulator_pair(tile_row + 8 * r, j) =
+            pack2<Element>(phi[j][2 * r] * inverse[r], phi[j][2 * r + 1] * inverse[r]);
+    fence_shared_for_tensor_cores();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // dq = the sparse branch's dq rows + this, in the output dtype
+      const int64_t row = row0 + 8 * r;
+      if (row >= g.q_len) continue;
+      const float* sparse = a.dq_rows + (pair * g.q_rows() + row) * kHeadDim + 2 * quad;
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        const float2 from_sparse = *reinterpret_cast<const float2*>(sparse + 8 * j);
+        store_pair(a.dq, at.b, at.h, row, j * 8 + 2 * quad, from_sparse.x + grad[j][2 * r],
+                   from_sparse.y + grad[j][2 * r + 1]);
+      }
+    }
+    named_barrier_sync(1 + Config::kConsumers, kConsumerThreads);  // every row of φ / den, dOl and row_dots
+
+    // dH_m = (φ(Q_m) / den)ᵀ dOl, 64 features per product: A (f, i) and B (i, d) both read from rows along K.
+    for (int block = warpgroup; block < kHeadDim / kWarpgroupRows; block += Config::kConsumers) {
+      float dh[kTiles][4] = {};
+      uint64_t phi_desc = mn_major_descriptor(s.phi);
+      opaque(phi_desc);
+      const uint64_t dol_desc = mn_major_descriptor(s.dol);
+      wgmma_fence();
+#pragma unroll
+      for (int step = 0; step < kBlockQ / 16; ++step)
+        wgmma_ss<Element, kHeadDim, 1, 1>(dh, phi_desc + ((block * QTile::kChunkBytes) >> 4) + mn_major_offset(step),
+                                          dol_desc + mn_major_offset(step), true);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_accumulators(dh);
+      const int feature = block * kWarpgroupRows + tile_row % kWarpgroupRows;
+      float* dh_out = a.dh_query + ((pair * g.q_blocks + at.m) * kHeadDim + feature) * kHeadDim + 2 * quad;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j)
+          *reinterpret_cast<float2*>(dh_out + 8 * r * kHeadDim + 8 * j) = make_float2(dh[j][2 * r], dh[j][2 * r + 1]);
+    }
+    // dZ_m = −Σ_i c_i φ(q_i) = −Σ_i (c_i den_i) (φ(q_i) / den_i).
+    for (int f = consumer_thread; f < kHeadDim; f += kConsumerThreads) {
+      float sum = 0.0f;
+      for (int i = 0; i < kBlockQ; ++i) sum += s.row_dots[i] * to_float(s.phi.unit(i, f / 8)[f % 8]);
+      a.dz_query[(pair * g.q_blocks + at.m) * kHeadDim + f] = -sum;
+    }
+    s.pipe.q_empty.arrive();  // every read of this item's tiles is complete
+  }
+#endif
+}
+
+}  // namespace
+
+const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
+                                     FeatureMap feature_map, LinearScope scope, const KeyStates& states,
+                                     const LinearSetOperands& operands, const LinearQueryGradArgs& args,
+                                     cudaStream_t stream) {
+  SLATTN_CHECK(g.features == g.dim, "linear_query_grads_wgmma: fixed feature maps only");
+  const char* refusal = nullptr;
+  const int64_t items = g.q_blocks * g.heads * g.batch;
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
+    using Element = decltype(tag);
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
+    using Config = WgmmaQueryGrads<Element, D, BQ>;
+    const auto kernel = linear_query_grads_wgmma_kernel<Element, D, BQ>;
+    static const bool available = loaded_for_hopper(kernel);
+    if (!available) {
+      refusal = "the build has no sm_90a code";
+      return;
+    }
+    if (Config::kSharedBytes > max_shared_per_block()) {
+      refusal = "the Hopper linear backward needs more shared memory than this GPU gives a thread block";
+      return;
+    }
+    QueryGradMaps maps{};
+    if (args.weight && !make_row_tile_map(args.dout, BQ, &maps.dout)) {
+      refusal = "dout's rows do not suit the tile copy engine";
+      return;
+    }
+    maps.set = linear_set_maps(g, q.dtype, operands);
+    prepare_linear_set_operands(g, q, feature_map, states, args.weight, operands, stream);
+
+    const QueryGradKernelArgs<Element> kernel_args{feature_map,
+                                                   scope,
+                                                   operands.denominator,
+                                                   states.z,
+                                                   states.total_z,
+                                                   args.weight != nullptr,
+                                                   DeviceView<const Element>::of(args.dout_linear),
+                                                   args.ol_rows,
+                                                   args.dq_rows,
+                                                   DeviceView<Element>::of(args.dq),
+                                                   args.dh_query,
+                                                   args.dz_query};
+    const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
+    launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, plan, kernel_args);
+    SLATTN_LAUNCH_CHECK("linear_query_grads_wgmma_kernel");
+  });
+  return refusal;
+}
+
+}  // namespace slattn::cuda

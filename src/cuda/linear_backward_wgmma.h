@@ -1,0 +1,47 @@
+// The query side of the linear branch's backward on Hopper (sm_90a) for the
+// fixed feature maps, by the forward's algebra (linear_forward_wgmma.h): with
+// dOl = dO W (+ the gradient of the returned Ol) and den_i = φ(q_i)·Z_m + ε,
+//   P = dOl H_mᵀ = Σ_{n in U_m} dOl h_nᵀ  or  dOl Hᵀ − Σ_{n not in U_m} dOl h_nᵀ,
+// one warpgroup product per listed block with h_n in the input dtype, and
+// then, per row, g_i H_mᵀ = P_i / den_i and c_i = (dOl_i·Ol_i) / den_i =
+// φ(q_i)·P_i / den_i² (Ol_i = φ(q_i) H_m / den_i), so Ol itself is needed only
+// for the projection's dW (it is accumulated beside P from the same tiles).
+// dQφ = g H_mᵀ − c Z_m goes through φ into dQ; dH_m = (φ(Q_m) / den)ᵀ dOl is
+// one more product and dZ_m = −Σ c_i φ(q_i). dOl, φ/den and the products'
+// operands are rounded to the input dtype (fp32 accumulation).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/geometry.h"
+#include "cuda/linear_set_operands.h"
+#include "cuda/linear_states.h"
+#include "slattn/options.h"
+#include "slattn/plan.h"
+#include "slattn/tensor_view.h"
+
+namespace slattn::cuda {
+
+// What linear_query_grads_wgmma reads and writes besides the operands.
+struct LinearQueryGradArgs {
+  TensorView dout;         // dO (B, H, Lq, D), with a projection; its rows must suit the copy engine
+  const float* weight;     // W (D, D) fp32 as (out, in), or null: no projection
+  TensorView dout_linear;  // the gradient of the returned Ol, or undefined
+  float* ol_rows;          // (q pairs, q_rows, D): Ol for dW, with a projection (else null)
+  const float* dq_rows;    // (q pairs, q_rows, D): the sparse branch's dQ
+  TensorView dq;           // dq = dq_rows + the linear branch's, in the output dtype
+  float* dh_query;         // (q pairs * Mq, F, D): dH_m
+  float* dz_query;         // (q pairs * Mq, F): dZ_m
+};
+
+// Per query block m: dq, dH_m, dZ_m and (with a projection) Ol rows, from
+// `states` (z_n and the totals) and operands.block_h (key_block_states); the
+// other operands are prepared here. Returns nullptr, or why it cannot run
+// (nothing launched): no sm_90a code in the build, too little shared memory,
+// or dO's layout (the copy engine needs 16-byte aligned row strides).
+const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
+                                     FeatureMap feature_map, LinearScope scope, const KeyStates& states,
+                                     const LinearSetOperands& operands, const LinearQueryGradArgs& args,
+                                     cudaStream_t stream);
+
+}  // namespace slattn::cuda

@@ -1,0 +1,50 @@
+// What the Hopper kernels of the linear branch (linear_forward_wgmma.h,
+// linear_backward_wgmma.h) read besides the key-block states: φ(Q) rows and
+// their denominators with the total Z, H and W in the input dtype, and the
+// tensor maps the copy engine reads them (and h_n) through. Both kernels
+// walk, per query block, the key blocks of U_m or those outside it
+// (LinearSetBlocks, key_tile_pipeline.cuh).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/geometry.h"
+#include "cuda/linear_states.h"
+#include "cuda/tensor_map.h"
+#include "cuda/workspace.h"
+#include "slattn/options.h"
+#include "slattn/tensor_view.h"
+
+namespace slattn::cuda {
+
+// The Hopper linear kernels run for the fixed feature maps on a Hopper GPU
+// unless SLATTN_CUDA_MAINLOOP=mma asks for the sm_80 kernels.
+bool use_hopper_linear(FeatureMap feature_map);
+
+// Workspace of the Hopper linear kernels, in the input dtype where not said.
+struct LinearSetOperands {
+  void* phi_q = nullptr;         // (q pairs, Lq, D): φ(Q)
+  void* block_h = nullptr;       // (kv pairs * Nk, D, D): h_n, written by key_block_states
+  float* denominator = nullptr;  // (q pairs, Lq) fp32: φ(q)·Z + ε with the total Z
+  void* total_h = nullptr;       // (kv pairs, D, D): H
+  void* weight = nullptr;        // (D, D): the projection's W as (out, in)
+
+  static LinearSetOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
+};
+
+// Fills phi_q, denominator and total_h from q and `states` (after
+// key_block_states), and weight from the fp32 W (out, in) when not null.
+void prepare_linear_set_operands(const Geometry& g, const TensorView& q, FeatureMap feature_map,
+                                 const KeyStates& states, const float* weight, const LinearSetOperands& operands,
+                                 cudaStream_t stream);
+
+struct LinearSetMaps {
+  RowTileMap phi_q;   // boxes of block_q rows
+  RowTileMap states;  // h_n as (1, kv pairs * Nk, F, D): boxes of whole states
+  RowTileMap h, w;    // H per kv pair, W
+};
+
+// The maps of `operands` (dtype: q's).
+LinearSetMaps linear_set_maps(const Geometry& g, DType dtype, const LinearSetOperands& operands);
+
+}  // namespace slattn::cuda
