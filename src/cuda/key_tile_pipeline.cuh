@@ -142,30 +142,44 @@ struct LinearSetBlocks {
   template <typename LaneValue, typename OnBlock>
   __device__ __forceinline__ void walk(int64_t row, BlockListing listing, LaneValue&& lane_value,
                                        OnBlock&& on_block) const {
-    const int64_t k_blocks = plan.shape.k_blocks();
     const int lane = threadIdx.x % kWarpSize;
+    for_each_chunk(row, listing, [&](int64_t chunk, uint32_t mask) {
+      const auto value = lane_value(chunk + lane < plan.shape.k_blocks() ? static_cast<int32_t>(chunk + lane) : 0);
+      for (; mask != 0; mask &= mask - 1) {
+        const int j = __ffs(mask) - 1;
+        const auto its_value = __shfl_sync(0xffffffffu, value, j);
+        if (lane == 0) on_block(static_cast<int32_t>(chunk + j), its_value);
+        __syncwarp();
+      }
+    });
+  }
+
+  // on_block(n) on every lane, for each listed key block n in ascending order.
+  template <typename OnBlock>
+  __device__ __forceinline__ void visit(int64_t row, BlockListing listing, OnBlock&& on_block) const {
+    for_each_chunk(row, listing, [&](int64_t chunk, uint32_t mask) {
+      for (; mask != 0; mask &= mask - 1) on_block(static_cast<int32_t>(chunk + __ffs(mask) - 1));
+    });
+  }
+
+ private:
+  // fn(chunk, mask) for each run of 32 key blocks from `chunk` with a listed one: bit j of mask for chunk + j.
+  template <typename Fn>
+  __device__ __forceinline__ void for_each_chunk(int64_t row, BlockListing listing, Fn&& fn) const {
+    const int64_t k_blocks = plan.shape.k_blocks();
     for (int64_t base = 0; base < k_blocks; base += kReads * kWarpSize) {
       bool in_set[kReads];
       read(row, base, in_set);
 #pragma unroll
       for (int u = 0; u < kReads; ++u) {
         const int64_t chunk = base + u * kWarpSize;
-        const auto n = static_cast<int32_t>(chunk + lane);
-        const bool listed = n < k_blocks && in_set[u] != listing.complement;
-        uint32_t mask = __ballot_sync(0xffffffffu, listed);
-        if (mask == 0) continue;
-        const auto value = lane_value(n < k_blocks ? n : 0);
-        for (; mask != 0; mask &= mask - 1) {
-          const int j = __ffs(mask) - 1;
-          const auto its_value = __shfl_sync(0xffffffffu, value, j);
-          if (lane == 0) on_block(static_cast<int32_t>(chunk + j), its_value);
-          __syncwarp();
-        }
+        const bool listed = chunk + threadIdx.x % kWarpSize < k_blocks && in_set[u] != listing.complement;
+        const uint32_t mask = __ballot_sync(0xffffffffu, listed);
+        if (mask != 0) fn(chunk, mask);
       }
     }
   }
 
- private:
   // Whether key blocks base + 32 u + lane are in the set (false past the end).
   __device__ __forceinline__ void read(int64_t row, int64_t base, bool (&in_set)[kReads]) const {
     const int64_t k_blocks = plan.shape.k_blocks();

@@ -3,14 +3,14 @@
 // warp copies per query block φ(Q_m), dO_m (with a projection) and H (when
 // the block's states are subtracted), and h_n of each key block of the
 // walked list (LinearSetBlocks) into the stages, as the forward does. One
-// consumer warpgroup per 64 query rows forms dOl = dO W (+ the returned Ol's
+// consumer warpgroup per 64 query rows reads its rows' den and its columns of
+// Z_m (linear_set_operands.h), forms dOl = dO W (+ the returned Ol's
 // gradient) and stores it over dO in the input dtype, then issues, per tile,
-// P ±= dOl h_nᵀ and (for dW) O ±= φ(Q) h_n with one commit, summing its
-// columns of z_n meanwhile. After the walk each thread has its rows' den,
-// writes Ol, forms dQφ = P / den − c Z_m through φ into dq, and stores
+// P ±= dOl h_nᵀ and (for dW) O ±= φ(Q) h_n under one commit. After the walk
+// it writes Ol, forms dQφ = P / den − c Z_m through φ into dq, and stores
 // φ(Q) / den over φ(Q); after a barrier of the consumers, dH_m (64 features
-// per warpgroup: A = φ(Q) / den read M-major, B = dOl read N-major) and
-// dZ_m (from the rows' c den, kept in shared memory). Built for sm_90a only.
+// per warpgroup: A = φ(Q) / den read M-major, B = dOl read N-major) and dZ_m
+// (from the rows' c den, kept in shared memory). Built for sm_90a only.
 #include "cuda/linear_backward_wgmma.h"
 
 #include <algorithm>
@@ -69,9 +69,8 @@ template <typename Element>
 struct QueryGradKernelArgs {
   FeatureMap feature_map;
   LinearScope scope;
-  const float* denominator;  // φ(q)·Z + ε per query row
-  const float* block_z;      // z_n per key block, (kv pairs * Nk, F)
-  const float* total_z;      // Z per kv pair
+  const float* denominator;  // φ(q)·Z_m + ε per query row
+  const float* set_z;        // Z_m per query block, (q pairs * Mq, F)
   bool project;              // dOl = dO W, and Ol rows for dW
   DeviceView<const Element> dout_linear;
   float* ol_rows;
@@ -146,8 +145,22 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     const int32_t total = s.pipe.item_tiles;
     const bool complement = s.complement;
     const bool empty = !complement && total == 0;  // U_m is empty: Ol = 0, and no gradient flows
-    const int64_t pair = at.b * g.heads + at.h, kv_pair = at.b * g.kv_heads + at.h / g.group();
+    const int64_t pair = at.b * g.heads + at.h;
     const int64_t row0 = at.m * kBlockQ + tile_row;
+    // 1 / den of the thread's rows (0 past the sequence and for an empty U_m) and Z_m at its columns,
+    // read before the walk.
+    float inverse[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      inverse[r] = row0 + 8 * r < g.q_len && !empty ? 1.0f / a.denominator[pair * g.q_len + row0 + 8 * r] : 0.0f;
+    float z[kTiles][2];
+    const float* set_z = a.set_z + (pair * g.q_blocks + at.m) * kHeadDim + 2 * quad;
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const float2 pair_z = *reinterpret_cast<const float2*>(set_z + 8 * j);
+      z[j][0] = pair_z.x;
+      z[j][1] = pair_z.y;
+    }
 
     {  // dOl = dO W (+ the returned Ol's gradient) over dO, in the input dtype: this warpgroup's rows
       float dol[kTiles][4] = {};
@@ -180,7 +193,6 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     // makes ptxas serialise all of them (C7515).
     float grad[kTiles][4] = {};
     float out[kTiles][4] = {};
-    float z[kTiles][2] = {};  // the listed blocks' Σ z_n at this thread's accumulator columns
     if (complement) {
       wgmma_fence();
       issue_rows_times_state_transposed<1>(grad, s.dol, s.h, warpgroup_row0);
@@ -199,14 +211,6 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
         issue_rows_times_state<1>(out, s.phi, s.states[stage], warpgroup_row0);
       }
       wgmma_commit();
-      const int64_t n = s.pipe.tile_first[stage] / g.block_k;
-      const float* z_n = a.block_z + (kv_pair * g.k_blocks + n) * kHeadDim + 2 * quad;
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-        const float2 part = *reinterpret_cast<const float2*>(z_n + 8 * j);
-        z[j][0] += part.x;
-        z[j][1] += part.y;
-      }
       wgmma_wait<1>();  // the previous tile's products are done with its stage
       if (t > t0) {
         s.pipe.release_keys(t - 1);
@@ -221,33 +225,6 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       s.pipe.release_values(t0 + total - 1);
     }
     t0 += total;
-
-    // 1 / den per row, as the forward takes it (0 past the sequence and for an empty U_m); then z = Z_m.
-    float inverse[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float z_dot = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-        const float2 phi = unpack2<Element>(s.phi.accumulator_pair(tile_row + 8 * r, j));
-        z_dot += phi.x * z[j][0] + phi.y * z[j][1];
-      }
-      z_dot += __shfl_xor_sync(0xffffffffu, z_dot, 1);
-      z_dot += __shfl_xor_sync(0xffffffffu, z_dot, 2);
-      const int64_t row = row0 + 8 * r;
-      inverse[r] = 0.0f;
-      if (row < g.q_len && !empty)
-        inverse[r] = 1.0f / (complement ? a.denominator[pair * g.q_len + row] - z_dot
-                                        : z_dot + static_cast<float>(kLinearEpsilon));
-    }
-    if (complement) {
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-        const float2 total_z = *reinterpret_cast<const float2*>(a.total_z + kv_pair * kHeadDim + j * 8 + 2 * quad);
-        z[j][0] = total_z.x - z[j][0];
-        z[j][1] = total_z.y - z[j][1];
-      }
-    }
 
     if (a.ol_rows) {  // Ol on every row of the block, for dW
       float* ol = a.ol_rows + (pair * g.q_rows() + row0) * kHeadDim + 2 * quad;
@@ -365,13 +342,12 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
       return;
     }
     maps.set = linear_set_maps(g, q.dtype, operands);
-    prepare_linear_set_operands(g, q, feature_map, states, args.weight, operands, stream);
+    prepare_linear_set_operands(g, plan, q, feature_map, scope, states, args.weight, operands, stream);
 
     const QueryGradKernelArgs<Element> kernel_args{feature_map,
                                                    scope,
                                                    operands.denominator,
-                                                   states.z,
-                                                   states.total_z,
+                                                   operands.set_z,
                                                    args.weight != nullptr,
                                                    DeviceView<const Element>::of(args.dout_linear),
                                                    args.ol_rows,

@@ -1,17 +1,15 @@
-// The linear branch's forward on Hopper (linear_forward_wgmma.h): φ(Q) rows
-// and their denominators with the total Z, H, W and every key block's state
-// h_n in the input dtype, then one warp-specialised, persistent kernel. Its
-// producer warp copies per query block φ(Q_m) (and H when the block's states
-// are subtracted) and, for each key block of the walked list
-// (LinearSetBlocks), h_n with the tile copy engine into three stages; one
-// consumer warpgroup per 64 query rows issues O ±= φ(Q) h_n for one tile
-// after another (the products accumulate into O: no chain between them but
-// the tensor cores'), and meanwhile adds its slice of z_n (from global
-// memory) to a sum of the listed blocks' z. With the complement, O starts at
-// φ(Q) H and each tile's product is subtracted; the denominator is
-// φ(q)·Z + ε less φ(q)·Σ z_n, or φ(q)·Σ z_n + ε, from φ(Q) in shared memory.
-// The epilogue writes Ol and adds Ol Wᵀ + b (a register-A product with W) to
-// the output. Built for sm_90a only; other targets get an empty body that is
+// The linear branch's forward on Hopper (linear_forward_wgmma.h): Z_m per
+// query block, φ(Q) rows and their denominators φ(q)·Z_m + ε, H, W and every
+// key block's state h_n in the input dtype (linear_set_operands.h), then one
+// warp-specialised, persistent kernel. Its producer warp copies per query
+// block φ(Q_m) (and H when the block's states are subtracted) and, for each
+// key block of the walked list (LinearSetBlocks), h_n with the tile copy
+// engine into four stages; one consumer warpgroup per 64 query rows issues
+// O ±= φ(Q) h_n for one tile after another (the products accumulate into O:
+// no chain between them but the tensor cores', and no other work in the
+// loop). With the complement, O starts at φ(Q) H and each tile's product is
+// subtracted. The epilogue writes Ol = O / den and adds Ol Wᵀ + b (a
+// register-A product with W) to the output. Built for sm_90a only; other targets get an empty body that is
 // never launched.
 #include "cuda/linear_forward_wgmma.h"
 
@@ -35,7 +33,7 @@ template <typename Element, int kHeadDim, int kBlockQ>
 struct WgmmaLinear {
   static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-  static constexpr int kStages = 3;
+  static constexpr int kStages = 4;  // 3: 5% slower (H100, 1.3B shape)
   using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;       // φ(Q_m)
   using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // h_n or H (F x D), or W as (out, in)
   struct Shared {
@@ -55,8 +53,7 @@ struct WgmmaLinear {
 template <typename Element>
 struct LinearOutputArgs {
   LinearScope scope;
-  const float* denominator;  // φ(q)·Z + ε per query row
-  const float* block_z;      // z_n per key block, (kv pairs * Nk, F)
+  const float* denominator;  // φ(q)·Z_m + ε per query row
   bool project;              // out += Ol Wᵀ + b
   const float* bias;         // or null
   DeviceView<Element> out, out_linear;
@@ -75,31 +72,6 @@ __device__ __forceinline__ void issue_projection(float (&projected)[kDimTiles8][
   wgmma_commit();
 }
 
-// Each thread of a quad holds a quarter of the features of z (kQuarter from
-// kQuarter * quad); φ(q)·z for the thread's two accumulator rows of the Q
-// tile (`row` and row + 8), summed over the quad.
-template <int kQuarter, typename QTile>
-__device__ __forceinline__ void quarter_row_dots(const QTile& q, int row, const float (&z)[kQuarter],
-                                                 float (&dot)[2]) {
-  using Element = std::remove_cv_t<std::remove_reference_t<decltype(q.data[0])>>;
-  constexpr int kUnits = kQuarter / QTile::kUnitElements;
-  const int quad = threadIdx.x % 4;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int u = 0; u < kUnits; ++u) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(q.unit(row + 8 * r, quad * kUnits + u));
-      const auto* e = reinterpret_cast<const Element*>(&raw);
-#pragma unroll
-      for (int i = 0; i < QTile::kUnitElements; ++i) sum += to_float(e[i]) * z[u * QTile::kUnitElements + i];
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    dot[r] = sum;
-  }
-}
-
 template <typename Element, int kHeadDim, int kBlockQ>
 __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThreads,
                                   WgmmaLinear<Element, kHeadDim, kBlockQ>::kBlocksPerSm)
@@ -112,7 +84,6 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
   using StateTile = typename Config::StateTile;
   // The producer walks the block map: 40 registers would spill.
   using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm, 56>;
-  constexpr int kQuarter = kHeadDim / 4;  // features of z per thread of a quad
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
 
@@ -150,7 +121,6 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
   const int consumer_thread = threadIdx.x - kWarpgroupThreads;
   const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
   const int lane = threadIdx.x % kWarpSize, group = lane / 4, quad = lane % 4;
-  const int tile_row = consumer_thread / kWarpSize * kRowsPerWarp + group;  // the thread's first row of the Q tile
   int32_t t0 = 0;  // the ring position of this item's first tile
   int32_t use = 0;
   const int64_t items = g.q_blocks * g.heads * g.batch;
@@ -159,9 +129,15 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
     s.pipe.q_full.wait(use & 1);
     const int32_t total = s.pipe.item_tiles;
     const bool complement = s.complement;
-    const int64_t kv_pair = at.b * g.kv_heads + at.h / g.group();
+    const int64_t pair = at.b * g.heads + at.h;
+    const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
+    float inverse[2];  // 1 / den of the thread's rows, read before the walk; 0 past the sequence
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = warp_row0 + group + 8 * r;
+      inverse[r] = row < g.q_len ? 1.0f / a.denominator[pair * g.q_len + row] : 0.0f;
+    }
     float out[kHeadDim / 8][4] = {};
-    float z[kQuarter] = {};  // this thread's quarter of the listed blocks' z
     if (complement) {
       wgmma_fence();
       issue_rows_times_state<1>(out, s.q, s.h, warpgroup_row0);
@@ -177,17 +153,6 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
         issue_rows_times_state<1>(out, s.q, s.states[stage], warpgroup_row0);
       }
       wgmma_commit();
-      const int64_t n = s.pipe.tile_first[stage] / g.block_k;
-      const auto* z_n = reinterpret_cast<const float4*>(a.block_z + (kv_pair * g.k_blocks + n) * kHeadDim +
-                                                        quad * kQuarter);
-#pragma unroll
-      for (int i = 0; i < kQuarter / 4; ++i) {
-        const float4 part = z_n[i];
-        z[4 * i] += part.x;
-        z[4 * i + 1] += part.y;
-        z[4 * i + 2] += part.z;
-        z[4 * i + 3] += part.w;
-      }
       wgmma_wait<1>();  // the previous tile's product is done with its stage
       if (t > t0) {
         s.pipe.release_keys(t - 1);
@@ -200,25 +165,17 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
       s.pipe.release_keys(t0 + total - 1);
       s.pipe.release_values(t0 + total - 1);
     }
-    float z_dot[2];
-    quarter_row_dots<kQuarter>(s.q, tile_row, z, z_dot);
     s.pipe.q_empty.arrive();  // every product and read of φ(Q) and H is complete
     t0 += total;
 
     // Ol = O / den on the rows of the sequence (0 elsewhere); an empty U_m has O = 0.
-    const int64_t pair = at.b * g.heads + at.h;
-    const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = warp_row0 + group + 8 * r;
-      float inverse = 0.0f;
-      if (row < g.q_len)
-        inverse = 1.0f / (complement ? a.denominator[pair * g.q_len + row] - z_dot[r]
-                                     : z_dot[r] + static_cast<float>(kLinearEpsilon));
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
-        out[j][2 * r] *= inverse;
-        out[j][2 * r + 1] *= inverse;
+        out[j][2 * r] *= inverse[r];
+        out[j][2 * r + 1] *= inverse[r];
         if (a.out_linear.defined() && row < g.q_len)
           store_pair(a.out_linear, at.b, at.h, row, j * 8 + 2 * quad, out[j][2 * r], out[j][2 * r + 1]);
       }
@@ -274,11 +231,10 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
       return;
     }
     const LinearSetMaps maps = linear_set_maps(g, q.dtype, operands);
-    prepare_linear_set_operands(g, q, feature_map, states, weight, operands, stream);
+    prepare_linear_set_operands(g, plan, q, feature_map, scope, states, weight, operands, stream);
 
-    const LinearOutputArgs<Element> args{scope,  operands.denominator,         states.z,
-                                         weight != nullptr, bias,          DeviceView<Element>::of(out),
-                                         DeviceView<Element>::of(out_linear)};
+    const LinearOutputArgs<Element> args{scope, operands.denominator, weight != nullptr, bias,
+                                         DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear)};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, plan, args);
     SLATTN_LAUNCH_CHECK("linear_output_wgmma_kernel");

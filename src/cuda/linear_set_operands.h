@@ -13,6 +13,7 @@
 #include "cuda/tensor_map.h"
 #include "cuda/workspace.h"
 #include "slattn/options.h"
+#include "slattn/plan.h"
 #include "slattn/tensor_view.h"
 
 namespace slattn::cuda {
@@ -25,18 +26,19 @@ bool use_hopper_linear(FeatureMap feature_map);
 struct LinearSetOperands {
   void* phi_q = nullptr;         // (q pairs, Lq, D): φ(Q)
   void* block_h = nullptr;       // (kv pairs * Nk, D, D): h_n, written by key_block_states
-  float* denominator = nullptr;  // (q pairs, Lq) fp32: φ(q)·Z + ε with the total Z
+  float* set_z = nullptr;        // (q pairs * Mq, F) fp32: Z_m
+  float* denominator = nullptr;  // (q pairs, Lq) fp32: φ(q)·Z_m + ε
   void* total_h = nullptr;       // (kv pairs, D, D): H
   void* weight = nullptr;        // (D, D): the projection's W as (out, in)
 
   static LinearSetOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
 };
 
-// Fills phi_q, denominator and total_h from q and `states` (after
+// Fills set_z, phi_q, denominator and total_h from q and `states` (after
 // key_block_states), and weight from the fp32 W (out, in) when not null.
-void prepare_linear_set_operands(const Geometry& g, const TensorView& q, FeatureMap feature_map,
-                                 const KeyStates& states, const float* weight, const LinearSetOperands& operands,
-                                 cudaStream_t stream);
+void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
+                                 FeatureMap feature_map, LinearScope scope, const KeyStates& states,
+                                 const float* weight, const LinearSetOperands& operands, cudaStream_t stream);
 
 struct LinearSetMaps {
   RowTileMap phi_q;   // boxes of block_q rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import reference
 import slattn
 from test_cuda import assert_within_baseline, check_against_composite, layer
 
@@ -98,6 +99,65 @@ def test_linear_branch_sums_or_subtracts(rng, mainloop, feature_map, linear_scop
     q, k, v, w, b = layer(rng, heads=2, q_len=700, k_len=1300, dim=128)
     check_against_composite(q, k, v, w, b, topk=topk, negligible=negligible, block_q=128, block_k=128,
                             feature_map=feature_map, linear_scope=linear_scope)
+
+
+def linear_grads_case(rng, branches):
+    """A layer routed at topk 0.1 over 11 key blocks, gradients for its output (broadcast along the
+    sequence, as out.sum() gives) or for its returned branches Os and Ol, and the gradients of q, k,
+    v, W and b by the float64 and the input-dtype composite."""
+    q, k, v, w, b = layer(rng, heads=2, q_len=700, k_len=1300, dim=128)
+    plan = slattn.route(q.cuda(), k.cuda(), topk=0.1, block_q=128, block_k=128)
+    if branches:
+        output_grads = [torch.randn(1, 2, 700, 128, generator=rng).to(q.dtype) for _ in range(2)]
+    else:
+        output_grads = [torch.randn(1, 2, 1, 128, generator=rng).to(q.dtype).expand(1, 2, 700, 128)]
+    expected = []
+    for dtype in (torch.float64, q.dtype):
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v, w, b)]
+        result = reference.sla(*leaves, block_q=128, block_k=128, block_map=plan.block_map.cpu())
+        outputs = (result.sparse, result.linear) if branches else (result.out,)
+        torch.autograd.backward(outputs, [g.to(dtype) for g in output_grads])
+        expected.append([t.grad for t in leaves])  # None for W and b under branches
+    return (q, k, v, w, b), plan, output_grads, expected
+
+
+def slattn_grads(inputs, plan, output_grads, branches):
+    leaves = [t.cuda().requires_grad_() for t in inputs]
+    result = slattn.sparse_linear_attention(*leaves, plan=plan, return_branches=branches)
+    outputs = result[:2] if branches else (result,)
+    # A copy to the GPU would make a broadcast gradient dense: broadcast it there.
+    device_grads = [g[..., :1, :].cuda().expand(g.shape) if g.stride(-2) == 0 else g.cuda() for g in output_grads]
+    assert [g.stride(-2) == 0 for g in device_grads] == [g.stride(-2) == 0 for g in output_grads]
+    torch.autograd.backward(outputs, device_grads)
+    return [t.grad.cpu() if t.grad is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("mainloop_name", ["auto", "mma"])
+@pytest.mark.parametrize("case", ["contiguous dout", "broadcast dout", "branches"])
+def test_linear_backward_of_any_dout_and_of_returned_branches(rng, monkeypatch, mainloop_name, case):
+    """The linear branch's backward takes dOl = dO W (+ the gradient of a returned Ol): the Hopper
+    query kernel reads dO with the tile copy engine, and a broadcast dO (no such layout) takes the
+    sm_80 one; returned branches give dO = 0 and dOl. dq, dk, dv, dW and db against the float64
+    composite in each case (the branches do not reach W and b: no gradient, or zeros)."""
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", mainloop_name)
+    branches = case == "branches"
+    inputs, plan, output_grads, (exact, low) = linear_grads_case(rng, branches)
+    if case == "contiguous dout":
+        output_grads = [g.contiguous() for g in output_grads]
+    grads = slattn_grads(inputs, plan, output_grads, branches)
+    for name, actual, e, l in zip(("dq", "dk", "dv", "d_proj_weight", "d_proj_bias"), grads, exact, low):
+        if e is None:
+            assert actual is None or not actual.any(), name
+        else:
+            assert_within_baseline(actual, e, l, name=name)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Hopper linear backward")
+def test_forced_hopper_linear_backward_refuses_a_broadcast_dout(rng, monkeypatch):
+    inputs, plan, output_grads, _ = linear_grads_case(rng, branches=False)
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "wgmma")
+    with pytest.raises(NotImplementedError, match="SLATTN_CUDA_MAINLOOP=wgmma: dout's rows do not suit"):
+        slattn_grads(inputs, plan, output_grads, branches=False)
 
 
 def strided_layer(rng):
