@@ -104,7 +104,9 @@ __device__ __forceinline__ void walk_row_list(const int32_t* list, int32_t count
 // LinearSetBlocks: the linear set U_m of SPEC section 3 read from the block
 // map 256 entries a pass, or the blocks outside it when they are fewer
 // (their products are then subtracted from the totals'; the same rule as
-// subset_list.cuh's).
+// subset_list.cuh's). LinearSetQueryBlocks: the same along a column of the
+// map, the query blocks m whose U_m holds key block n; `line` is then the
+// plan column (q pair * Nk + n).
 struct BlockListing {
   int32_t count;
   bool complement;  // the blocks outside the set
@@ -121,22 +123,25 @@ struct CriticalBlocks {
   }
 };
 
-struct LinearSetBlocks {
+enum class MapLine { row, column };
+
+template <MapLine kLine>
+struct LinearSetLine {
   // Map entries each lane reads at once (independent loads) per pass of the warp.
   static constexpr int kReads = 8;
   RoutingPlanView plan;
   LinearScope scope;
 
   __device__ __forceinline__ BlockListing list(int64_t row) const {
-    const int64_t k_blocks = plan.shape.k_blocks();
+    const int64_t count = length();
     int32_t included = 0;
-    for (int64_t base = 0; base < k_blocks; base += kReads * kWarpSize) {
+    for (int64_t base = 0; base < count; base += kReads * kWarpSize) {
       bool in_set[kReads];
       read(row, base, in_set);
 #pragma unroll
       for (int u = 0; u < kReads; ++u) included += __popc(__ballot_sync(0xffffffffu, in_set[u]));
     }
-    const auto excluded = static_cast<int32_t>(k_blocks - included);
+    const auto excluded = static_cast<int32_t>(count - included);
     return excluded < included ? BlockListing{excluded, true} : BlockListing{included, false};
   }
   template <typename LaneValue, typename OnBlock>
@@ -144,7 +149,7 @@ struct LinearSetBlocks {
                                        OnBlock&& on_block) const {
     const int lane = threadIdx.x % kWarpSize;
     for_each_chunk(row, listing, [&](int64_t chunk, uint32_t mask) {
-      const auto value = lane_value(chunk + lane < plan.shape.k_blocks() ? static_cast<int32_t>(chunk + lane) : 0);
+      const auto value = lane_value(chunk + lane < length() ? static_cast<int32_t>(chunk + lane) : 0);
       for (; mask != 0; mask &= mask - 1) {
         const int j = __ffs(mask) - 1;
         const auto its_value = __shfl_sync(0xffffffffu, value, j);
@@ -163,40 +168,50 @@ struct LinearSetBlocks {
   }
 
  private:
-  // fn(chunk, mask) for each run of 32 key blocks from `chunk` with a listed one: bit j of mask for chunk + j.
+  // Entries of a line: key blocks of a row, query blocks of a column.
+  __device__ __forceinline__ int64_t length() const {
+    return kLine == MapLine::row ? plan.shape.k_blocks() : plan.shape.q_blocks();
+  }
+
+  // fn(chunk, mask) for each run of 32 blocks from `chunk` with a listed one: bit j of mask for chunk + j.
   template <typename Fn>
   __device__ __forceinline__ void for_each_chunk(int64_t row, BlockListing listing, Fn&& fn) const {
-    const int64_t k_blocks = plan.shape.k_blocks();
-    for (int64_t base = 0; base < k_blocks; base += kReads * kWarpSize) {
+    const int64_t count = length();
+    for (int64_t base = 0; base < count; base += kReads * kWarpSize) {
       bool in_set[kReads];
       read(row, base, in_set);
 #pragma unroll
       for (int u = 0; u < kReads; ++u) {
         const int64_t chunk = base + u * kWarpSize;
-        const bool listed = chunk + threadIdx.x % kWarpSize < k_blocks && in_set[u] != listing.complement;
+        const bool listed = chunk + threadIdx.x % kWarpSize < count && in_set[u] != listing.complement;
         const uint32_t mask = __ballot_sync(0xffffffffu, listed);
         if (mask != 0) fn(chunk, mask);
       }
     }
   }
 
-  // Whether key blocks base + 32 u + lane are in the set (false past the end).
+  // Whether blocks base + 32 u + lane of the line are in the set (false past the end).
   __device__ __forceinline__ void read(int64_t row, int64_t base, bool (&in_set)[kReads]) const {
-    const int64_t k_blocks = plan.shape.k_blocks();
-    const int8_t* map = plan.block_map + row * k_blocks;
+    const int64_t count = length(), k_blocks = plan.shape.k_blocks();
+    const int64_t stride = kLine == MapLine::row ? 1 : k_blocks;
+    const int8_t* map = plan.block_map + (kLine == MapLine::row ? row * k_blocks
+                                                                : row / k_blocks * count * k_blocks + row % k_blocks);
     int8_t cls[kReads];
 #pragma unroll
     for (int u = 0; u < kReads; ++u) {
       const int64_t n = base + u * kWarpSize + threadIdx.x % kWarpSize;
-      cls[u] = n < k_blocks ? map[n] : kNegligible;
+      cls[u] = n < count ? map[n * stride] : kNegligible;
     }
 #pragma unroll
     for (int u = 0; u < kReads; ++u) {
       const int64_t n = base + u * kWarpSize + threadIdx.x % kWarpSize;
-      in_set[u] = n < k_blocks && in_linear_set(cls[u], scope);
+      in_set[u] = n < count && in_linear_set(cls[u], scope);
     }
   }
 };
+
+using LinearSetBlocks = LinearSetLine<MapLine::row>;
+using LinearSetQueryBlocks = LinearSetLine<MapLine::column>;
 
 // The producer warp's part, for the items of this thread block: announces
 // each item's tile count with its query tile (load_query(item, listing,

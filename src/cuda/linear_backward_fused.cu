@@ -230,6 +230,29 @@ void linear_query_grads(const Geometry& g, const RoutingPlanView& plan, const Te
   SLATTN_LAUNCH_CHECK("linear_query_grads_kernel");
 }
 
+// The key kernel of the sm_80 path: dh_n summed over the column lists from the fp32 dH_m.
+void linear_key_grads(const Geometry& g, const RoutingPlanView& plan, const TensorView& k, const TensorView& v,
+                      FeatureMap feature_map, LinearScope scope, const LinearGradBuffers& buf, const float* dk_rows,
+                      const float* dv_rows, const TensorView& dk, const TensorView& dv, cudaStream_t stream) {
+  const dim3 key_grid(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_pairs()));
+  dispatch_sparse_kernel(k.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
+    using Element = decltype(tag);
+    constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
+    launch_with_shared(linear_key_grads_kernel<Element, D, BK>, key_grid, BK / kRowsPerWarp * kWarpSize,
+                       key_grad_shared_bytes<Element, D, BK>(g), stream, g, plan, DeviceView<const Element>::of(k),
+                       DeviceView<const Element>::of(v), feature_map, scope, buf.dh_query, buf.dz_query,
+                       buf.dh_total, buf.dz_total, dk_rows, dv_rows, DeviceView<Element>::of(dk),
+                       DeviceView<Element>::of(dv));
+  });
+  SLATTN_LAUNCH_CHECK("linear_key_grads_kernel");
+}
+
+// SLATTN_CUDA_MAINLOOP=wgmma asks for the Hopper kernels: their refusal is an error.
+void refuse_if_forced(const char* refusal) {
+  if (refusal != nullptr && requested_mainloop() == Mainloop::wgmma)
+    throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
+}
+
 }  // namespace
 
 LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geometry& g, bool projection, DType dtype,
@@ -237,7 +260,10 @@ LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geomet
   const int64_t state = g.features * g.dim, rows = g.q_pairs() * g.q_rows();
   LinearGradBuffers b;
   b.keys = KeyStates::carve(carver, g);
-  if (hopper) b.linear_set = LinearSetOperands::carve(carver, g, dtype);
+  if (hopper) {
+    b.linear_set = LinearSetOperands::carve(carver, g, dtype);
+    b.key_set = LinearKeyGradOperands::carve(carver, g, dtype);
+  }
   if (projection) {
     b.ol = carver.take<float>(rows * g.dim);
     b.dol = carver.take<float>(rows * g.dim);
@@ -264,14 +290,17 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
                            const float* weight, const TensorView& dout_linear, const float* dq_rows,
                            const float* dk_rows, const float* dv_rows, const TensorView& dq, const TensorView& dk,
                            const TensorView& dv, cudaStream_t stream) {
-  key_block_states(g, k, v, feature_map, buf.keys, buf.linear_set.block_h, stream);
+  const bool hopper = buf.linear_set.block_h != nullptr;
+  key_block_states(g, k, v, feature_map, buf.keys, buf.linear_set.block_h, buf.key_set.phi_k, stream);
+  // Each Hopper kernel that refuses (linear_backward_wgmma.h) leaves its work to the sm_80 one; the key
+  // kernel reads what the query kernel wrote.
   const char* refusal = "not on Hopper";
-  if (buf.linear_set.block_h) {
-    refusal = linear_query_grads_wgmma(
-        g, plan, q, feature_map, scope, buf.keys, buf.linear_set,
-        LinearQueryGradArgs{dout, weight, dout_linear, buf.ol, dq_rows, dq, buf.dh_query, buf.dz_query}, stream);
-    if (refusal != nullptr && requested_mainloop() == Mainloop::wgmma)
-      throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
+  if (hopper) {
+    refusal = linear_query_grads_wgmma(g, plan, q, feature_map, scope, buf.keys, buf.linear_set,
+                                       LinearQueryGradArgs{dout, weight, dout_linear, buf.ol, dq_rows, dq,
+                                                           buf.dh_query, buf.key_set.dh_low, buf.dz_query},
+                                       stream);
+    refuse_if_forced(refusal);
   }
   if (refusal != nullptr)
     linear_query_grads(g, plan, q, feature_map, scope, buf, dout_rows, weight, dout_linear, dq_rows, dq, stream);
@@ -280,17 +309,14 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
   column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
   column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);
 
-  const dim3 key_grid(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_pairs()));
-  dispatch_sparse_kernel(k.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
-    using Element = decltype(tag);
-    constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
-    launch_with_shared(linear_key_grads_kernel<Element, D, BK>, key_grid, BK / kRowsPerWarp * kWarpSize,
-                       key_grad_shared_bytes<Element, D, BK>(g), stream, g, plan, DeviceView<const Element>::of(k),
-                       DeviceView<const Element>::of(v), feature_map, scope, buf.dh_query, buf.dz_query,
-                       buf.dh_total, buf.dz_total, dk_rows, dv_rows, DeviceView<Element>::of(dk),
-                       DeviceView<Element>::of(dv));
-  });
-  SLATTN_LAUNCH_CHECK("linear_key_grads_kernel");
+  if (refusal == nullptr) {
+    refusal = linear_key_grads_wgmma(
+        g, plan, v, feature_map, scope, buf.key_set,
+        LinearKeyGradArgs{buf.dh_total, buf.dz_query, buf.dz_total, dk_rows, dv_rows, dk, dv}, stream);
+    refuse_if_forced(refusal);
+  }
+  if (refusal != nullptr)
+    linear_key_grads(g, plan, k, v, feature_map, scope, buf, dk_rows, dv_rows, dk, dv, stream);
 }
 
 }  // namespace slattn::cuda

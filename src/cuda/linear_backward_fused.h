@@ -1,8 +1,8 @@
 // The linear branch's backward for the fixed feature maps (SPEC section 5),
 // fused like its forward (linear_forward_fused.h): the key-block states are
-// recomputed, then one kernel per query block (Ol, G, c, dQ, dH_m, dZ_m; on
-// Hopper linear_backward_wgmma.h's) and one per key block (dh_n, dz_n, dK,
-// dV); no row of φ, V or G goes through global memory. Hedgehog, and devices
+// recomputed, then one kernel per query block (Ol, G, c, dQ, dH_m, dZ_m) and
+// one per key block (dh_n, dz_n, dK, dV), on Hopper linear_backward_wgmma.h's;
+// no row of φ, V or G goes through global memory. Hedgehog, and devices
 // whose shared memory is too small for the kernels (140 KB at 128-row blocks
 // and D = 128), take the unfused path.
 #pragma once
@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/geometry.h"
+#include "cuda/linear_backward_wgmma.h"
 #include "cuda/linear_set_operands.h"
 #include "cuda/linear_states.h"
 #include "slattn/options.h"
@@ -20,7 +21,8 @@ namespace slattn::cuda {
 
 struct LinearGradBuffers {
   KeyStates keys;
-  LinearSetOperands linear_set{};  // with the Hopper query kernel (use_hopper_linear)
+  LinearSetOperands linear_set{};     // with the Hopper kernels (use_hopper_linear)
+  LinearKeyGradOperands key_set{};    // likewise
   float* ol = nullptr;   // (q pairs, q_rows, D): Ol rows for dW (with a projection)
   float* dol = nullptr;  // (q pairs, q_rows, D): dO W (with a projection)
   float* dh_query;       // (q pairs * Mq, F, D)

@@ -1,5 +1,6 @@
-// The query side of the linear branch's backward on Hopper (sm_90a) for the
-// fixed feature maps, by the forward's algebra (linear_forward_wgmma.h): with
+// The linear branch's backward on Hopper (sm_90a) for the fixed feature maps,
+// by the forward's algebra (linear_forward_wgmma.h). The query side
+// (linear_query_grads_wgmma.cu): with
 // dOl = dO W (+ the gradient of the returned Ol) and den_i = φ(q_i)·Z_m + ε,
 //   P = dOl H_mᵀ = Σ_{n in U_m} dOl h_nᵀ  or  dOl Hᵀ − Σ_{n not in U_m} dOl h_nᵀ,
 // one warpgroup product per listed block with h_n in the input dtype, and
@@ -7,8 +8,14 @@
 // φ(q_i)·P_i / den_i² (Ol_i = φ(q_i) H_m / den_i), so Ol itself is needed only
 // for the projection's dW (it is accumulated beside P from the same tiles).
 // dQφ = g H_mᵀ − c Z_m goes through φ into dQ; dH_m = (φ(Q_m) / den)ᵀ dOl is
-// one more product and dZ_m = −Σ c_i φ(q_i). dOl, φ/den and the products'
-// operands are rounded to the input dtype (fp32 accumulation).
+// one more product and dZ_m = −Σ c_i φ(q_i). The key side
+// (linear_key_grads_wgmma.cu), per key block n over the query blocks of its
+// column of the block map, for each query head of the GQA group:
+//   dh_n = Σ_{m: n in U_m} dH_m  or  dH − Σ_{m: n not in U_m} dH_m,
+// so dKφ = V_n dh_nᵀ + dz_n and dV += φ(K_n) dh_n are one pair of products
+// per listed dH_m (in the input dtype), the total dH being one more tile.
+// dOl, φ/den, dH_m and the products' operands are rounded to the input dtype
+// (fp32 accumulation).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,6 +23,7 @@
 #include "cuda/geometry.h"
 #include "cuda/linear_set_operands.h"
 #include "cuda/linear_states.h"
+#include "cuda/workspace.h"
 #include "slattn/options.h"
 #include "slattn/plan.h"
 #include "slattn/tensor_view.h"
@@ -31,6 +39,7 @@ struct LinearQueryGradArgs {
   const float* dq_rows;    // (q pairs, q_rows, D): the sparse branch's dQ
   TensorView dq;           // dq = dq_rows + the linear branch's, in the output dtype
   float* dh_query;         // (q pairs * Mq, F, D): dH_m
+  void* dh_low;            // (q pairs * Mq, F, D): dH_m in the input dtype
   float* dz_query;         // (q pairs * Mq, F): dZ_m
 };
 
@@ -43,5 +52,31 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
                                      FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                      const LinearSetOperands& operands, const LinearQueryGradArgs& args,
                                      cudaStream_t stream);
+
+// Workspace of linear_key_grads_wgmma, in the input dtype where not said.
+struct LinearKeyGradOperands {
+  void* phi_k = nullptr;   // (kv pairs, Lk, F): φ(K), written by key_block_states
+  void* dh_low = nullptr;  // (q pairs * Mq + q pairs, F, D): dH_m (the query kernel's), then each pair's dH
+  float* dz_key = nullptr;  // (kv pairs * Nk, F) fp32: dz_n
+
+  static LinearKeyGradOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
+};
+
+struct LinearKeyGradArgs {
+  const float* dh_total;  // (q pairs, F, D): Σ_m dH_m
+  const float* dz_query;  // (q pairs * Mq, F)
+  const float* dz_total;  // (q pairs, F)
+  const float* dk_rows;   // (kv pairs, k_rows, D): the sparse branch's dK
+  const float* dv_rows;   // likewise dV
+  TensorView dk, dv;      // = those + the linear branch's, in the output dtype
+};
+
+// Per key block: dk and dv, from v and `operands` (phi_k and the dH_m of
+// dh_low filled before; the rest prepared here). Returns nullptr, or why it
+// cannot run (nothing launched): no sm_90a code, too little shared memory, or
+// v's layout (the copy engine needs 16-byte aligned row strides).
+const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& v,
+                                   FeatureMap feature_map, LinearScope scope, const LinearKeyGradOperands& operands,
+                                   const LinearKeyGradArgs& args, cudaStream_t stream);
 
 }  // namespace slattn::cuda

@@ -34,7 +34,7 @@ size_t state_shared_bytes(const Geometry& g) {
 template <typename Element, int kDim>
 __global__ void __launch_bounds__(state_threads<kDim>())
     key_block_states_kernel(Geometry g, DeviceView<const Element> k, DeviceView<const Element> v,
-                            FeatureMap feature_map, KeyStates states, Element* low_states) {
+                            FeatureMap feature_map, KeyStates states, Element* low_states, Element* phi_k) {
   constexpr int kThreads = state_threads<kDim>(), kWarps = kThreads / kWarpSize;
   extern __shared__ __align__(16) unsigned char raw[];
   auto& s = *reinterpret_cast<StateShared<Element, kDim>*>(raw);
@@ -58,9 +58,11 @@ __global__ void __launch_bounds__(state_threads<kDim>())
   WarpRow z{};  // this warp's share of z_n
   for (int chunk = 0; chunk < rows; chunk += kKeyChunk) {
     stage_phi_rows<Element, kDim>(k_tile, chunk, kKeyChunk, rows, feature_map, &s.phi[0][0], kDim + kStatePad,
-                                  [&](int, const WarpRow& phi) {
+                                  [&](int r, const WarpRow& phi) {
 #pragma unroll
                                     for (int t = 0; t < kMaxPerLane; ++t) z.v[t] += phi.v[t];
+                                    if (phi_k && chunk + r < rows)
+                                      phi.store(phi_k + (pair * g.k_len + first + chunk + r) * kDim, kDim);
                                   });
     __syncthreads();
     // rows f of h_n: A (f, key) = φ(k_key)_f, B (key, d) = v_key,d; keys past the end are zero in both
@@ -153,7 +155,7 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, kQueryBloc
 }  // namespace
 
 void key_block_states(const Geometry& g, const TensorView& k, const TensorView& v, FeatureMap feature_map,
-                      const KeyStates& states, void* low_states, cudaStream_t stream) {
+                      const KeyStates& states, void* low_states, void* phi_k, cudaStream_t stream) {
   SLATTN_CHECK(fused_linear_forward_supported(feature_map), "key_block_states: fixed feature maps only");
   dispatch_sparse_kernel(k.dtype, g, [&](auto tag, auto head_dim, auto, auto) {
     using Element = decltype(tag);
@@ -161,7 +163,7 @@ void key_block_states(const Geometry& g, const TensorView& k, const TensorView& 
     launch_with_shared(key_block_states_kernel<Element, D>, static_cast<unsigned>(g.kv_pairs() * g.k_blocks),
                        state_threads<D>(), state_shared_bytes<Element, D>(g), stream, g,
                        DeviceView<const Element>::of(k), DeviceView<const Element>::of(v), feature_map, states,
-                       static_cast<Element*>(low_states));
+                       static_cast<Element*>(low_states), static_cast<Element*>(phi_k));
   });
   SLATTN_LAUNCH_CHECK("key_block_states_kernel");
   const int64_t state = g.features * g.dim;

@@ -16,10 +16,11 @@ namespace slattn::cuda {
 
 inline bool fused_linear_forward_supported(FeatureMap feature_map) { return !has_feature_weights(feature_map); }
 
-// Fills `states` from k and v, and h_n rounded to k's dtype into
-// low_states, (kv pairs * Nk, F, D) dense, when not null.
+// Fills `states` from k and v, and, in k's dtype, h_n into low_states
+// ((kv pairs * Nk, F, D) dense) and φ(K) into phi_k ((kv pairs, Lk, F)
+// dense) when not null.
 void key_block_states(const Geometry& g, const TensorView& k, const TensorView& v, FeatureMap feature_map,
-                      const KeyStates& states, void* low_states, cudaStream_t stream);
+                      const KeyStates& states, void* low_states, void* phi_k, cudaStream_t stream);
 
 // Per query block m: Ol = φ(Q_m) H_m / (φ(Q_m)·Z_m + ε) (0 where U_m is empty),
 // written to out_linear when defined; with a projection, out += Ol Wᵀ + b in

@@ -1,5 +1,6 @@
 // The Hopper linear kernels' operands (linear_set_operands.h): Z_m per query
-// block by set_z_kernel (a warp per block, the kernels' own listing), φ(Q)
+// block (and dz_n per key block) by listed_sums_kernel (a warp per line of the
+// block map, the kernels' own listing), φ(Q)
 // and the denominators by query_features_kernel in row slices (row_ops.cuh),
 // H and W rounded to the input dtype.
 #include "cuda/linear_set_operands.h"
@@ -15,33 +16,69 @@
 namespace slattn::cuda {
 namespace {
 
-inline constexpr int kSetZThreads = 256;  // a warp per query block
+inline constexpr int kSetSumThreads = 256;  // a warp per line of the block map
 
-// Z_m of every query block: Σ z_n over the key blocks of U_m, or Z less the
-// blocks outside it when those are fewer (LinearSetBlocks' listing); each
-// lane sums kDim / 32 features. 0 for an empty U_m.
-template <int kDim>
-__global__ void __launch_bounds__(kSetZThreads)
-    set_z_kernel(Geometry g, RoutingPlanView plan, LinearScope scope, const float* block_z, const float* total_z,
-                 float* set_z) {
+// Per line of the block map, the per-block vectors of the listed blocks summed
+// (LinearSetLine's listing), or the total less them when those are the
+// blocks outside the set; each lane sums kDim / 32 features. Rows (query
+// blocks): Z_m from the key blocks' z_n and Z. Columns (key blocks): dz_n
+// from the query blocks' dZ_m and their total, over the query heads of the
+// GQA group. 0 for an empty set.
+template <int kDim, MapLine kLine>
+__global__ void __launch_bounds__(kSetSumThreads)
+    listed_sums_kernel(Geometry g, RoutingPlanView plan, LinearScope scope, const float* block_vectors,
+                       const float* totals, float* sums) {
   constexpr int kPerLane = kDim / kWarpSize;
-  const int64_t row = (blockIdx.x * int64_t(kSetZThreads) + threadIdx.x) / kWarpSize;  // (q pair, m)
-  if (row >= g.q_pairs() * g.q_blocks) return;
-  const int64_t kv_pair = g.kv_pair_of(row / g.q_blocks);
+  constexpr bool kRows = kLine == MapLine::row;
+  const int64_t line = (blockIdx.x * int64_t(kSetSumThreads) + threadIdx.x) / kWarpSize;
+  if (line >= (kRows ? g.q_pairs() * g.q_blocks : g.kv_pairs() * g.k_blocks)) return;
   const int first = threadIdx.x % kWarpSize * kPerLane;
-  const LinearSetBlocks blocks{plan, scope};
-  const BlockListing listing = blocks.list(row);
-  float z[kPerLane];
+  const LinearSetLine<kLine> blocks{plan, scope};
+  float sum[kPerLane];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) z[i] = 0.0f;
-  blocks.visit(row, listing, [&](int32_t n) {
-    const float* z_n = block_z + (kv_pair * g.k_blocks + n) * kDim + first;
+  for (int i = 0; i < kPerLane; ++i) sum[i] = 0.0f;
+  const int64_t members = kRows ? 1 : g.group();
+  for (int64_t member = 0; member < members; ++member) {
+    // The line of the plan, whose blocks' vectors start at `vectors`, and its total.
+    int64_t plan_line, vectors, total;
+    if constexpr (kRows) {
+      const int64_t kv_pair = g.kv_pair_of(line / g.q_blocks);
+      plan_line = line, vectors = kv_pair * g.k_blocks, total = kv_pair;
+    } else {
+      const int64_t kv_pair = line / g.k_blocks, n = line % g.k_blocks;
+      const int64_t q_pair = kv_pair / g.kv_heads * g.heads + kv_pair % g.kv_heads * g.group() + member;
+      plan_line = q_pair * g.k_blocks + n, vectors = q_pair * g.q_blocks, total = q_pair;
+    }
+    const BlockListing listing = blocks.list(plan_line);
+    float listed[kPerLane];
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) z[i] += z_n[i];
-  });
-  const float* total = total_z + kv_pair * kDim + first;
+    for (int i = 0; i < kPerLane; ++i) listed[i] = 0.0f;
+    blocks.visit(plan_line, listing, [&](int32_t index) {
+      const float* vector = block_vectors + (vectors + index) * kDim + first;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) set_z[row * kDim + first + i] = listing.complement ? total[i] - z[i] : z[i];
+      for (int i = 0; i < kPerLane; ++i) listed[i] += vector[i];
+    });
+    const float* whole = totals + total * kDim + first;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) sum[i] += listing.complement ? whole[i] - listed[i] : listed[i];
+  }
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) sums[line * kDim + first + i] = sum[i];
+}
+
+template <MapLine kLine>
+void listed_sums(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* block_vectors,
+                 const float* totals, float* sums, cudaStream_t stream) {
+  const int64_t lines = kLine == MapLine::row ? g.q_pairs() * g.q_blocks : g.kv_pairs() * g.k_blocks;
+  const auto blocks = static_cast<unsigned>(ceil_div(lines * kWarpSize, kSetSumThreads));
+  if (g.features == 64) {
+    listed_sums_kernel<64, kLine><<<blocks, kSetSumThreads, 0, stream>>>(g, plan, scope, block_vectors, totals, sums);
+  } else {
+    SLATTN_CHECK(g.features == 128, "listed_sums: 64 or 128 features");
+    listed_sums_kernel<128, kLine><<<blocks, kSetSumThreads, 0, stream>>>(g, plan, scope, block_vectors, totals,
+                                                                          sums);
+  }
+  SLATTN_LAUNCH_CHECK("listed_sums_kernel");
 }
 
 // φ(q) of every query row rounded to the input dtype into phi_q (dense), and
@@ -92,15 +129,18 @@ __global__ void round_to_element_kernel(const float* source, Element* target, in
     target[i] = from_float<Element>(source[i]);
 }
 
-template <typename Element>
-void round_to_element(const float* source, void* target, int64_t count, cudaStream_t stream) {
+}  // namespace
+
+void round_to_dtype(const float* source, void* target, DType dtype, int64_t count, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(count, kThreads), 1024));
-  round_to_element_kernel<<<blocks, kThreads, 0, stream>>>(source, static_cast<Element*>(target), count);
+  dispatch_element(dtype, [&](auto tag) {
+    using Element = decltype(tag);
+    round_to_element_kernel<<<blocks, kThreads, 0, stream>>>(source, static_cast<Element*>(target), count);
+  });
   SLATTN_LAUNCH_CHECK("round_to_element_kernel");
 }
 
-// A (batch, heads, length, dim) tensor stored densely in that order.
 TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim) {
   TensorView view;
   view.data = data;
@@ -109,8 +149,6 @@ TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int
   view.stride = {heads * length * dim, length * dim, dim, 1};
   return view;
 }
-
-}  // namespace
 
 LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geometry& g, DType dtype) {
   LinearSetOperands o;
@@ -132,20 +170,17 @@ void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan,
                                  FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                  const float* weight, const LinearSetOperands& operands, cudaStream_t stream) {
   SLATTN_CHECK(g.features == g.dim, "prepare_linear_set_operands: fixed feature maps only");
+  listed_sums<MapLine::row>(g, plan, scope, states.z, states.total_z, operands.set_z, stream);
   dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto, auto) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value;
-    const int64_t set_rows = g.q_pairs() * g.q_blocks;
-    set_z_kernel<D><<<static_cast<unsigned>(ceil_div(set_rows * kWarpSize, kSetZThreads)), kSetZThreads, 0,
-                      stream>>>(g, plan, scope, states.z, states.total_z, operands.set_z);
-    SLATTN_LAUNCH_CHECK("set_z_kernel");
     query_features_kernel<Element, D><<<RowSlice<D>::blocks(g.q_pairs() * g.q_len, kRowThreads), kRowThreads, 0,
                                         stream>>>(g, DeviceView<const Element>::of(q), feature_map, operands.set_z,
                                                   static_cast<Element*>(operands.phi_q), operands.denominator);
     SLATTN_LAUNCH_CHECK("query_features_kernel");
-    round_to_element<Element>(states.total_h, operands.total_h, g.kv_pairs() * D * D, stream);
-    if (weight) round_to_element<Element>(weight, operands.weight, D * D, stream);
   });
+  round_to_dtype(states.total_h, operands.total_h, q.dtype, g.kv_pairs() * g.features * g.dim, stream);
+  if (weight) round_to_dtype(weight, operands.weight, q.dtype, g.dim * g.dim, stream);
 }
 
 LinearSetMaps linear_set_maps(const Geometry& g, DType dtype, const LinearSetOperands& operands) {
@@ -161,6 +196,11 @@ LinearSetMaps linear_set_maps(const Geometry& g, DType dtype, const LinearSetOpe
       make_row_tile_map(dense_rows(operands.weight, dtype, 1, 1, d, d), static_cast<int>(d), &maps.w);
   SLATTN_CHECK(packed, "linear_set_maps: the tile copy engine refused a workspace buffer");
   return maps;
+}
+
+void key_block_dz(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* dz_query,
+                  const float* dz_total, float* dz_key, cudaStream_t stream) {
+  listed_sums<MapLine::column>(g, plan, scope, dz_query, dz_total, dz_key, stream);
 }
 
 }  // namespace slattn::cuda

@@ -40,6 +40,18 @@ void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan,
                                  FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                  const float* weight, const LinearSetOperands& operands, cudaStream_t stream);
 
+// dz_n = Σ over the query heads of the GQA group of Σ_{m: n in U_m} dZ_m (or
+// the total less the others, as the key kernel lists them), per key block:
+// dz_query (q pairs * Mq, F), dz_total (q pairs, F) -> dz_key (kv pairs * Nk, F).
+void key_block_dz(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* dz_query,
+                  const float* dz_total, float* dz_key, cudaStream_t stream);
+
+// target[i] = source[i] rounded to `dtype` (bf16 or fp16).
+void round_to_dtype(const float* source, void* target, DType dtype, int64_t count, cudaStream_t stream);
+
+// A (batch, heads, length, dim) tensor stored densely in that order.
+TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim);
+
 struct LinearSetMaps {
   RowTileMap phi_q;   // boxes of block_q rows
   RowTileMap states;  // h_n as (1, kv pairs * Nk, F, D): boxes of whole states

@@ -58,7 +58,7 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
                            static_cast<float>(p.scale)};
   run_sparse_forward(p, g, plan, sparse, buf, stream);
   if (!p.linear_branch()) return;
-  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, buf.linear_set.block_h, stream);
+  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, buf.linear_set.block_h, nullptr, stream);
   const auto* weight = static_cast<const float*>(p.proj_weight);
   const auto* bias = static_cast<const float*>(p.proj_bias);
   if (buf.linear_set.block_h) {

@@ -77,6 +77,7 @@ struct QueryGradKernelArgs {
   const float* dq_rows;
   DeviceView<Element> dq;
   float* dh_query;
+  Element* dh_low;  // dH_m in the input dtype too
   float* dz_query;
 };
 
@@ -295,12 +296,15 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       wgmma_wait<0>();
       fence_accumulators(dh);
       const int feature = block * kWarpgroupRows + tile_row % kWarpgroupRows;
-      float* dh_out = a.dh_query + ((pair * g.q_blocks + at.m) * kHeadDim + feature) * kHeadDim + 2 * quad;
+      const int64_t at_feature = ((pair * g.q_blocks + at.m) * kHeadDim + feature) * kHeadDim + 2 * quad;
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
-        for (int j = 0; j < kTiles; ++j)
-          *reinterpret_cast<float2*>(dh_out + 8 * r * kHeadDim + 8 * j) = make_float2(dh[j][2 * r], dh[j][2 * r + 1]);
+        for (int j = 0; j < kTiles; ++j) {
+          const int64_t at_pair = at_feature + 8 * r * kHeadDim + 8 * j;
+          *reinterpret_cast<float2*>(a.dh_query + at_pair) = make_float2(dh[j][2 * r], dh[j][2 * r + 1]);
+          *reinterpret_cast<uint32_t*>(a.dh_low + at_pair) = pack2<Element>(dh[j][2 * r], dh[j][2 * r + 1]);
+        }
     }
     // dZ_m = −Σ_i c_i φ(q_i) = −Σ_i (c_i den_i) (φ(q_i) / den_i).
     for (int f = consumer_thread; f < kHeadDim; f += kConsumerThreads) {
@@ -354,6 +358,7 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
                                                    args.dq_rows,
                                                    DeviceView<Element>::of(args.dq),
                                                    args.dh_query,
+                                                   static_cast<Element*>(args.dh_low),
                                                    args.dz_query};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, plan, kernel_args);
