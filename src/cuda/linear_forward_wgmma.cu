@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
     float out[kHeadDim / 8][4] = {};
     if (complement) {
       wgmma_fence();
-      issue_rows_times_state<1>(out, s.q, s.h, warpgroup_row0);
+      issue_rows_times<1, StateRead::as_stored>(out, s.q, s.h, warpgroup_row0);
       wgmma_commit();
     }
     for (int32_t t = t0; t < t0 + total; ++t) {
@@ -148,9 +148,9 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
       s.pipe.wait_keys(t);
       wgmma_fence();
       if (complement) {
-        issue_rows_times_state<-1>(out, s.q, s.states[stage], warpgroup_row0);
+        issue_rows_times<-1, StateRead::as_stored>(out, s.q, s.states[stage], warpgroup_row0);
       } else {
-        issue_rows_times_state<1>(out, s.q, s.states[stage], warpgroup_row0);
+        issue_rows_times<1, StateRead::as_stored>(out, s.q, s.states[stage], warpgroup_row0);
       }
       wgmma_commit();
       wgmma_wait<1>();  // the previous tile's product is done with its stage
@@ -222,14 +222,8 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
     using Config = WgmmaLinear<Element, D, BQ>;
     const auto kernel = linear_output_wgmma_kernel<Element, D, BQ>;
     static const bool available = loaded_for_hopper(kernel);
-    if (!available) {
-      refusal = "the build has no sm_90a code";
-      return;
-    }
-    if (Config::kSharedBytes > max_shared_per_block()) {
-      refusal = "the Hopper linear forward needs more shared memory than this GPU gives a thread block";
-      return;
-    }
+    refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
+    if (refusal != nullptr) return;
     const LinearSetMaps maps = linear_set_maps(g, q.dtype, operands);
     prepare_linear_set_operands(g, plan, q, feature_map, scope, states, weight, operands, stream);
 

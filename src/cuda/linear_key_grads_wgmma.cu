@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
         const int stage = s.pipe.stage(t);
         s.pipe.wait_keys(t);
         wgmma_fence();
-        issue_rows_times_state_transposed<kSign>(dk, s.v, s.states[stage], warpgroup_row0);
-        issue_rows_times_state<kSign>(dv, s.phi, s.states[stage], warpgroup_row0);
+        issue_rows_times<kSign, StateRead::transposed>(dk, s.v, s.states[stage], warpgroup_row0);
+        issue_rows_times<kSign, StateRead::as_stored>(dv, s.phi, s.states[stage], warpgroup_row0);
         wgmma_commit();
         wgmma_wait<1>();  // the previous tile's products are done with its stage
         if (t > t0) {
@@ -187,17 +187,9 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
     s.pipe.q_empty.arrive();  // every read of V and φ(K) is complete
 
     const int64_t key0 = n * kBlockK + tile_row;  // the thread's first key; the second is 8 on
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // dv = the sparse branch's dv rows + φ(K) dh_n, in the output dtype
-      const int64_t key = key0 + 8 * r;
-      if (key >= g.k_len) continue;
-      const float* sparse = a.dv_rows + (kv_pair * g.k_rows() + key) * kHeadDim + 2 * quad;
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-        const float2 from_sparse = *reinterpret_cast<const float2*>(sparse + 8 * j);
-        store_pair(a.dv, b, kv, key, j * 8 + 2 * quad, from_sparse.x + dv[j][2 * r], from_sparse.y + dv[j][2 * r + 1]);
-      }
-    }
+    // dv = the sparse branch's dv rows + φ(K) dh_n, in the output dtype.
+    store_sum_with_rows(a.dv, b, kv, key0, g.k_len, a.dv_rows + (kv_pair * g.k_rows() + key0) * kHeadDim + 2 * quad,
+                        kHeadDim, dv);
 
     // dKφ = V dh_nᵀ + dz_n, through φ into dk.
     const float* dz = a.dz_key + item * kHeadDim + 2 * quad;
@@ -211,17 +203,8 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
       }
     }
     feature_map_backward<kHeadDim>(a.feature_map, phi, dk);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // dk = the sparse branch's dk rows + this
-      const int64_t key = key0 + 8 * r;
-      if (key >= g.k_len) continue;
-      const float* sparse = a.dk_rows + (kv_pair * g.k_rows() + key) * kHeadDim + 2 * quad;
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-        const float2 from_sparse = *reinterpret_cast<const float2*>(sparse + 8 * j);
-        store_pair(a.dk, b, kv, key, j * 8 + 2 * quad, from_sparse.x + dk[j][2 * r], from_sparse.y + dk[j][2 * r + 1]);
-      }
-    }
+    store_sum_with_rows(a.dk, b, kv, key0, g.k_len, a.dk_rows + (kv_pair * g.k_rows() + key0) * kHeadDim + 2 * quad,
+                        kHeadDim, dk);  // dk = the sparse branch's dk rows + this
   }
 #endif
 }
@@ -249,14 +232,8 @@ const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& pla
     using Config = WgmmaKeyGrads<Element, D, BK>;
     const auto kernel = linear_key_grads_wgmma_kernel<Element, D, BK>;
     static const bool available = loaded_for_hopper(kernel);
-    if (!available) {
-      refusal = "the build has no sm_90a code";
-      return;
-    }
-    if (Config::kSharedBytes > max_shared_per_block()) {
-      refusal = "the Hopper linear backward needs more shared memory than this GPU gives a thread block";
-      return;
-    }
+    refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
+    if (refusal != nullptr) return;
     if (g.group() > kMaxGroup) {
       refusal = "the Hopper linear backward takes at most 32 query heads per kv head";
       return;

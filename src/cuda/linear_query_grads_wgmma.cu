@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       if (a.project) {
         s.w_full.wait(0);
         wgmma_fence();
-        issue_rows_times_state<1>(dol, s.dol, s.w, warpgroup_row0);
+        issue_rows_times<1, StateRead::as_stored>(dol, s.dol, s.w, warpgroup_row0);
         wgmma_commit();
         wgmma_wait<0>();
         fence_accumulators(dol);
@@ -196,8 +196,8 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     float out[kTiles][4] = {};
     if (complement) {
       wgmma_fence();
-      issue_rows_times_state_transposed<1>(grad, s.dol, s.h, warpgroup_row0);
-      issue_rows_times_state<1>(out, s.phi, s.h, warpgroup_row0);
+      issue_rows_times<1, StateRead::transposed>(grad, s.dol, s.h, warpgroup_row0);
+      issue_rows_times<1, StateRead::as_stored>(out, s.phi, s.h, warpgroup_row0);
       wgmma_commit();
     }
     for (int32_t t = t0; t < t0 + total; ++t) {
@@ -205,11 +205,11 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       s.pipe.wait_keys(t);
       wgmma_fence();
       if (complement) {
-        issue_rows_times_state_transposed<-1>(grad, s.dol, s.states[stage], warpgroup_row0);
-        issue_rows_times_state<-1>(out, s.phi, s.states[stage], warpgroup_row0);
+        issue_rows_times<-1, StateRead::transposed>(grad, s.dol, s.states[stage], warpgroup_row0);
+        issue_rows_times<-1, StateRead::as_stored>(out, s.phi, s.states[stage], warpgroup_row0);
       } else {
-        issue_rows_times_state_transposed<1>(grad, s.dol, s.states[stage], warpgroup_row0);
-        issue_rows_times_state<1>(out, s.phi, s.states[stage], warpgroup_row0);
+        issue_rows_times<1, StateRead::transposed>(grad, s.dol, s.states[stage], warpgroup_row0);
+        issue_rows_times<1, StateRead::as_stored>(out, s.phi, s.states[stage], warpgroup_row0);
       }
       wgmma_commit();
       wgmma_wait<1>();  // the previous tile's products are done with its stage
@@ -332,14 +332,8 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
     using Config = WgmmaQueryGrads<Element, D, BQ>;
     const auto kernel = linear_query_grads_wgmma_kernel<Element, D, BQ>;
     static const bool available = loaded_for_hopper(kernel);
-    if (!available) {
-      refusal = "the build has no sm_90a code";
-      return;
-    }
-    if (Config::kSharedBytes > max_shared_per_block()) {
-      refusal = "the Hopper linear backward needs more shared memory than this GPU gives a thread block";
-      return;
-    }
+    refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
+    if (refusal != nullptr) return;
     QueryGradMaps maps{};
     if (args.weight && !make_row_tile_map(args.dout, BQ, &maps.dout)) {
       refusal = "dout's rows do not suit the tile copy engine";

@@ -11,30 +11,23 @@
 
 namespace slattn::cuda {
 
-// acc += kSign rows · X.
-template <int kSign, typename RowTile, typename StateTile, int kTiles>
-__device__ __forceinline__ void issue_rows_times_state(float (&acc)[kTiles][4], const RowTile& rows,
-                                                       const StateTile& state, int row0) {
-  using Element = std::remove_cv_t<std::remove_reference_t<decltype(rows.data[0])>>;
-  uint64_t rows_desc = k_major_descriptor(rows), state_desc = mn_major_descriptor(state);
-  opaque(rows_desc);
-#pragma unroll
-  for (int step = 0; step < RowTile::kChunks * RowTile::kChunkCols / 16; ++step)
-    wgmma_ss<Element, kTiles * 8, 0, 1, kSign>(acc, rows_desc + k_major_offset<RowTile>(row0, step),
-                                               state_desc + mn_major_offset(step), true);
-}
+enum class StateRead { as_stored, transposed };
 
-// acc += kSign rows · Xᵀ.
-template <int kSign, typename RowTile, typename StateTile, int kTiles>
-__device__ __forceinline__ void issue_rows_times_state_transposed(float (&acc)[kTiles][4], const RowTile& rows,
-                                                                  const StateTile& state, int row0) {
+// acc += kSign rows · X (kRead: as_stored) or rows · Xᵀ (transposed).
+template <int kSign, StateRead kRead, typename RowTile, typename StateTile, int kTiles>
+__device__ __forceinline__ void issue_rows_times(float (&acc)[kTiles][4], const RowTile& rows, const StateTile& state,
+                                                 int row0) {
   using Element = std::remove_cv_t<std::remove_reference_t<decltype(rows.data[0])>>;
-  uint64_t rows_desc = k_major_descriptor(rows), state_desc = k_major_descriptor(state);
+  constexpr bool kTransposed = kRead == StateRead::transposed;
+  uint64_t rows_desc = k_major_descriptor(rows);
+  const uint64_t state_desc = kTransposed ? k_major_descriptor(state) : mn_major_descriptor(state);
   opaque(rows_desc);
 #pragma unroll
-  for (int step = 0; step < RowTile::kChunks * RowTile::kChunkCols / 16; ++step)
-    wgmma_ss<Element, kTiles * 8, 0, 0, kSign>(acc, rows_desc + k_major_offset<RowTile>(row0, step),
-                                               state_desc + k_major_offset<StateTile>(0, step), true);
+  for (int step = 0; step < RowTile::kChunks * RowTile::kChunkCols / 16; ++step) {
+    const uint64_t state_step = kTransposed ? k_major_offset<StateTile>(0, step) : mn_major_offset(step);
+    wgmma_ss<Element, kTiles * 8, 0, kTransposed ? 0 : 1, kSign>(
+        acc, rows_desc + k_major_offset<RowTile>(row0, step), state_desc + state_step, true);
+  }
 }
 
 }  // namespace slattn::cuda

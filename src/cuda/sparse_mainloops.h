@@ -29,6 +29,15 @@ bool loaded_for_hopper(Kernel kernel) {
   return attributes.binaryVersion == 90;
 }
 
+// Why a Hopper kernel cannot run here, or nullptr: `loaded` is
+// loaded_for_hopper(kernel) (kept by the caller per instantiation), `shared`
+// the bytes of shared memory it asks for.
+inline const char* hopper_kernel_refusal(bool loaded, size_t shared) {
+  if (!loaded) return "the build has no sm_90a code";
+  if (shared > max_shared_per_block()) return "the kernel needs more shared memory than this GPU gives a thread block";
+  return nullptr;
+}
+
 // The padded dOs rows of the backward's workspace, seen as a (B, H, q_rows, D) tensor.
 template <typename Element>
 DeviceView<const Element> dos_view(const Geometry& g, const void* dos_rows) {

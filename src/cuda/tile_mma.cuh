@@ -166,4 +166,22 @@ __device__ __forceinline__ void store_pair(const DeviceView<Element>& view, int6
   }
 }
 
+// out at the thread's accumulator rows `row` and row + 8 (rows from `end` on
+// skipped) = acc + fp32 `rows` (pitch apart, at the thread's first row and
+// column), stored in out's dtype: a branch's gradient rows plus another's.
+template <typename Element, int kTiles>
+__device__ __forceinline__ void store_sum_with_rows(const DeviceView<Element>& out, int64_t b, int64_t h, int64_t row,
+                                                    int64_t end, const float* rows, int pitch,
+                                                    const float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row + 8 * r >= end) continue;
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const float2 x = *reinterpret_cast<const float2*>(rows + 8 * r * pitch + 8 * j);
+      store_pair(out, b, h, row + 8 * r, j * 8 + 2 * int(threadIdx.x % 4), x.x + acc[j][2 * r], x.y + acc[j][2 * r + 1]);
+    }
+  }
+}
+
 }  // namespace slattn::cuda
