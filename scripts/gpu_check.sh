@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds slattn on a GPU machine (offline), runs the GPU tests, the
 # compute-sanitizer checks and the benchmark; logs go to $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|cuda-tests|sanitize|profile|ncu|bench|bench14b|all]...   (default: all;
+# Usage: bash scripts/gpu_check.sh [tests|cuda-tests|sanitize|profile|ncu|bench|bench14b|ab|all]...   (default: all;
 # cuda-tests: the kernel tests alone, ~15 s; ncu: Nsight Compute sections of the SLA kernels at the 1.3B shape,
-# not part of all). Any other word (say, build) only builds.
+# not part of all; ab: this tree against ab-baseline/ (scripts/ab_baseline.sh REV, carried to the GPU machine)
+# in one machine session, profile and bench at the 1.3B shape, not part of all). Any other word (say, build)
+# only builds.
 # Optional Python packages the GPU machine lacks (diffusers) may be put as
 # wheels in .whl/; they are installed to /tmp/site for this run.
 set -uo pipefail
@@ -78,5 +80,23 @@ if want bench14b; then
   echo "== bench, Wan2.1-14B 720p shape"
   timeout 400 slattn bench --device cuda --shape 1,40,75600,128 --block-q 128 --block-k 128 \
     --out-dir "$LOGS/bench-14b" --repeats 3 2>&1 | tail -7 || status=1
+fi
+if [[ " $STEPS " == *" ab "* ]]; then
+  # Machine instances differ by 10-20%: a change is measured against its baseline on the same one.
+  ab_run() {
+    echo "== $1: profile (fwd+bwd kernels, 128-blocks) and bench"
+    timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 128 2>&1 | tee "$LOGS/ab-$1-profile.log" \
+      | grep -v Warning | head -16 | cut -c1-72,144-158 || status=1
+    timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --block-q 128 --block-k 128 \
+      --out-dir "$LOGS/ab-$1-bench" --repeats 5 2>&1 | grep -A1 "^shape" || status=1
+  }
+  if [ -f ab-baseline/pyproject.toml ]; then
+    ab_run "this-tree"
+    (cd ab-baseline && rm -rf build && python3 -m pip install -q --no-build-isolation --no-index --no-deps . \
+      >"$LOGS/ab-build.log" 2>&1) || { tail -20 "$LOGS/ab-build.log"; exit 1; }
+    ab_run "baseline-$(cat ab-baseline/REV 2>/dev/null)"
+  else
+    echo "ab: no ab-baseline/ (make one with scripts/ab_baseline.sh REV and carry it)"; status=1
+  fi
 fi
 exit $status
