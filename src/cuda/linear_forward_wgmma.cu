@@ -9,8 +9,8 @@
 // no chain between them but the tensor cores', and no other work in the
 // loop). With the complement, O starts at φ(Q) H and each tile's product is
 // subtracted. The epilogue writes Ol = O / den and adds Ol Wᵀ + b (a
-// register-A product with W) to the output. Built for sm_90a only; other targets get an empty body that is
-// never launched.
+// register-A product with W) to the output. Built for sm_90a only; other
+// targets get an empty body that is never launched.
 #include "cuda/linear_forward_wgmma.h"
 
 #include <algorithm>
@@ -23,7 +23,6 @@
 #include "cuda/sparse_mainloops.h"
 #include "cuda/tile_mma.cuh"
 #include "cuda/wgmma.cuh"
-#include "slattn/sla.h"
 
 namespace slattn::cuda {
 namespace {

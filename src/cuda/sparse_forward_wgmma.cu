@@ -186,17 +186,15 @@ const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan,
     static const bool available = loaded_for_hopper(kernel);
     const size_t shared = Config::kSharedBytes;
     QkvTileMaps maps;
-    if (!available) {
-      refusal = "the build has no sm_90a code";
-    } else if (shared > max_shared_per_block()) {
-      refusal = "the Hopper forward needs more shared memory than this GPU gives a thread block";
-    } else if (!make_row_tile_map(args.q, BQ, &maps.q) || !make_row_tile_map(args.k, KT, &maps.k) ||
-               !make_row_tile_map(args.v, KT, &maps.v)) {
+    refusal = hopper_kernel_refusal(available, shared);
+    if (refusal != nullptr) return;
+    if (!make_row_tile_map(args.q, BQ, &maps.q) || !make_row_tile_map(args.k, KT, &maps.k) ||
+        !make_row_tile_map(args.v, KT, &maps.v)) {
       refusal = "the Hopper forward copies q, k and v with the tile copy engine, which needs each to have a "
                 "contiguous head dim, a 16-byte-aligned start and strides that are multiples of 16 bytes";
-    } else {
-      launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, g, plan, args);
+      return;
     }
+    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, g, plan, args);
   });
   if (refusal == nullptr) SLATTN_LAUNCH_CHECK("sparse_forward_wgmma_kernel");
   return refusal;
