@@ -115,7 +115,7 @@ struct DeviceView {
 // True when every row of x (b, h, l) is contiguous and starts on 16 bytes:
 // rows may then be copied in 16-byte vectors.
 template <typename Element>
-__device__ __forceinline__ bool rows_are_16_byte_aligned(const DeviceView<Element>& x) {
+__host__ __device__ __forceinline__ bool rows_are_16_byte_aligned(const DeviceView<Element>& x) {
   constexpr int kVector = 16 / sizeof(Element);
   return x.stride_d == 1 && x.stride_l % kVector == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0 &&
          x.stride_b % kVector == 0 && x.stride_h % kVector == 0;

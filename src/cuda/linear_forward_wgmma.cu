@@ -4,13 +4,14 @@
 // warp-specialised, persistent kernel. Its producer warp copies per query
 // block φ(Q_m) (and H when the block's states are subtracted) and, for each
 // key block of the walked list (LinearSetBlocks), h_n with the tile copy
-// engine into four stages; one consumer warpgroup per 64 query rows issues
+// engine into three stages; one consumer warpgroup per 64 query rows issues
 // O ±= φ(Q) h_n for one tile after another (the products accumulate into O:
 // no chain between them but the tensor cores', and no other work in the
 // loop). With the complement, O starts at φ(Q) H and each tile's product is
 // subtracted. The epilogue writes Ol = O / den and adds Ol Wᵀ + b (a
-// register-A product with W) to the output. Built for sm_90a only; other
-// targets get an empty body that is never launched.
+// register-A product with W) to the output: Os, read in 16-byte units before
+// the walk, gets it in shared memory and goes back in 16-byte units. Built
+// for sm_90a only; other targets get an empty body that is never launched.
 #include "cuda/linear_forward_wgmma.h"
 
 #include <algorithm>
@@ -32,11 +33,12 @@ template <typename Element, int kHeadDim, int kBlockQ>
 struct WgmmaLinear {
   static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-  static constexpr int kStages = 4;  // 3: 5% slower (H100, 1.3B shape)
-  using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;       // φ(Q_m)
+  static constexpr int kStages = 3;
+  using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;       // φ(Q_m), or the block's output rows
   using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // h_n or H (F x D), or W as (out, in)
   struct Shared {
     QTile q;
+    QTile staged;  // the block's Os rows, then Os + Ol Wᵀ + b: the output read and written in 16-byte units
     StateTile h;
     StateTile w;
     StateTile states[kStages];
@@ -120,6 +122,10 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
   const int consumer_thread = threadIdx.x - kWarpgroupThreads;
   const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
   const int lane = threadIdx.x % kWarpSize, group = lane / 4, quad = lane % 4;
+  const int warpgroup = consumer_thread / kWarpgroupThreads, warpgroup_thread = consumer_thread % kWarpgroupThreads;
+  const int tile_row = consumer_thread / kWarpSize * kRowsPerWarp + group;  // the thread's first row of the tiles
+  constexpr int kUnitsPerRow = kHeadDim / 8;
+  constexpr int kUnitsPerThread = kWarpgroupRows * kUnitsPerRow / kWarpgroupThreads;
   int32_t t0 = 0;  // the ring position of this item's first tile
   int32_t use = 0;
   const int64_t items = g.q_blocks * g.heads * g.batch;
@@ -135,6 +141,17 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
     for (int r = 0; r < 2; ++r) {
       const int64_t row = warp_row0 + group + 8 * r;
       inverse[r] = row < g.q_len ? 1.0f / a.denominator[pair * g.q_len + row] : 0.0f;
+    }
+    // Os of the warpgroup's rows in 16-byte units (a thread's units: every 128th), read before the
+    // walk; the epilogue adds Ol Wᵀ + b to them in shared memory.
+    uint4 os_units[kUnitsPerThread];
+#pragma unroll
+    for (int i = 0; i < kUnitsPerThread; ++i) {
+      const int unit = warpgroup_thread + i * kWarpgroupThreads;
+      const int64_t row = at.m * kBlockQ + warpgroup_row0 + unit / kUnitsPerRow;
+      os_units[i] = a.project && row < g.q_len
+                        ? *reinterpret_cast<const uint4*>(&a.out.at(at.b, at.h, row, unit % kUnitsPerRow * 8))
+                        : make_uint4(0, 0, 0, 0);
     }
     float out[kHeadDim / 8][4] = {};
     if (complement) {
@@ -191,16 +208,30 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
     wgmma_wait<0>();
     fence_accumulators(projected);
 #pragma unroll
+    for (int i = 0; i < kUnitsPerThread; ++i) {
+      const int unit = warpgroup_thread + i * kWarpgroupThreads;
+      *reinterpret_cast<uint4*>(s.staged.unit(warpgroup_row0 + unit / kUnitsPerRow, unit % kUnitsPerRow)) = os_units[i];
+    }
+    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t row = warp_row0 + group + 8 * r;
-      if (row >= g.q_len) continue;
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
         const int d = j * 8 + 2 * quad;
-        const float2 os = load_pair(a.out, at.b, at.h, row, d);
+        const float2 os = unpack2<Element>(s.staged.accumulator_pair(tile_row + 8 * r, j));
         const float2 b = a.bias ? make_float2(a.bias[d], a.bias[d + 1]) : make_float2(0.0f, 0.0f);
-        store_pair(a.out, at.b, at.h, row, d, os.x + projected[j][2 * r] + b.x, os.y + projected[j][2 * r + 1] + b.y);
+        s.staged.accumulator_pair(tile_row + 8 * r, j) =
+            pack2<Element>(os.x + projected[j][2 * r] + b.x, os.y + projected[j][2 * r + 1] + b.y);
       }
+    }
+    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
+#pragma unroll
+    for (int i = 0; i < kUnitsPerThread; ++i) {  // each thread writes the units it read: no hazard with the next block
+      const int unit = warpgroup_thread + i * kWarpgroupThreads;
+      const int64_t row = at.m * kBlockQ + warpgroup_row0 + unit / kUnitsPerRow;
+      if (row < g.q_len)
+        *reinterpret_cast<uint4*>(&a.out.at(at.b, at.h, row, unit % kUnitsPerRow * 8)) =
+            *reinterpret_cast<const uint4*>(s.staged.unit(warpgroup_row0 + unit / kUnitsPerRow, unit % kUnitsPerRow));
     }
   }
 #endif
@@ -223,6 +254,10 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
     static const bool available = loaded_for_hopper(kernel);
     refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
     if (refusal != nullptr) return;
+    if (weight && !rows_are_16_byte_aligned(DeviceView<Element>::of(out))) {
+      refusal = "the Hopper linear forward reads and writes out's rows in 16-byte vectors";
+      return;
+    }
     const LinearSetMaps maps = linear_set_maps(g, q.dtype, operands);
     prepare_linear_set_operands(g, plan, q, feature_map, scope, states, weight, operands, stream);
 
