@@ -19,11 +19,12 @@ def main() -> None:
     q, k, v = (torch.randn(shape, generator=gen).to("cuda", torch.bfloat16).requires_grad_() for _ in range(3))
     w = (0.02 * torch.randn(shape[-1], shape[-1], generator=gen)).cuda().requires_grad_()
     b = torch.zeros(shape[-1], device="cuda", requires_grad=True)
+    grad = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
 
     def step():
         out = slattn.sparse_linear_attention(q, k, v, w, b, topk=topk, block_q=block, block_k=block,
                                               quantized=quantized)
-        out.backward(torch.ones_like(out))
+        torch.autograd.grad(out, (q, k, v, w, b), grad)  # returned, not added to .grad as in slattn bench
 
     step()
     torch.cuda.synchronize()

@@ -178,12 +178,8 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
   auto stream = static_cast<cudaStream_t>(p.stream);
   WorkspaceCarver carver(p.workspace, p.workspace_bytes);
   const BackwardBuffers buf = BackwardBuffers::carve(carver, p, g);
-  const int64_t q_rows = g.q_pairs() * g.q_rows(), k_rows = g.kv_pairs() * g.k_rows();
-  // Pad rows are read by the batched products: start every accumulator at zero.
-  SLATTN_CUDA_CHECK(cudaMemsetAsync(buf.dq_rows, 0, q_rows * g.dim * sizeof(float), stream));
-  SLATTN_CUDA_CHECK(cudaMemsetAsync(buf.dk_rows, 0, k_rows * g.dim * sizeof(float), stream));
-  SLATTN_CUDA_CHECK(cudaMemsetAsync(buf.dv_rows, 0, k_rows * g.dim * sizeof(float), stream));
-
+  // The sparse backward writes every row of dq_rows, dk_rows and dv_rows,
+  // pad rows as zeros (the batched products read them): no memset.
   SparseBackwardArgs sparse{p.q, p.k, p.v, p.out_sparse, p.dout, p.dout_sparse, static_cast<const float*>(p.lse),
                             static_cast<float>(p.scale), buf.dos_rows, buf.dout_rows, buf.delta, buf.dq_rows,
                             buf.dk_rows, buf.dv_rows};

@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
   const int64_t n = blockIdx.x / tiles, kv = blockIdx.y, b = blockIdx.z;
   const int64_t key0 = n * g.block_k + (blockIdx.x % tiles) * kTile;
   const int64_t key_end = min(min(g.k_len, (n + 1) * g.block_k), key0 + kTile);
-  if (key0 >= key_end) return;
+  // A tile past the sequence walks nothing: its pad rows get zeros like every other pad row.
+  const int64_t members = key0 < key_end ? g.group() : 0;
   const auto q = DeviceView<const Element>::of(a.q);
   load_tile<Element, kHeadDim, kThreads>(DeviceView<const Element>::of(a.k), b, kv, key0, kTile, key_end, s.k);
   load_tile<Element, kHeadDim, kThreads>(DeviceView<const Element>::of(a.v), b, kv, key0, kTile, key_end, s.v);
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
   const float scale_log2 = a.scale * kLog2e;
   float dk[kDimTiles8][4] = {}, dv[kDimTiles8][4] = {};
 
-  for (int64_t member = 0; member < g.group(); ++member) {
+  for (int64_t member = 0; member < members; ++member) {
     const int64_t h = kv * g.group() + member;
     const int64_t pair = b * g.heads + h;
     const int64_t column = pair * g.k_blocks + n;
@@ -157,10 +158,10 @@ __global__ void __launch_bounds__(kTile / kRowsPerWarp * kWarpSize)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t key = key0 + local0 + accumulator_row(e);
-      if (key >= key_end) continue;
+      const bool valid = key < key_end;  // pad rows get zeros
       const int64_t offset = (kv_pair * g.k_rows() + key) * kHeadDim + accumulator_col(j, e);
-      a.dk_rows[offset] = a.scale * dk[j][e];
-      a.dv_rows[offset] = dv[j][e];
+      a.dk_rows[offset] = valid ? a.scale * dk[j][e] : 0.0f;
+      a.dv_rows[offset] = valid ? dv[j][e] : 0.0f;
     }
   }
 }

@@ -204,16 +204,16 @@ __global__ void __launch_bounds__(warpgroup_threads<kBlockK>(), 1)
   }
   cp_async_wait<0>();  // nothing left in flight when no tile was walked
   const int64_t kv_pair = b * g.kv_heads + kv;
+  const int64_t warp_rows = (kv_pair * g.k_rows() + key0 + local0) * kHeadDim;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t key = key0 + local0 + accumulator_row(2 * r);
-    if (key >= key_end) continue;
-    const int64_t warp_rows = (kv_pair * g.k_rows() + key0 + local0) * kHeadDim;
+    const bool valid = key0 + local0 + accumulator_row(2 * r) < key_end;  // pad rows get zeros
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
       accumulator_pair(a.dk_rows + warp_rows, kHeadDim, j, r) =
-          make_float2(a.scale * dk[j][2 * r], a.scale * dk[j][2 * r + 1]);
-      accumulator_pair(a.dv_rows + warp_rows, kHeadDim, j, r) = make_float2(dv[j][2 * r], dv[j][2 * r + 1]);
+          valid ? make_float2(a.scale * dk[j][2 * r], a.scale * dk[j][2 * r + 1]) : make_float2(0.0f, 0.0f);
+      accumulator_pair(a.dv_rows + warp_rows, kHeadDim, j, r) =
+          valid ? make_float2(dv[j][2 * r], dv[j][2 * r + 1]) : make_float2(0.0f, 0.0f);
     }
   }
 #endif
