@@ -90,7 +90,9 @@ if [[ " $STEPS " == *" ab "* ]]; then
     timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --block-q 128 --block-k 128 \
       --out-dir "$LOGS/ab-$1-bench" --repeats 5 2>&1 | grep -A1 "^shape" || status=1
   }
-  if [ -f ab-baseline/pyproject.toml ]; then
+  if [ "$status" -ne 0 ]; then
+    echo "ab: skipped, an earlier step failed"
+  elif [ -f ab-baseline/pyproject.toml ]; then
     ab_run "this-tree"
     (cd ab-baseline && rm -rf build && python3 -m pip install -q --no-build-isolation --no-index --no-deps . \
       >"$LOGS/ab-build.log" 2>&1) || { tail -20 "$LOGS/ab-build.log"; exit 1; }

@@ -40,9 +40,8 @@ __device__ __forceinline__ void fence_shared_for_tensor_cores() {
 // tile t + 1 (load_next(t + 1) issues them and commits its group), waits for
 // tile t's, and synchronises the block, after which tile t is complete for
 // every thread. The caller synchronises again once it is done with tile t,
-// before tile t + 2 is copied into the same buffer. kForTensorCoreReads: the
-// tile is read by wgmma, which needs the copies fenced first.
-template <bool kForTensorCoreReads = false, typename Index, typename LoadNext>
+// before tile t + 2 is copied into the same buffer.
+template <typename Index, typename LoadNext>
 __device__ __forceinline__ void await_tile(Index t, Index total, LoadNext&& load_next) {
   if (t + 1 < total) {
     load_next(t + 1);
@@ -50,7 +49,6 @@ __device__ __forceinline__ void await_tile(Index t, Index total, LoadNext&& load
   } else {
     cp_async_wait<0>();
   }
-  if constexpr (kForTensorCoreReads) fence_shared_for_tensor_cores();
   __syncthreads();
 }
 

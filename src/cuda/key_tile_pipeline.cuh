@@ -76,6 +76,17 @@ struct QueryItem {
   }
 };
 
+// Key block `item` of a persistent walk over (batch, kv heads, key blocks),
+// key blocks fastest (the backward's dK/dV kernel walks column lists so).
+struct KeyItem {
+  int64_t n, kv, b;
+
+  __device__ __forceinline__ static KeyItem of(int64_t item, const Geometry& g) {
+    const int64_t pair = item / g.k_blocks;
+    return {item % g.k_blocks, pair % g.kv_heads, pair / g.kv_heads};
+  }
+};
+
 // By one producer warp: calls on_block(n, value) on lane 0 for each key block
 // n of a row list, in order, where value = lane_value(n) was read by the
 // lane that loaded n: 32 entries (and their values) are read at once instead

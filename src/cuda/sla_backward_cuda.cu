@@ -35,7 +35,7 @@ bool use_fused_linear(const SlaBackwardParams& p, const Geometry& g) {
 
 struct BackwardBuffers {
   void* dos_rows;  // 16-bit elements of the input dtype
-  float *dout_rows = nullptr, *delta, *dq_rows, *dk_rows, *dv_rows;
+  float *dout_rows = nullptr, *delta, *lse_log2, *dq_rows, *dk_rows, *dv_rows;
   float* ol = nullptr;       // Ol rows for dW: from whichever linear path ran
   LinearGradBuffers fused{};  // fused path
   LinearBuffers linear{};     // unfused path, and the rest below
@@ -52,6 +52,7 @@ struct BackwardBuffers {
     b.dos_rows = c.take<uint16_t>(q_rows * g.dim);
     if (p.proj_weight) b.dout_rows = c.take<float>(q_rows * g.dim);
     b.delta = c.take<float>(q_rows);
+    b.lse_log2 = c.take<float>(q_rows);
     b.dq_rows = c.take<float>(q_rows * g.dim);
     b.dk_rows = c.take<float>(k_rows * g.dim);
     b.dv_rows = c.take<float>(k_rows * g.dim);
@@ -181,8 +182,8 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
   // The sparse backward writes every row of dq_rows, dk_rows and dv_rows,
   // pad rows as zeros (the batched products read them): no memset.
   SparseBackwardArgs sparse{p.q, p.k, p.v, p.out_sparse, p.dout, p.dout_sparse, static_cast<const float*>(p.lse),
-                            static_cast<float>(p.scale), buf.dos_rows, buf.dout_rows, buf.delta, buf.dq_rows,
-                            buf.dk_rows, buf.dv_rows};
+                            static_cast<float>(p.scale), buf.dos_rows, buf.dout_rows, buf.delta, buf.lse_log2,
+                            buf.dq_rows, buf.dk_rows, buf.dv_rows};
   sparse_backward(g, plan, sparse, stream);
   const bool fused_linear = p.linear_branch() && use_fused_linear(p, g);
   if (fused_linear) {  // also stores dq, dk, dv

@@ -1,70 +1,102 @@
 // Backward of the sparse branch on Hopper (sm_90a): the two deterministic
-// kernels of sparse_backward_mma.cu on warpgroup products.
-//   dQ:    a thread block per query block, each warpgroup 64 of its rows,
-//          walks the row list in tiles of kTile keys: S = Q Kᵀ and dP = dOs Vᵀ
-//          from shared memory, dS = P (dP - D) in registers, dQ += dS K.
-//   dK/dV: a thread block per key block, each warpgroup 64 of its keys, walks
-//          the column list (every query head of the GQA group) in tiles of
-//          kTile queries: Sᵀ = K Qᵀ, dPᵀ = V dOsᵀ, dV += Pᵀ dOs, dK += dSᵀ Q.
+// kernels of sparse_backward_mma.cu, warp-specialised and persistent as the
+// forward (key_tile_pipeline.cuh). A producer warp copies an item's own
+// blocks, then the blocks its list names, whole, with the tile copy engine
+// into two stages; one consumer warpgroup per 64 rows of the item walks each
+// listed block in slices of 64:
+//   dQ:    item = a query block (Q, dOs); its row list names key blocks
+//          (K, V): S = Q Kᵀ and dP = dOs Vᵀ, dS = P (dP - D), dQ += dS K.
+//   dK/dV: item = a key block (K, V); the column lists of every query head
+//          of its GQA group name query blocks (Q, dOs, and the rows' LSE and
+//          D, copied with them): Sᵀ = K Qᵀ, dPᵀ = V dOsᵀ, dV += Pᵀ dOs,
+//          dK += dSᵀ Q.
 // K in dQ += dS K, and dOs, Q in the dK/dV products, are read MN-major from
 // the same swizzled tiles the first products read K-major. Built for sm_90a
-// only (see sparse_forward_wgmma.cu).
+// only (see sparse_forward_wgmma.cu); layouts the copy engine cannot
+// describe go to the mma.sync kernels.
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/key_tile_pipeline.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_backward_steps.cuh"
 #include "cuda/sparse_mainloops.h"
+#include "cuda/tensor_map.h"
 #include "cuda/tile_mma.cuh"
+#include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace slattn::cuda {
 namespace {
 
-constexpr int kTile = 64;  // keys per tile in the dQ kernel, queries per tile in the dK/dV kernel
-using Accumulators64 = float[kTile / 8][4];
-using Fragments64 = uint32_t[kTile / 16][4];
+constexpr int kSlice = 64;  // keys (dQ) or queries (dK/dV) of a listed block per step
+using SliceAccumulators = float[kSlice / 8][4];
+using SliceFragments = uint32_t[kSlice / 16][4];
 
-template <typename Element, int kHeadDim, int kBlockQ>
-struct WgmmaQueryBlockShared {
-  SwizzledTile<Element, kBlockQ, kHeadDim> q, dos;
-  SwizzledTile<Element, kTile, kHeadDim> k[2], v[2];  // double-buffered
+// The shape of both kernels: a producer warpgroup (one warp of it copies),
+// an item of kItemRows rows (one consumer warpgroup per 64), listed blocks of
+// kListedRows rows in two stages. The producer keeps 24 registers, so that
+// two consumers get 240 each: the dK and dV accumulators need them (which
+// also holds a dK/dV block to one per SM).
+template <typename Element, int kHeadDim, int kItemRows, int kListedRows, int kMaxBlocksPerSm>
+struct WgmmaBackward {
+  static constexpr int kConsumers = kItemRows / kWarpgroupRows;
+  static constexpr int kConsumerThreads = kConsumers * kWarpgroupThreads;
+  static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
+  static constexpr int kStages = 2;
+  static constexpr int kSlices = kListedRows / kSlice;
+  static_assert(kSlices * kSlice == kListedRows, "listed blocks of whole slices");
+  using ItemTile = SwizzledTile<Element, kItemRows, kHeadDim>;
+  using ListedTile = SwizzledTile<Element, kListedRows, kHeadDim>;
+  // A listed query block's LSE (log2 units, +inf on pad rows) and D, for dK/dV.
+  struct alignas(16) RowStats {
+    float lse_log2[kListedRows];
+    float delta[kListedRows];
+  };
+  struct Shared {
+    ItemTile own[2];  // Q and dOs (dQ), or K and V (dK/dV)
+    ListedTile first[kStages], second[kStages];  // K and V (dQ), or Q and dOs (dK/dV)
+    RowStats stats[kStages];  // dK/dV only
+    KeyTilePipeline<kStages> pipe;
+  };
+  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // aligned to the swizzle atom at run time
+  static constexpr int kBlocksPerSm = std::min(kMaxBlocksPerSm, blocks_per_sm(kSharedBytes, kConsumers));
+  using Registers = RegisterSplit<kThreads, kConsumers, kBlocksPerSm>;
+};
+template <typename Element, int kHeadDim, int kBlockQ, int kBlockK>
+using QueryGrads = WgmmaBackward<Element, kHeadDim, kBlockQ, kBlockK, 2>;
+template <typename Element, int kHeadDim, int kBlockQ, int kBlockK>
+using KeyGrads = WgmmaBackward<Element, kHeadDim, kBlockK, kBlockQ, 1>;
+
+// The maps both kernels read their operands through.
+struct BackwardTileMaps {
+  RowTileMap q, k, v, dos;
 };
 
-template <typename Element, int kHeadDim, int kBlockK>
-struct WgmmaKeyBlockShared {
-  SwizzledTile<Element, kBlockK, kHeadDim> k, v;
-  SwizzledTile<Element, kTile, kHeadDim> q[2], dos[2];  // double-buffered
-  float lse_log2[2][kTile];  // +inf past the sequence: P = 0 there
-  float delta[2][kTile];
-};
-
-template <int kRows>
-constexpr int warpgroup_threads() {
-  return kRows / kWarpgroupRows * kWarpgroupThreads;
-}
-
-// acc (64 x N) = A · Bᵀ over kHeadDim, A the warpgroup's 64 rows of a K-major tile from `row`, B a K-major tile.
-template <typename Element, int kHeadDim, int N, typename TileA, typename TileB>
-__device__ __forceinline__ void product_a_bt(float (&acc)[N / 8][4], const TileA& a, int row, const TileB& b) {
+// acc (64 x kSlice) = A · Bᵀ over kHeadDim: A the warpgroup's 64 rows of a
+// K-major tile from `a_row`, B the kSlice rows of a K-major tile from `b_row`.
+template <typename Element, int kHeadDim, typename TileA, typename TileB>
+__device__ __forceinline__ void issue_slice_scores(SliceAccumulators& acc, const TileA& a, int a_row, const TileB& b,
+                                                   int b_row) {
   uint64_t a_desc = k_major_descriptor(a);
   opaque(a_desc);
   const uint64_t b_desc = k_major_descriptor(b);
 #pragma unroll
   for (int step = 0; step < kHeadDim / 16; ++step)
-    wgmma_ss<Element, N, 0, 0>(acc, a_desc + k_major_offset<TileA>(row, step), b_desc + k_major_offset<TileB>(0, step),
-                               step > 0);
+    wgmma_ss<Element, kSlice, 0, 0>(acc, a_desc + k_major_offset<TileA>(a_row, step),
+                                    b_desc + k_major_offset<TileB>(b_row, step), step > 0);
 }
 
-// acc (64 x kHeadDim) += P · B, P (64 x kTile) given as A fragments
-// (accumulators_to_fragments), B a (kTile x kHeadDim) tile read MN-major.
+// acc (64 x kHeadDim) += P · B: P (64 x kSlice) as A fragments, B slice
+// `slice` (kSlice rows) of a tile read MN-major.
 template <typename Element, int kHeadDim, typename TileB>
-__device__ __forceinline__ void product_p_b(float (&acc)[kHeadDim / 8][4], const Fragments64& p, const TileB& b) {
+__device__ __forceinline__ void issue_slice_times(float (&acc)[kHeadDim / 8][4], const SliceFragments& p,
+                                                  const TileB& b, int slice) {
   uint64_t b_desc = mn_major_descriptor(b);
   opaque(b_desc);
 #pragma unroll
-  for (int step = 0; step < kTile / 16; ++step)
-    wgmma_rs<Element, kHeadDim, 1>(acc, p[step], b_desc + mn_major_offset(step), true);
+  for (int step = 0; step < kSlice / 16; ++step)
+    wgmma_rs<Element, kHeadDim, 1>(acc, p[step], b_desc + mn_major_offset(slice * (kSlice / 16) + step), true);
 }
 
 // Issues the batch `issue` on the warpgroup's tensor cores and waits for it; `acc` are its accumulators.
@@ -78,175 +110,282 @@ __device__ __forceinline__ void run_products(Issue&& issue, float (&... acc)[kTi
   (fence_accumulators(acc), ...);
 }
 
-template <typename Element, int kHeadDim, int kBlockQ>
-__global__ void __launch_bounds__(warpgroup_threads<kBlockQ>(), 1)
-    sparse_dq_wgmma_kernel(Geometry g, RoutingPlanView plan, SparseBackwardArgs a, DeviceView<const Element> dos) {
+// grid: persistent over query blocks; dQ of one query block per item.
+template <typename Element, int kHeadDim, int kBlockQ, int kBlockK>
+__global__ void __launch_bounds__(QueryGrads<Element, kHeadDim, kBlockQ, kBlockK>::kThreads,
+                                  QueryGrads<Element, kHeadDim, kBlockQ, kBlockK>::kBlocksPerSm)
+    sparse_dq_wgmma_kernel(const __grid_constant__ BackwardTileMaps maps, Geometry g, RoutingPlanView plan,
+                           SparseBackwardArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kThreads = warpgroup_threads<kBlockQ>();
-  using Shared = WgmmaQueryBlockShared<Element, kHeadDim, kBlockQ>;
+  using Config = QueryGrads<Element, kHeadDim, kBlockQ, kBlockK>;
   extern __shared__ unsigned char raw[];
-  Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
+  auto& s = *reinterpret_cast<typename Config::Shared*>(align_shared(raw, kSwizzleAtomBytes));
+  auto &q = s.own[0], &dos = s.own[1];
+  auto &k = s.first, &v = s.second;
 
-  const int warp = threadIdx.x / kWarpSize;
-  const int warpgroup_row0 = threadIdx.x / kWarpgroupThreads * kWarpgroupRows;
-  const int64_t m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t kv = h / g.group();
-  const int64_t pair = b * g.heads + h;
-  const int64_t row0 = m * kBlockQ;
-  const int64_t padded0 = pair * g.q_rows() + row0;
-  const auto k = DeviceView<const Element>::of(a.k);
-  const auto v = DeviceView<const Element>::of(a.v);
-
-  s.q.template load<kThreads>(DeviceView<const Element>::of(a.q), b, h, row0, g.q_len);
-  s.dos.template load<kThreads>(dos, b, h, row0, g.q_rows());
-  cp_async_commit();
-  const int local0 = warp * kRowsPerWarp;
-  float lse_log2[2], delta[2];
-  load_query_row_stats(g, a, pair, row0 + local0, lse_log2, delta);
-  const float scale_log2 = a.scale * kLog2e;
-  float dq[kHeadDim / 8][4] = {};
-
-  const auto tiles = shared_row_tiles<kTile, kThreads>(g, plan, pair, m,
-                                                      reinterpret_cast<int32_t*>(&s + 1));  // after the tiles
-  const int32_t total = tiles.count();
-  auto load_keys = [&](int32_t t) {
-    load_tile_pair<kThreads>(s.k[t & 1], s.v[t & 1], k, v, b, kv, tiles.first(t), tiles.end(t));
-  };
-  if (total > 0) load_keys(0);
-  for (int32_t t = 0; t < total; ++t) {
-    const int buffer = t & 1;
-    await_tile<true>(t, total, load_keys);  // tile t (and Q, dOs) is complete and visible to the tensor cores
-    const int64_t first = tiles.first(t), end = tiles.end(t);
-    Accumulators64 p, ds;
-    run_products(
-        [&] {
-          product_a_bt<Element, kHeadDim, kTile>(p, s.q, warpgroup_row0, s.k[buffer]);     // S
-          product_a_bt<Element, kHeadDim, kTile>(ds, s.dos, warpgroup_row0, s.v[buffer]);  // dP
+  if (threadIdx.x == 0) s.pipe.init(Config::kConsumerThreads);
+  __syncthreads();
+  using Registers = typename Config::Registers;
+  if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
+    if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
+    if (threadIdx.x >= kWarpSize) return;
+    produce_items(
+        s.pipe, g, plan,
+        [&](const QueryItem& at, SharedBarrier& full) {
+          full.arrive_expect_bytes(2 * sizeof(typename Config::ItemTile));
+          load_row_tile(q, maps.q, at.m * kBlockQ, at.h, at.b, full);
+          load_row_tile(dos, maps.dos, at.m * kBlockQ, at.h, at.b, full);
         },
-        p, ds);
-    score_grads(p, ds, first, end, scale_log2, lse_log2, delta);
-    Fragments64 ds_fragments;
-    accumulators_to_fragments<Element, kTile>(ds, ds_fragments);
-    run_products([&] { product_p_b<Element, kHeadDim>(dq, ds_fragments, s.k[buffer]); }, dq);
-    __syncthreads();  // every warpgroup is done with `buffer` before tile t + 2 is loaded into it
+        [](const QueryItem&, int32_t) { return 0; },
+        [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(typename Config::ListedTile));
+          load_row_tile(k[stage], maps.k, n * kBlockK, at.h / g.group(), at.b, full);
+        },
+        [&](int stage, const QueryItem& at, int32_t n, SharedBarrier& full) {
+          full.arrive_expect_bytes(sizeof(typename Config::ListedTile));
+          load_row_tile(v[stage], maps.v, n * kBlockK, at.h / g.group(), at.b, full);
+        });
+    return;
   }
-  cp_async_wait<0>();  // nothing left in flight when no tile was walked
+
+  if constexpr (Registers::kHandOver) claim_registers_to<Registers::kConsumer>();
+  const int consumer_thread = threadIdx.x - kWarpgroupThreads;
+  const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
+  const int local0 = consumer_thread / kWarpSize * kRowsPerWarp;  // the warp's first row of the block
+  const float scale_log2 = a.scale * kLog2e;
+  int32_t t0 = 0;  // the ring position of this item's first key block
+  int32_t use = 0;
+  const int64_t items = g.q_blocks * g.heads * g.batch;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    const QueryItem at = QueryItem::of(item, g);
+    const int64_t padded0 = (at.b * g.heads + at.h) * g.q_rows() + at.m * kBlockQ + local0;
+    float lse_log2[2], delta[2];  // of the thread's two rows, read before the wait
 #pragma unroll
-  for (int j = 0; j < kHeadDim / 8; ++j) {
+    for (int r = 0; r < 2; ++r) {
+      lse_log2[r] = a.lse_log2_rows[padded0 + accumulator_row(2 * r)];
+      delta[r] = a.delta[padded0 + accumulator_row(2 * r)];
+    }
+    s.pipe.q_full.wait(use & 1);
+    const int32_t total = s.pipe.item_tiles;
+    float dq[kHeadDim / 8][4] = {};
+    for (int32_t t = t0; t < t0 + total; ++t) {
+      const int stage = s.pipe.stage(t);
+      s.pipe.wait_keys(t);
+      s.pipe.wait_values(t);
+      const int64_t block_first = s.pipe.tile_first[stage];
+#pragma unroll 1
+      for (int slice = 0; slice < Config::kSlices; ++slice) {
+        SliceAccumulators p, ds;
+        run_products(
+            [&] {
+              issue_slice_scores<Element, kHeadDim>(p, q, warpgroup_row0, k[stage], slice * kSlice);     // S
+              issue_slice_scores<Element, kHeadDim>(ds, dos, warpgroup_row0, v[stage], slice * kSlice);  // dP
+            },
+            p, ds);
+        score_grads(p, ds, block_first + slice * kSlice, g.k_len, scale_log2, lse_log2, delta);
+        SliceFragments ds_fragments;
+        accumulators_to_fragments<Element, kSlice>(ds, ds_fragments);
+        run_products([&] { issue_slice_times<Element, kHeadDim>(dq, ds_fragments, k[stage], slice); }, dq);
+      }
+      s.pipe.release_keys(t);
+      s.pipe.release_values(t);
+    }
+    s.pipe.q_empty.arrive();  // every product that reads Q and dOs is complete
+    t0 += total;
+    // Every row of the block, pad rows included (their P is 0: dQ is 0 there).
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      accumulator_pair(a.dq_rows + (padded0 + local0) * kHeadDim, kHeadDim, j, r) =
-          make_float2(a.scale * dq[j][2 * r], a.scale * dq[j][2 * r + 1]);
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        accumulator_pair(a.dq_rows + padded0 * kHeadDim, kHeadDim, j, r) =
+            make_float2(a.scale * dq[j][2 * r], a.scale * dq[j][2 * r + 1]);
+    }
   }
 #endif
 }
 
-// grid (Nk, Hkv, B): dK and dV of one key block.
-template <typename Element, int kHeadDim, int kBlockK>
-__global__ void __launch_bounds__(warpgroup_threads<kBlockK>(), 1)
-    sparse_dkv_wgmma_kernel(Geometry g, RoutingPlanView plan, SparseBackwardArgs a, DeviceView<const Element> dos) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kThreads = warpgroup_threads<kBlockK>();
-  using Shared = WgmmaKeyBlockShared<Element, kHeadDim, kBlockK>;
-  extern __shared__ unsigned char raw[];
-  Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
-
-  const int warp = threadIdx.x / kWarpSize;
-  const int warpgroup_row0 = threadIdx.x / kWarpgroupThreads * kWarpgroupRows;
-  const int64_t n = blockIdx.x, kv = blockIdx.y, b = blockIdx.z;
-  const int64_t key0 = n * kBlockK;
-  const int64_t key_end = min(g.k_len, key0 + kBlockK);
-  const auto q = DeviceView<const Element>::of(a.q);
-  s.k.template load<kThreads>(DeviceView<const Element>::of(a.k), b, kv, key0, key_end);
-  s.v.template load<kThreads>(DeviceView<const Element>::of(a.v), b, kv, key0, key_end);
-  cp_async_commit();
-  const int local0 = warp * kRowsPerWarp;
-  const float scale_log2 = a.scale * kLog2e;
-  float dk[kHeadDim / 8][4] = {}, dv[kHeadDim / 8][4] = {};
-
-  for (int64_t member = 0; member < g.group(); ++member) {
-    const int64_t h = kv * g.group() + member;
-    const int64_t pair = b * g.heads + h;
-    const int64_t column = pair * g.k_blocks + n;
-    const BlockTiles<kTile> tiles{copy_block_list<kThreads>(plan.col_index + column * g.q_blocks,
-                                                            plan.col_count[column], reinterpret_cast<int32_t*>(&s + 1)),
-                                  plan.col_count[column], g.block_q, g.q_len};
-    const int32_t total = tiles.count();
-    auto load_queries = [&](int32_t t) {
-      const int buffer = t & 1;
-      const int64_t first = tiles.first(t), end = tiles.end(t);
-      load_tile_pair<kThreads>(s.q[buffer], s.dos[buffer], q, dos, b, h, first, end);
-      load_query_tile_stats<kTile, kThreads>(g, a, pair, first, end, s.lse_log2[buffer], s.delta[buffer]);
-    };
-    if (total > 0) load_queries(0);
-    for (int32_t t = 0; t < total; ++t) {
-      const int buffer = t & 1;
-      await_tile<true>(t, total, load_queries);  // tile t (and K, V) is complete and visible to the tensor cores
-      Accumulators64 pt, dst;
-      run_products(
-          [&] {
-            product_a_bt<Element, kHeadDim, kTile>(pt, s.k, warpgroup_row0, s.q[buffer]);     // Sᵀ
-            product_a_bt<Element, kHeadDim, kTile>(dst, s.v, warpgroup_row0, s.dos[buffer]);  // dPᵀ
-          },
-          pt, dst);
-      score_grads_transposed(pt, dst, scale_log2, s.lse_log2[buffer], s.delta[buffer]);
-      Fragments64 pt_fragments, dst_fragments;
-      accumulators_to_fragments<Element, kTile>(pt, pt_fragments);
-      accumulators_to_fragments<Element, kTile>(dst, dst_fragments);
-      run_products(
-          [&] {
-            product_p_b<Element, kHeadDim>(dv, pt_fragments, s.dos[buffer]);
-            product_p_b<Element, kHeadDim>(dk, dst_fragments, s.q[buffer]);
-          },
-          dv, dk);
-      __syncthreads();  // every warpgroup is done with `buffer` before tile t + 2 is loaded into it
+// The producer warp of the dK/dV kernel: per item, K and V of the key block
+// (announced with the item's count of listed query blocks), then for each
+// query head of the group and each query block of its column list, once a
+// stage is free, Q with the block's LSE and D rows (one barrier) and dOs
+// (the other).
+template <typename Config>
+__device__ __forceinline__ void produce_key_items(typename Config::Shared& s, const BackwardTileMaps& maps,
+                                                  const Geometry& g, const RoutingPlanView& plan,
+                                                  const SparseBackwardArgs& a) {
+  constexpr int kBlockK = Config::kConsumers * kWarpgroupRows;
+  constexpr int kBlockQ = Config::kSlices * kSlice;
+  constexpr uint32_t kStatsBytes = kBlockQ * sizeof(float);
+  const bool leader = threadIdx.x % kWarpSize == 0;
+  const int64_t items = g.k_blocks * g.kv_heads * g.batch;
+  int32_t t = 0;  // query blocks copied so far, over all items
+  int32_t use = 0;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    const KeyItem at = KeyItem::of(item, g);
+    auto column_of = [&](int64_t member) { return (at.b * g.heads + at.kv * g.group() + member) * g.k_blocks + at.n; };
+    int32_t listed = 0;
+    for (int64_t member = 0; member < g.group(); ++member) listed += plan.col_count[column_of(member)];
+    if (leader) {
+      if (use > 0) s.pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's K and V
+      s.pipe.item_tiles = listed;
+      if (listed > 0) {
+        s.pipe.q_full.arrive_expect_bytes(2 * sizeof(typename Config::ItemTile));
+        load_row_tile(s.own[0], maps.k, at.n * kBlockK, at.kv, at.b, s.pipe.q_full);
+        load_row_tile(s.own[1], maps.v, at.n * kBlockK, at.kv, at.b, s.pipe.q_full);
+      } else {
+        s.pipe.q_full.arrive();
+      }
+    }
+    for (int64_t member = 0; member < g.group(); ++member) {
+      const int64_t column = column_of(member);
+      const int64_t h = at.kv * g.group() + member, pair = at.b * g.heads + h;
+      walk_row_list(
+          plan.col_index + column * g.q_blocks, plan.col_count[column], [](int32_t) { return 0; },
+          [&](int32_t m, int) {
+            const int stage = s.pipe.stage(t);
+            const int64_t padded = pair * g.q_rows() + m * int64_t(kBlockQ);
+            SharedBarrier& queries = s.pipe.keys_slot(t);
+            queries.arrive_expect_bytes(sizeof(typename Config::ListedTile) + 2 * kStatsBytes);
+            load_row_tile(s.first[stage], maps.q, m * kBlockQ, h, at.b, queries);
+            bulk_load(s.stats[stage].lse_log2, a.lse_log2_rows + padded, kStatsBytes, queries);
+            bulk_load(s.stats[stage].delta, a.delta + padded, kStatsBytes, queries);
+            SharedBarrier& gradients = s.pipe.values_slot(t);
+            gradients.arrive_expect_bytes(sizeof(typename Config::ListedTile));
+            load_row_tile(s.second[stage], maps.dos, m * kBlockQ, h, at.b, gradients);
+            ++t;
+          });
     }
   }
-  cp_async_wait<0>();  // nothing left in flight when no tile was walked
-  const int64_t kv_pair = b * g.kv_heads + kv;
-  const int64_t warp_rows = (kv_pair * g.k_rows() + key0 + local0) * kHeadDim;
+}
+
+// grid: persistent over key blocks; dK and dV of one key block per item.
+template <typename Element, int kHeadDim, int kBlockQ, int kBlockK>
+__global__ void __launch_bounds__(KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>::kThreads,
+                                  KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>::kBlocksPerSm)
+    sparse_dkv_wgmma_kernel(const __grid_constant__ BackwardTileMaps maps, Geometry g, RoutingPlanView plan,
+                            SparseBackwardArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Config = KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>;
+  extern __shared__ unsigned char raw[];
+  auto& s = *reinterpret_cast<typename Config::Shared*>(align_shared(raw, kSwizzleAtomBytes));
+  auto &k = s.own[0], &v = s.own[1];
+  auto &q = s.first, &dos = s.second;
+
+  if (threadIdx.x == 0) s.pipe.init(Config::kConsumerThreads);
+  __syncthreads();
+  using Registers = typename Config::Registers;
+  if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
+    if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
+    if (threadIdx.x < kWarpSize) produce_key_items<Config>(s, maps, g, plan, a);
+    return;
+  }
+
+  if constexpr (Registers::kHandOver) claim_registers_to<Registers::kConsumer>();
+  const int consumer_thread = threadIdx.x - kWarpgroupThreads;
+  const int warpgroup_row0 = consumer_thread / kWarpgroupThreads * kWarpgroupRows;
+  const int local0 = consumer_thread / kWarpSize * kRowsPerWarp;  // the warp's first key of the block
+  const float scale_log2 = a.scale * kLog2e;
+  int32_t t0 = 0;  // the ring position of this item's first query block
+  int32_t use = 0;
+  const int64_t items = g.k_blocks * g.kv_heads * g.batch;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    const KeyItem at = KeyItem::of(item, g);
+    s.pipe.q_full.wait(use & 1);
+    const int32_t total = s.pipe.item_tiles;
+    float dk[kHeadDim / 8][4] = {}, dv[kHeadDim / 8][4] = {};
+    for (int32_t t = t0; t < t0 + total; ++t) {
+      const int stage = s.pipe.stage(t);
+      s.pipe.wait_keys(t);
+      s.pipe.wait_values(t);
+#pragma unroll 1
+      for (int slice = 0; slice < Config::kSlices; ++slice) {
+        SliceAccumulators pt, dst;
+        run_products(
+            [&] {
+              issue_slice_scores<Element, kHeadDim>(pt, k, warpgroup_row0, q[stage], slice * kSlice);      // Sᵀ
+              issue_slice_scores<Element, kHeadDim>(dst, v, warpgroup_row0, dos[stage], slice * kSlice);  // dPᵀ
+            },
+            pt, dst);
+        score_grads_transposed(pt, dst, scale_log2, s.stats[stage].lse_log2 + slice * kSlice,
+                               s.stats[stage].delta + slice * kSlice);
+        SliceFragments pt_fragments, dst_fragments;
+        accumulators_to_fragments<Element, kSlice>(pt, pt_fragments);
+        accumulators_to_fragments<Element, kSlice>(dst, dst_fragments);
+        run_products(
+            [&] {
+              issue_slice_times<Element, kHeadDim>(dv, pt_fragments, dos[stage], slice);
+              issue_slice_times<Element, kHeadDim>(dk, dst_fragments, q[stage], slice);
+            },
+            dv, dk);
+      }
+      s.pipe.release_keys(t);
+      s.pipe.release_values(t);
+    }
+    s.pipe.q_empty.arrive();  // every product that reads K and V is complete
+    t0 += total;
+    const int64_t key0 = at.n * kBlockK + local0;
+    const int64_t warp_rows = ((at.b * g.kv_heads + at.kv) * g.k_rows() + key0) * kHeadDim;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool valid = key0 + local0 + accumulator_row(2 * r) < key_end;  // pad rows get zeros
+    for (int r = 0; r < 2; ++r) {
+      const bool valid = key0 + accumulator_row(2 * r) < g.k_len;  // pad rows get zeros
 #pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) {
-      accumulator_pair(a.dk_rows + warp_rows, kHeadDim, j, r) =
-          valid ? make_float2(a.scale * dk[j][2 * r], a.scale * dk[j][2 * r + 1]) : make_float2(0.0f, 0.0f);
-      accumulator_pair(a.dv_rows + warp_rows, kHeadDim, j, r) =
-          valid ? make_float2(dv[j][2 * r], dv[j][2 * r + 1]) : make_float2(0.0f, 0.0f);
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        accumulator_pair(a.dk_rows + warp_rows, kHeadDim, j, r) =
+            valid ? make_float2(a.scale * dk[j][2 * r], a.scale * dk[j][2 * r + 1]) : make_float2(0.0f, 0.0f);
+        accumulator_pair(a.dv_rows + warp_rows, kHeadDim, j, r) =
+            valid ? make_float2(dv[j][2 * r], dv[j][2 * r + 1]) : make_float2(0.0f, 0.0f);
+      }
     }
   }
 #endif
+}
+
+// The padded dOs rows of the workspace as the (B, H, q_rows, D) tensor the copy engine reads.
+TensorView dos_rows_view(const Geometry& g, const SparseBackwardArgs& args) {
+  TensorView view;
+  view.data = args.dos_rows;
+  view.dtype = args.q.dtype;
+  view.size = {g.batch, g.heads, g.q_rows(), g.dim};
+  view.stride = {g.heads * g.q_rows() * g.dim, g.q_rows() * g.dim, g.dim, 1};
+  return view;
 }
 
 }  // namespace
 
-bool sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
-                           cudaStream_t stream) {
-  bool launched = false;
+const char* sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                                  cudaStream_t stream) {
+  const char* refusal = nullptr;
   dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, BK = decltype(block_k)::value;
-    const auto dos = dos_view<Element>(g, args.dos_rows);
-    const auto dq_kernel = sparse_dq_wgmma_kernel<Element, D, BQ>;
-    const auto dkv_kernel = sparse_dkv_wgmma_kernel<Element, D, BK>;
+    using QueryConfig = QueryGrads<Element, D, BQ, BK>;
+    using KeyConfig = KeyGrads<Element, D, BQ, BK>;
+    const auto dq_kernel = sparse_dq_wgmma_kernel<Element, D, BQ, BK>;
+    const auto dkv_kernel = sparse_dkv_wgmma_kernel<Element, D, BQ, BK>;
     static const bool available = loaded_for_hopper(dq_kernel) && loaded_for_hopper(dkv_kernel);
-    const size_t dq_shared = kSwizzleAtomBytes + sizeof(WgmmaQueryBlockShared<Element, D, BQ>) +
-                             g.k_blocks * sizeof(int32_t);  // + the row list
-    const size_t dkv_shared = kSwizzleAtomBytes + sizeof(WgmmaKeyBlockShared<Element, D, BK>) +
-                              g.q_blocks * sizeof(int32_t);  // + the column list
-    if (!available || std::max(dq_shared, dkv_shared) > max_shared_per_block()) return;
-    const dim3 dq_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
-                       static_cast<unsigned>(g.batch));
-    launch_with_shared(dq_kernel, dq_grid, warpgroup_threads<BQ>(), dq_shared, stream, g, plan, args, dos);
+    refusal = hopper_kernel_refusal(available, std::max(QueryConfig::kSharedBytes, KeyConfig::kSharedBytes));
+    if (refusal != nullptr) return;
+    // Whole blocks: the same maps serve both kernels.
+    BackwardTileMaps maps;
+    const TensorView dos = dos_rows_view(g, args);
+    if (!make_row_tile_map(args.q, BQ, &maps.q) || !make_row_tile_map(dos, BQ, &maps.dos) ||
+        !make_row_tile_map(args.k, BK, &maps.k) || !make_row_tile_map(args.v, BK, &maps.v)) {
+      refusal = "the Hopper backward copies q, k and v with the tile copy engine, which needs each to have a "
+                "contiguous head dim, a 16-byte-aligned start and strides that are multiples of 16 bytes";
+      return;
+    }
+    const auto sms = static_cast<int64_t>(multiprocessor_count());
+    const auto dq_grid = static_cast<unsigned>(
+        std::min<int64_t>(g.q_blocks * g.heads * g.batch, sms * QueryConfig::kBlocksPerSm));
+    launch_with_shared(dq_kernel, dq_grid, QueryConfig::kThreads, QueryConfig::kSharedBytes, stream, maps, g, plan,
+                       args);
     SLATTN_LAUNCH_CHECK("sparse_dq_wgmma_kernel");
-    const dim3 dkv_grid(static_cast<unsigned>(g.k_blocks), static_cast<unsigned>(g.kv_heads),
-                        static_cast<unsigned>(g.batch));
-    launch_with_shared(dkv_kernel, dkv_grid, warpgroup_threads<BK>(), dkv_shared, stream, g, plan, args, dos);
+    const auto dkv_grid = static_cast<unsigned>(
+        std::min<int64_t>(g.k_blocks * g.kv_heads * g.batch, sms * KeyConfig::kBlocksPerSm));
+    launch_with_shared(dkv_kernel, dkv_grid, KeyConfig::kThreads, KeyConfig::kSharedBytes, stream, maps, g, plan, args);
     SLATTN_LAUNCH_CHECK("sparse_dkv_wgmma_kernel");
-    launched = true;
   });
-  return launched;
+  return refusal;
 }
 
 }  // namespace slattn::cuda

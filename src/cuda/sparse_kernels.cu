@@ -6,6 +6,7 @@
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
+#include "cuda/tile_mma.cuh"
 
 namespace slattn::cuda {
 namespace {
@@ -38,7 +39,10 @@ __global__ void __launch_bounds__(kThreads) sparse_delta_kernel(Geometry g, Spar
   if (!valid) return;
   dos.store(static_cast<Element*>(a.dos_rows) + flat * kDim);
   if (a.dout_rows) dout.store(a.dout_rows + flat * kDim);
-  if (Slice::first() == 0) a.delta[flat] = delta;
+  if (Slice::first() == 0) {
+    a.delta[flat] = delta;
+    a.lse_log2_rows[flat] = row < g.q_len ? a.lse[pair * g.q_len + row] * kLog2e : INFINITY;
+  }
 }
 
 }  // namespace
@@ -95,8 +99,13 @@ void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const Spars
   check_sparse_support(g);
   sparse_delta(g, args, stream);
   const Mainloop mainloop = requested_mainloop();
-  if (mainloop != Mainloop::mma && current_device_is_hopper() && sparse_backward_wgmma(g, plan, args, stream)) return;
-  if (mainloop == Mainloop::wgmma) throw Unsupported(kWgmmaUnavailable);
+  if (mainloop != Mainloop::mma && current_device_is_hopper()) {
+    const char* refusal = sparse_backward_wgmma(g, plan, args, stream);
+    if (refusal == nullptr) return;
+    if (mainloop == Mainloop::wgmma) throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
+  } else if (mainloop == Mainloop::wgmma) {
+    throw Unsupported(kWgmmaUnavailable);
+  }
   sparse_backward_mma(g, plan, args, stream);
 }
 

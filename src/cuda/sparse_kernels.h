@@ -37,6 +37,7 @@ struct SparseBackwardArgs {
   void* dos_rows;    // dOs = dout + dout_sparse (written)
   float* dout_rows;  // dout alone (written when not null)
   float* delta;      // D_i per padded query row (written)
+  float* lse_log2_rows;  // LSE · log2(e) per padded query row, +inf on pad rows (written)
   float* dq_rows;    // (written)
   float* dk_rows;    // (written)
   float* dv_rows;    // (written)

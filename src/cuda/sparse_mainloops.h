@@ -61,8 +61,9 @@ const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan,
 // The dQ and dK/dV kernels, after sparse_delta.
 void sparse_backward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                          cudaStream_t stream);
-// False (nothing launched) when the build has no sm_90a code for this shape.
-bool sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
-                           cudaStream_t stream);
+// Launches the Hopper dQ and dK/dV kernels and returns nullptr, or returns why they cannot run (nothing
+// launched), as sparse_forward_wgmma.
+const char* sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                                  cudaStream_t stream);
 
 }  // namespace slattn::cuda

@@ -75,27 +75,6 @@ struct BlockTiles {
   __device__ int64_t end(int32_t t) const { return min(length, (list[t / per_block()] + 1) * block_size); }
 };
 
-// Copies a block list to shared memory (`to`) and returns it, for the
-// kernels that read it at every tile step: a global read there would hold up
-// the copies and products issued after it. Ends with a barrier; the callers'
-// earlier reads of `to` are behind one.
-template <int kThreads>
-__device__ __forceinline__ const int32_t* copy_block_list(const int32_t* from, int32_t count, int32_t* to) {
-  for (int32_t i = threadIdx.x; i < count; i += kThreads) to[i] = from[i];
-  __syncthreads();
-  return to;
-}
-
-// The key tiles of the row list of query block m of pair `pair`, the list
-// copied to shared memory at `to` first (copy_block_list).
-template <int kTileRows, int kThreads>
-__device__ __forceinline__ BlockTiles<kTileRows> shared_row_tiles(const Geometry& g, const RoutingPlanView& plan,
-                                                                  int64_t pair, int64_t m, int32_t* to) {
-  const int64_t plan_row = pair * g.q_blocks + m;
-  const int32_t blocks = plan.row_count[plan_row];
-  return {copy_block_list<kThreads>(plan.row_index + plan_row * g.k_blocks, blocks, to), blocks, g.block_k, g.k_len};
-}
-
 // acc (16 x kCols) += a[0..16) · b[0..kCols)ᵀ over kHeadDim, a and b row-major shared tiles.
 template <typename Element, int kHeadDim, int kCols>
 __device__ __forceinline__ void mma_a_bt(float (&acc)[kCols / 8][4], const TileRow<Element, kHeadDim>* a,

@@ -84,6 +84,17 @@ __device__ __forceinline__ void tma_load(void* destination, const CUtensorMap& m
       : "memory"));
 }
 
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from
+// global memory to shared memory at `destination`, completing them on `barrier`.
+__device__ __forceinline__ void bulk_load(void* destination, const void* source, uint32_t bytes,
+                                          SharedBarrier& barrier) {
+  SLATTN_SM90A(asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          shared_address(destination)),
+      "l"(reinterpret_cast<uint64_t>(source)), "r"(bytes), "r"(shared_address(&barrier.state))
+      : "memory"));
+}
+
 // Registers per thread for the rest of this warpgroup's life (a multiple of 8
 // in [24, 256]); every thread of the warpgroup executes it.
 template <int kRegisters>

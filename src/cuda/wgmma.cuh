@@ -67,26 +67,6 @@ struct alignas(kSwizzleAtomBytes) SwizzledTile {
   __device__ __forceinline__ uint32_t accumulator_pair(int r, int j) const {
     return const_cast<SwizzledTile*>(this)->accumulator_pair(r, j);
   }
-
-  // Starts copying rows [first, first + kRows) of the (b, h) slice of x,
-  // zero rows from `valid` on (as load_tile in tile_mma.cuh).
-  template <int kThreads>
-  __device__ void load(const DeviceView<const Element>& x, int64_t b, int64_t h, int64_t first, int64_t valid) {
-    constexpr int kUnits = kCols / kUnitElements;
-    if (rows_are_16_byte_aligned(x)) {
-      for (int i = threadIdx.x; i < kRows * kUnits; i += kThreads) {
-        const int r = i / kUnits, u = i % kUnits;
-        const bool read = first + r < valid;
-        cp_async<16>(unit(r, u), read ? &x.at(b, h, first + r, u * kUnitElements) : x.data, read ? 16 : 0);
-      }
-    } else {
-      for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
-        const int r = i / kCols, c = i % kCols;
-        unit(r, c / kUnitElements)[c % kUnitElements] =
-            first + r < valid ? x.at(b, h, first + r, c) : from_float<Element>(0.0f);
-      }
-    }
-  }
 };
 
 // (kRows x kBytes) 8-bit elements (INT8 or FP8), rows of 64 or 128 bytes
@@ -119,17 +99,6 @@ __host__ __device__ constexpr int key_of_e4m3_fragment_column(int column) {
 __device__ __forceinline__ unsigned char* align_shared(unsigned char* raw, uint32_t alignment) {
   const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(raw));
   return raw + ((address + alignment - 1) / alignment * alignment - address);
-}
-
-// Starts copying rows [first, first + rows) of the (b, h) slices of x and y
-// (K and V, or Q and dO) into a pair of tiles, rows from `valid` on zero, as one cp.async group.
-template <int kThreads, typename Tile, typename Element>
-__device__ __forceinline__ void load_tile_pair(Tile& x_tile, Tile& y_tile, const DeviceView<const Element>& x,
-                                               const DeviceView<const Element>& y, int64_t b, int64_t h,
-                                               int64_t first, int64_t valid) {
-  x_tile.template load<kThreads>(x, b, h, first, valid);
-  y_tile.template load<kThreads>(y, b, h, first, valid);
-  cp_async_commit();
 }
 
 // The shared-memory matrix descriptor of a 128-byte-swizzled operand at
