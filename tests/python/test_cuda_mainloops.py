@@ -186,6 +186,23 @@ def test_strided_head_dim_matches_contiguous(rng, monkeypatch):
     assert torch.equal(slattn.sparse_linear_attention(*strided, plan=plan), expected)
 
 
+def test_strided_head_dim_backward_matches_contiguous(rng, monkeypatch):
+    """The Hopper sparse backward copies whole rows with the tile copy engine as well: strided rows
+    take mma.sync there, bit for bit the gradients mma.sync gives the contiguous tensors."""
+    strided, contiguous, _, _ = strided_layer(rng)
+    plan = slattn.route(contiguous[0], contiguous[1], topk=0.3, block_q=128, block_k=128)
+    dout = torch.randn(contiguous[0].shape, generator=rng).to(contiguous[0])
+
+    def gradients(q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(slattn.sparse_linear_attention(q, k, v, plan=plan), (q, k, v), dout)
+
+    default = gradients(*strided)
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "mma")
+    for got, expected in zip(default, gradients(*contiguous)):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.skipif(not HOPPER, reason="the Hopper forward")
 def test_forced_hopper_forward_refuses_strided_head_dim(rng, monkeypatch):
     strided, contiguous, w, b = strided_layer(rng)
