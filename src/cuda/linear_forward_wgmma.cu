@@ -4,11 +4,12 @@
 // warp-specialised, persistent kernel. Its producer warp copies per query
 // block φ(Q_m) (and H when the block's states are subtracted) and, for each
 // key block of the walked list (LinearSetBlocks), h_n with the tile copy
-// engine into three stages; one consumer warpgroup per 64 query rows issues
-// O ±= φ(Q) h_n for one tile after another (the products accumulate into O:
-// no chain between them but the tensor cores', and no other work in the
-// loop). With the complement, O starts at φ(Q) H and each tile's product is
-// subtracted. The epilogue writes Ol = O / den and adds Ol Wᵀ + b (a
+// engine into three stages. The consumer warpgroups add the tiles up as
+// they come: H_m = H − the listed h_n (the complement), or their sum, in
+// fp32, each thread its share of the units (StateSum), handing each tile
+// straight back; H_m, rounded to the input dtype, takes H's place in shared
+// memory and each warpgroup (64 query rows) issues O = φ(Q) H_m once: one
+// product per query block instead of one per tile. The epilogue writes Ol = O / den and adds Ol Wᵀ + b (a
 // register-A product with W) to the output: Os, read in 16-byte units before
 // the walk, gets it in shared memory and goes back in 16-byte units. Built
 // for sm_90a only; other targets get an empty body that is never launched.
@@ -153,36 +154,28 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
                         ? *reinterpret_cast<const uint4*>(&a.out.at(at.b, at.h, row, unit % kUnitsPerRow * 8))
                         : make_uint4(0, 0, 0, 0);
     }
-    float out[kHeadDim / 8][4] = {};
-    if (complement) {
-      wgmma_fence();
-      issue_rows_times<1, StateRead::as_stored>(out, s.q, s.h, warpgroup_row0);
-      wgmma_commit();
-    }
+    // The walk adds the tiles up (H_m, StateSum) and hands each straight back; then O = φ(Q) H_m once.
+    StateSum<StateTile, Config::kConsumers * kWarpgroupThreads> set_h;
+    if (complement) set_h.add(s.h, 1.0f, consumer_thread);
+    const float sign = complement ? -1.0f : 1.0f;
     for (int32_t t = t0; t < t0 + total; ++t) {
-      const int stage = s.pipe.stage(t);
       s.pipe.wait_keys(t);
-      wgmma_fence();
-      if (complement) {
-        issue_rows_times<-1, StateRead::as_stored>(out, s.q, s.states[stage], warpgroup_row0);
-      } else {
-        issue_rows_times<1, StateRead::as_stored>(out, s.q, s.states[stage], warpgroup_row0);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous tile's product is done with its stage
-      if (t > t0) {
-        s.pipe.release_keys(t - 1);
-        s.pipe.release_values(t - 1);
-      }
+      set_h.add(s.states[s.pipe.stage(t)], sign, consumer_thread);
+      s.pipe.release_keys(t);
+      s.pipe.release_values(t);
     }
+    t0 += total;
+    named_barrier_sync(1 + Config::kConsumers, Config::kConsumers * kWarpgroupThreads);  // every read of H is done
+    set_h.store(s.h, consumer_thread);
+    fence_shared_for_tensor_cores();
+    named_barrier_sync(1 + Config::kConsumers, Config::kConsumers * kWarpgroupThreads);  // all of H_m is in place
+    float out[kHeadDim / 8][4] = {};
+    wgmma_fence();
+    issue_rows_times<1, StateRead::as_stored>(out, s.q, s.h, warpgroup_row0);
+    wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(out);
-    if (total > 0) {
-      s.pipe.release_keys(t0 + total - 1);
-      s.pipe.release_values(t0 + total - 1);
-    }
-    s.pipe.q_empty.arrive();  // every product and read of φ(Q) and H is complete
-    t0 += total;
+    s.pipe.q_empty.arrive();  // every read of φ(Q) and H_m is complete
 
     // Ol = O / den on the rows of the sequence (0 elsewhere); an empty U_m has O = 0.
 #pragma unroll

@@ -5,9 +5,14 @@
 // (LinearSetQueryBlocks): the head's total dH when the query blocks whose U_m
 // lacks n are fewer, then those blocks' dH_m (subtracted), or else the blocks
 // whose U_m holds n (added); each head's count and sign are announced with
-// V_n and φ(K_n). One consumer warpgroup per 64 keys issues per tile
-// dK ±= V dH_mᵀ and dV ±= φ(K) dH_m under one commit; then dKφ + dz_n goes through φ, and dk, dv
-// get the sparse branch's rows added. Built for sm_90a only.
+// V_n and φ(K_n). The consumer warpgroups add the tiles up as they come
+// (dh_n, summed over the group's heads too: V_n and φ(K_n) are theirs in
+// common), in fp32, each thread its share of the units (StateSum), and hand
+// each tile straight back; then dh_n, rounded to the input dtype, goes to
+// shared memory and each warpgroup (64 keys) issues dK = V dh_nᵀ and
+// dV = φ(K) dh_n once: two products per key block instead of two per tile.
+// dKφ + dz_n goes through φ, and dk, dv get the sparse branch's rows added.
+// Built for sm_90a only.
 #include <algorithm>
 
 #include "cuda/common.cuh"
@@ -38,6 +43,7 @@ struct WgmmaKeyGrads {
     KTile v;
     KTile phi;
     StateTile states[kStages];
+    StateTile sum;  // dh_n of the item, the B of its two products
     KeyTilePipeline<kStages> pipe;  // a stage's tile on its "keys" barrier; its "values" barrier carries nothing
     // Per query head of the item's GQA group: its listed dH_m tiles * 2 + whether they are subtracted
     // (from the head's dH, one more tile before them); announced with V_n and φ(K_n).
@@ -136,44 +142,42 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
     const int64_t kv_pair = item / g.k_blocks, n = item % g.k_blocks;
     const int64_t b = kv_pair / g.kv_heads, kv = kv_pair % g.kv_heads;
     s.pipe.q_full.wait(use & 1);
-    float dk[kTiles][4] = {};  // V dh_nᵀ
-    float dv[kTiles][4] = {};  // φ(K) dh_n
+    StateSum<StateTile, Config::kConsumers * kWarpgroupThreads> dh;
     int32_t t = t0;
-    // `count` tiles from t, all added or all subtracted (a sign fixed over the loop: ptxas serialises
-    // products under a condition read per tile).
-    const auto walk = [&](auto sign, int32_t count) {
-      constexpr int kSign = decltype(sign)::value;
+    // `count` tiles from t, added or subtracted.
+    const auto walk = [&](float sign, int32_t count) {
       for (int32_t end = t + count; t < end; ++t) {
-        const int stage = s.pipe.stage(t);
         s.pipe.wait_keys(t);
-        wgmma_fence();
-        issue_rows_times<kSign, StateRead::transposed>(dk, s.v, s.states[stage], warpgroup_row0);
-        issue_rows_times<kSign, StateRead::as_stored>(dv, s.phi, s.states[stage], warpgroup_row0);
-        wgmma_commit();
-        wgmma_wait<1>();  // the previous tile's products are done with its stage
-        if (t > t0) {
-          s.pipe.release_keys(t - 1);
-          s.pipe.release_values(t - 1);
-        }
+        dh.add(s.states[s.pipe.stage(t)], sign, consumer_thread);
+        s.pipe.release_keys(t);
+        s.pipe.release_values(t);
       }
     };
     for (int64_t member = 0; member < g.group(); ++member) {
       const int32_t listed = s.member_lists[member];
       if (listed & 1) {
-        walk(std::integral_constant<int, 1>{}, 1);  // the head's dH
-        walk(std::integral_constant<int, -1>{}, listed >> 1);
+        walk(1.0f, 1);  // the head's dH
+        walk(-1.0f, listed >> 1);
       } else {
-        walk(std::integral_constant<int, 1>{}, listed >> 1);
+        walk(1.0f, listed >> 1);
       }
     }
+    t0 = t;
+    // Both warpgroups are done with the last item's products (their epilogue came after them) before
+    // the sum replaces its B, and see the whole sum before they multiply.
+    named_barrier_sync(1, Config::kConsumers * kWarpgroupThreads);
+    dh.store(s.sum, consumer_thread);
+    fence_shared_for_tensor_cores();
+    named_barrier_sync(1, Config::kConsumers * kWarpgroupThreads);
+    float dk[kTiles][4] = {};  // V dh_nᵀ
+    float dv[kTiles][4] = {};  // φ(K) dh_n
+    wgmma_fence();
+    issue_rows_times<1, StateRead::transposed>(dk, s.v, s.sum, warpgroup_row0);
+    issue_rows_times<1, StateRead::as_stored>(dv, s.phi, s.sum, warpgroup_row0);
+    wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(dk);
     fence_accumulators(dv);
-    if (t > t0) {
-      s.pipe.release_keys(t - 1);
-      s.pipe.release_values(t - 1);
-    }
-    t0 = t;
 
     float phi[kTiles][4];  // φ(K) at the accumulators' places, for the chain rule of dk
 #pragma unroll

@@ -5,9 +5,12 @@
 // walked list (LinearSetBlocks) into the stages, as the forward does. One
 // consumer warpgroup per 64 query rows reads its rows' den and its columns of
 // Z_m (linear_set_operands.h), forms dOl = dO W (+ the returned Ol's
-// gradient) and stores it over dO in the input dtype, then issues, per tile,
-// P ±= dOl h_nᵀ and (for dW) O ±= φ(Q) h_n under one commit. After the walk
-// it writes Ol, forms dQφ = P / den − c Z_m through φ into dq, and stores
+// gradient) and stores it over dO in the input dtype. The walk adds the
+// tiles up as they come (H_m = H − the listed h_n, or their sum, in fp32,
+// each thread its share of the units: StateSum) and hands each straight
+// back; H_m, rounded to the input dtype, then takes H's place and each
+// warpgroup issues P = dOl H_mᵀ and (for dW) O = φ(Q) H_m once. It writes
+// Ol, forms dQφ = P / den − c Z_m through φ into dq, and stores
 // φ(Q) / den over φ(Q); after a barrier of the consumers, dH_m (64 features
 // per warpgroup: A = φ(Q) / den read M-major, B = dOl read N-major) and dZ_m
 // (from the rows' c den, kept in shared memory). Built for sm_90a only.
@@ -36,7 +39,7 @@ struct QueryGradShared {
   using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // h_n or H (F x D), or W as (out, in)
   QTile phi;  // φ(Q_m); after the walk φ(Q_m) / den
   QTile dol;  // dO_m as copied, then dOl_m
-  StateTile h;
+  StateTile h;  // H as copied, then H_m
   StateTile w;
   StateTile states[kStages];
   KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barrier carries nothing
@@ -189,43 +192,32 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     fence_shared_for_tensor_cores();
     named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
 
-    // The walk: P = dOl H_mᵀ and O = φ(Q_m) H_m (for dW), both times den. O is
-    // formed without a projection too: a product issued under a condition
-    // makes ptxas serialise all of them (C7515).
+    // The walk: H_m. Then P = dOl H_mᵀ and O = φ(Q_m) H_m (for dW), both times den.
+    StateSum<StateTile, kConsumerThreads> set_h;
+    if (complement) set_h.add(s.h, 1.0f, consumer_thread);
+    const float sign = complement ? -1.0f : 1.0f;
+    for (int32_t t = t0; t < t0 + total; ++t) {
+      s.pipe.wait_keys(t);
+      set_h.add(s.states[s.pipe.stage(t)], sign, consumer_thread);
+      s.pipe.release_keys(t);
+      s.pipe.release_values(t);
+    }
+    t0 += total;
+    named_barrier_sync(1 + Config::kConsumers, kConsumerThreads);  // every read of H is done
+    set_h.store(s.h, consumer_thread);
+    fence_shared_for_tensor_cores();
+    named_barrier_sync(1 + Config::kConsumers, kConsumerThreads);  // all of H_m is in place
+    // O is formed without a projection too: a product issued under a condition makes ptxas
+    // serialise all of them (C7515).
     float grad[kTiles][4] = {};
     float out[kTiles][4] = {};
-    if (complement) {
-      wgmma_fence();
-      issue_rows_times<1, StateRead::transposed>(grad, s.dol, s.h, warpgroup_row0);
-      issue_rows_times<1, StateRead::as_stored>(out, s.phi, s.h, warpgroup_row0);
-      wgmma_commit();
-    }
-    for (int32_t t = t0; t < t0 + total; ++t) {
-      const int stage = s.pipe.stage(t);
-      s.pipe.wait_keys(t);
-      wgmma_fence();
-      if (complement) {
-        issue_rows_times<-1, StateRead::transposed>(grad, s.dol, s.states[stage], warpgroup_row0);
-        issue_rows_times<-1, StateRead::as_stored>(out, s.phi, s.states[stage], warpgroup_row0);
-      } else {
-        issue_rows_times<1, StateRead::transposed>(grad, s.dol, s.states[stage], warpgroup_row0);
-        issue_rows_times<1, StateRead::as_stored>(out, s.phi, s.states[stage], warpgroup_row0);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous tile's products are done with its stage
-      if (t > t0) {
-        s.pipe.release_keys(t - 1);
-        s.pipe.release_values(t - 1);
-      }
-    }
+    wgmma_fence();
+    issue_rows_times<1, StateRead::transposed>(grad, s.dol, s.h, warpgroup_row0);
+    issue_rows_times<1, StateRead::as_stored>(out, s.phi, s.h, warpgroup_row0);
+    wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(grad);
     fence_accumulators(out);
-    if (total > 0) {
-      s.pipe.release_keys(t0 + total - 1);
-      s.pipe.release_values(t0 + total - 1);
-    }
-    t0 += total;
 
     if (a.ol_rows) {  // Ol on every row of the block, for dW
       float* ol = a.ol_rows + (pair * g.q_rows() + row0) * kHeadDim + 2 * quad;

@@ -2,10 +2,12 @@
 // linear_backward_wgmma.cu): the warpgroup's 64 rows of a row tile (φ(Q),
 // dO or dOl, read K-major) times a D x D state tile (h_n, H or W) read as
 // stored, rows along K (MN-major, as V is in P V), or transposed (K-major).
-// Issued, not committed.
+// Issued, not committed. StateSum: the elementwise sum of state tiles, for a
+// walk that adds its tiles first and multiplies once.
 #pragma once
 
 #include <type_traits>
+#include <utility>
 
 #include "cuda/wgmma.cuh"
 
@@ -29,5 +31,45 @@ __device__ __forceinline__ void issue_rows_times(float (&acc)[kTiles][4], const 
         acc, rows_desc + k_major_offset<RowTile>(row0, step), state_desc + state_step, true);
   }
 }
+
+// A sum of state tiles (StateTile, 16-bit elements) in fp32, spread over
+// kThreads threads: `thread` holds the 16-byte units thread + i kThreads of
+// the tile (consecutive threads, consecutive units: conflict-free reads of
+// the swizzled rows).
+template <typename StateTile, int kThreads>
+struct StateSum {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<StateTile&>().data[0])>>;
+  static constexpr int kUnitsPerRow = StateTile::kChunks * StateTile::kChunkCols / StateTile::kUnitElements;
+  static constexpr int kUnits = StateTile::kUnits / kThreads;
+  static_assert(kUnits * kThreads == StateTile::kUnits, "whole units per thread");
+  float v[kUnits][8] = {};
+
+  // += sign · tile.
+  __device__ __forceinline__ void add(const StateTile& tile, float sign, int thread) {
+#pragma unroll
+    for (int i = 0; i < kUnits; ++i) {
+      const int unit = thread + i * kThreads;
+      const uint4 bits = *reinterpret_cast<const uint4*>(tile.unit(unit / kUnitsPerRow, unit % kUnitsPerRow));
+      const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float2 pair = unpack2<Element>(words[w]);
+        v[i][2 * w] += sign * pair.x;
+        v[i][2 * w + 1] += sign * pair.y;
+      }
+    }
+  }
+
+  // The sum rounded to Element into `tile`, at the places add() reads.
+  __device__ __forceinline__ void store(StateTile& tile, int thread) const {
+#pragma unroll
+    for (int i = 0; i < kUnits; ++i) {
+      const int unit = thread + i * kThreads;
+      *reinterpret_cast<uint4*>(tile.unit(unit / kUnitsPerRow, unit % kUnitsPerRow)) =
+          make_uint4(pack2<Element>(v[i][0], v[i][1]), pack2<Element>(v[i][2], v[i][3]),
+                     pack2<Element>(v[i][4], v[i][5]), pack2<Element>(v[i][6], v[i][7]));
+    }
+  }
+};
 
 }  // namespace slattn::cuda

@@ -44,6 +44,7 @@ struct alignas(kSwizzleAtomBytes) SwizzledTile {
   static constexpr int kUnitElements = 16 / sizeof(Element);
   static constexpr int kChunkBytes = kRows * kSwizzleBytes;
   static constexpr int kChunks = kCols / kChunkCols;
+  static constexpr int kUnits = kRows * kCols / kUnitElements;  // 16-byte units of the tile
   static_assert(kRows % 8 == 0 && kCols % kChunkCols == 0, "whole swizzle atoms");
   Element data[kRows * kCols];
 
