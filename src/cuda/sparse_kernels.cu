@@ -80,33 +80,39 @@ bool current_device_is_hopper() {
   return major == 9;
 }
 
-void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                    cudaStream_t stream) {
-  check_sparse_support(g);
+namespace {
+
+// hopper() (which launches and returns nullptr, or returns why it cannot
+// run) on a Hopper GPU unless SLATTN_CUDA_MAINLOOP=mma, else or on a refusal
+// mma(); SLATTN_CUDA_MAINLOOP=wgmma turns the refusal into an error.
+template <typename Hopper, typename Mma>
+void run_on_mainloop(Hopper&& hopper, Mma&& mma) {
   const Mainloop mainloop = requested_mainloop();
   if (mainloop != Mainloop::mma && current_device_is_hopper()) {
-    const char* refusal = sparse_forward_wgmma(g, plan, args, stream);
+    const char* refusal = hopper();
     if (refusal == nullptr) return;
     if (mainloop == Mainloop::wgmma) throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
   } else if (mainloop == Mainloop::wgmma) {
     throw Unsupported(kWgmmaUnavailable);
   }
-  sparse_forward_mma(g, plan, args, stream);
+  mma();
+}
+
+}  // namespace
+
+void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                    cudaStream_t stream) {
+  check_sparse_support(g);
+  run_on_mainloop([&] { return sparse_forward_wgmma(g, plan, args, stream); },
+                  [&] { sparse_forward_mma(g, plan, args, stream); });
 }
 
 void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                      cudaStream_t stream) {
   check_sparse_support(g);
   sparse_delta(g, args, stream);
-  const Mainloop mainloop = requested_mainloop();
-  if (mainloop != Mainloop::mma && current_device_is_hopper()) {
-    const char* refusal = sparse_backward_wgmma(g, plan, args, stream);
-    if (refusal == nullptr) return;
-    if (mainloop == Mainloop::wgmma) throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
-  } else if (mainloop == Mainloop::wgmma) {
-    throw Unsupported(kWgmmaUnavailable);
-  }
-  sparse_backward_mma(g, plan, args, stream);
+  run_on_mainloop([&] { return sparse_backward_wgmma(g, plan, args, stream); },
+                  [&] { sparse_backward_mma(g, plan, args, stream); });
 }
 
 void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream) {
