@@ -157,18 +157,8 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
     // The walk adds the tiles up (H_m, StateSum) and hands each straight back; then O = φ(Q) H_m once.
     StateSum<StateTile, Config::kConsumers * kWarpgroupThreads> set_h;
     if (complement) set_h.add(s.h, 1.0f, consumer_thread);
-    const float sign = complement ? -1.0f : 1.0f;
-    for (int32_t t = t0; t < t0 + total; ++t) {
-      s.pipe.wait_keys(t);
-      set_h.add(s.states[s.pipe.stage(t)], sign, consumer_thread);
-      s.pipe.release_keys(t);
-      s.pipe.release_values(t);
-    }
-    t0 += total;
-    named_barrier_sync(1 + Config::kConsumers, Config::kConsumers * kWarpgroupThreads);  // every read of H is done
-    set_h.store(s.h, consumer_thread);
-    fence_shared_for_tensor_cores();
-    named_barrier_sync(1 + Config::kConsumers, Config::kConsumers * kWarpgroupThreads);  // all of H_m is in place
+    t0 = set_h.add_stages(s.pipe, s.states, t0, total, complement ? -1.0f : 1.0f, consumer_thread);
+    set_h.publish(s.h, 1 + Config::kConsumers, consumer_thread);  // H_m over H
     float out[kHeadDim / 8][4] = {};
     wgmma_fence();
     issue_rows_times<1, StateRead::as_stored>(out, s.q, s.h, warpgroup_row0);

@@ -143,32 +143,15 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
     const int64_t b = kv_pair / g.kv_heads, kv = kv_pair % g.kv_heads;
     s.pipe.q_full.wait(use & 1);
     StateSum<StateTile, Config::kConsumers * kWarpgroupThreads> dh;
-    int32_t t = t0;
-    // `count` tiles from t, added or subtracted.
-    const auto walk = [&](float sign, int32_t count) {
-      for (int32_t end = t + count; t < end; ++t) {
-        s.pipe.wait_keys(t);
-        dh.add(s.states[s.pipe.stage(t)], sign, consumer_thread);
-        s.pipe.release_keys(t);
-        s.pipe.release_values(t);
-      }
-    };
     for (int64_t member = 0; member < g.group(); ++member) {
       const int32_t listed = s.member_lists[member];
-      if (listed & 1) {
-        walk(1.0f, 1);  // the head's dH
-        walk(-1.0f, listed >> 1);
-      } else {
-        walk(1.0f, listed >> 1);
-      }
+      if (listed & 1)  // the head's dH, less the listed dH_m
+        t0 = dh.add_stages(s.pipe, s.states, t0, 1, 1.0f, consumer_thread);
+      t0 = dh.add_stages(s.pipe, s.states, t0, listed >> 1, listed & 1 ? -1.0f : 1.0f, consumer_thread);
     }
-    t0 = t;
     // Both warpgroups are done with the last item's products (their epilogue came after them) before
-    // the sum replaces its B, and see the whole sum before they multiply.
-    named_barrier_sync(1, Config::kConsumers * kWarpgroupThreads);
-    dh.store(s.sum, consumer_thread);
-    fence_shared_for_tensor_cores();
-    named_barrier_sync(1, Config::kConsumers * kWarpgroupThreads);
+    // the sum replaces its B.
+    dh.publish(s.sum, 1, consumer_thread);
     float dk[kTiles][4] = {};  // V dh_nᵀ
     float dv[kTiles][4] = {};  // φ(K) dh_n
     wgmma_fence();

@@ -195,18 +195,8 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     // The walk: H_m. Then P = dOl H_mᵀ and O = φ(Q_m) H_m (for dW), both times den.
     StateSum<StateTile, kConsumerThreads> set_h;
     if (complement) set_h.add(s.h, 1.0f, consumer_thread);
-    const float sign = complement ? -1.0f : 1.0f;
-    for (int32_t t = t0; t < t0 + total; ++t) {
-      s.pipe.wait_keys(t);
-      set_h.add(s.states[s.pipe.stage(t)], sign, consumer_thread);
-      s.pipe.release_keys(t);
-      s.pipe.release_values(t);
-    }
-    t0 += total;
-    named_barrier_sync(1 + Config::kConsumers, kConsumerThreads);  // every read of H is done
-    set_h.store(s.h, consumer_thread);
-    fence_shared_for_tensor_cores();
-    named_barrier_sync(1 + Config::kConsumers, kConsumerThreads);  // all of H_m is in place
+    t0 = set_h.add_stages(s.pipe, s.states, t0, total, complement ? -1.0f : 1.0f, consumer_thread);
+    set_h.publish(s.h, 1 + Config::kConsumers, consumer_thread);  // H_m over H
     // O is formed without a projection too: a product issued under a condition makes ptxas
     // serialise all of them (C7515).
     float grad[kTiles][4] = {};

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace slattn::cuda {
@@ -60,6 +61,31 @@ struct StateSum {
     }
   }
 
+  // += sign · the tiles of ring positions [t, t + count) of a KeyTilePipeline's stages (on their "keys"
+  // barriers), each handed back once read; returns t + count.
+  template <typename Pipe>
+  __device__ __forceinline__ int32_t add_stages(Pipe& pipe, const StateTile* stages, int32_t t, int32_t count,
+                                                float sign, int thread) {
+    for (const int32_t end = t + count; t < end; ++t) {
+      pipe.wait_keys(t);
+      add(stages[pipe.stage(t)], sign, thread);
+      pipe.release_keys(t);
+      pipe.release_values(t);
+    }
+    return t;
+  }
+
+  // The sum rounded into `tile`, the B of the consumers' products: written once all kThreads of them
+  // (named barrier `barrier`) are done reading it and with their earlier products, visible to the tensor
+  // cores of every consumer on return.
+  __device__ __forceinline__ void publish(StateTile& tile, int barrier, int thread) const {
+    named_barrier_sync(barrier, kThreads);
+    store(tile, thread);
+    fence_shared_for_tensor_cores();
+    named_barrier_sync(barrier, kThreads);
+  }
+
+ private:
   // The sum rounded to Element into `tile`, at the places add() reads.
   __device__ __forceinline__ void store(StateTile& tile, int thread) const {
 #pragma unroll
