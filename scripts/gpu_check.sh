@@ -54,11 +54,11 @@ if want profile; then
   echo "== profile"
   for blocks in 64 128; do
     timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 "$blocks" 2>&1 | tee "$LOGS/profile-$blocks.log" \
-      | grep -v Warning | head -24 | cut -c1-72,144-158,200-215 || status=1
+      | grep -v -i warn || status=1
   done
   echo "== profile, low-bit forward (quantized=True), blocks 128: its kernels"
   timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 128 quantized 2>&1 \
-    | tee "$LOGS/profile-128-quantized.log" | grep -E "quantized|int8|e4m3|column_stats" | cut -c1-72,144-158 \
+    | tee "$LOGS/profile-128-quantized.log" | grep -E "quantized|int8|e4m3|column_stats|busy" \
     || status=1
 fi
 if [[ " $STEPS " == *" ncu "* ]]; then
@@ -86,7 +86,7 @@ if [[ " $STEPS " == *" ab "* ]]; then
   ab_run() {
     echo "== $1: profile (fwd+bwd kernels, 128-blocks) and bench"
     timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 128 2>&1 | tee "$LOGS/ab-$1-profile.log" \
-      | grep -v Warning | head -16 | cut -c1-72,144-158 || status=1
+      | grep -v -i warn || status=1
     timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --block-q 128 --block-k 128 \
       --out-dir "$LOGS/ab-$1-bench" --repeats 5 2>&1 | grep -A1 "^shape" || status=1
   }

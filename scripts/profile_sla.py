@@ -1,13 +1,68 @@
-"""Per-kernel CUDA time of SLA forward+backward at one shape (torch.profiler).
+"""Per-kernel CUDA time of SLA forward+backward at one shape (torch.profiler),
+then where the wall time of a forward and of a forward+backward goes: GPU busy
+(kernels, copies and memsets, overlaps merged), the GPU's idle gaps between
+its first and last kernel, and the time of one call with a synchronisation
+against the time per call of ten calls issued back to back.
 Usage: python scripts/profile_sla.py [B,H,L,D] [topk] [block size] [quantized]
 (quantized: the low-bit forward, as quantization-aware training runs it)"""
 
+import re
 import sys
+import time
+from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import slattn
+
+
+def kernel_intervals(prof) -> list[tuple[float, float, str]]:
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if e.device_type == DeviceType.CUDA)
+
+
+def split_at_pauses(intervals, pause_us: float) -> list[list[tuple[float, float, str]]]:
+    """The calls of one profiling session, told apart by the pauses put between them."""
+    groups = []
+    for interval in intervals:
+        if not groups or interval[0] - max(end for _, end, _ in groups[-1]) > pause_us:
+            groups.append([])
+        groups[-1].append(interval)
+    return groups
+
+
+def busy_us(intervals) -> float:
+    busy, end = 0.0, float("-inf")
+    for start, stop, _ in intervals:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy
+
+
+def short_name(name: str) -> str:
+    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"\(anonymous namespace\)::|slattn::cuda::|at::native::", "", name)
+    return name.split("<")[0].split("(")[0]
+
+
+def kernel_table(intervals) -> str:
+    totals, counts = defaultdict(float), defaultdict(int)
+    for start, stop, name in intervals:
+        totals[short_name(name)] += stop - start
+        counts[short_name(name)] += 1
+    rows = sorted(totals.items(), key=lambda item: -item[1])
+    return "\n".join(f"{name:<45} {counts[name]:>3} {total / 1e3:8.3f} ms" for name, total in rows)
+
+
+def wall_ms(fn, calls: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -21,17 +76,40 @@ def main() -> None:
     b = torch.zeros(shape[-1], device="cuda", requires_grad=True)
     grad = torch.randn(shape, generator=gen).to("cuda", torch.bfloat16)
 
-    def step():
-        out = slattn.sparse_linear_attention(q, k, v, w, b, topk=topk, block_q=block, block_k=block,
+    def forward():
+        return slattn.sparse_linear_attention(q, k, v, w, b, topk=topk, block_q=block, block_k=block,
                                               quantized=quantized)
-        torch.autograd.grad(out, (q, k, v, w, b), grad)  # returned, not added to .grad as in slattn bench
 
+    def step():
+        torch.autograd.grad(forward(), (q, k, v, w, b), grad)  # returned, not added to .grad as in slattn bench
+
+    def route():
+        return slattn.route(q, k, topk=topk, block_q=block, block_k=block)
+
+    calls = {"routing": route, "forward": forward, "fwd+bwd": step}
+    pause_s = 0.02  # between the calls, to tell their kernels apart
+    with torch.no_grad():
+        route(), forward()
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        for name, fn in calls.items():
+            with torch.set_grad_enabled(name == "fwd+bwd"):
+                fn()
+            torch.cuda.synchronize()
+            time.sleep(pause_s)
+    groups = split_at_pauses(kernel_intervals(prof), pause_us=0.5e6 * pause_s)
+    if len(groups) != len(calls):
+        raise RuntimeError(f"expected {len(calls)} groups of kernels, found {len(groups)}")
+    print("forward+backward, GPU time per kernel:")
+    print(kernel_table(groups[-1]))
+    for (name, fn), group in zip(calls.items(), groups):
+        with torch.set_grad_enabled(name == "fwd+bwd"):
+            single = sorted(wall_ms(fn, 1) for _ in range(5))[2]
+            back_to_back = wall_ms(fn, 10)
+        span = group[-1][1] - group[0][0]
+        print(f"{name:>8}: GPU busy {busy_us(group) / 1e3:.3f} ms, first to last kernel {span / 1e3:.3f} ms; "
+              f"one call + sync {single:.3f} ms, back to back {back_to_back:.3f} ms per call")
 
 
 if __name__ == "__main__":

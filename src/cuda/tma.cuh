@@ -44,6 +44,9 @@ struct alignas(8) SharedBarrier {
                                    : "memory"));
   }
   __device__ __forceinline__ void wait(uint32_t parity) {
+#if defined(SLATTN_DEBUG_HANGS)
+    wait_or_trap(parity);
+#else
     SLATTN_SM90A(asm volatile("{\n"
                                    ".reg .pred done;\n"
                                    "retry:\n"
@@ -52,7 +55,41 @@ struct alignas(8) SharedBarrier {
                                    "}\n" ::"r"(shared_address(&state)),
                                    "r"(parity)
                                    : "memory"));
+#endif
   }
+
+#if defined(SLATTN_DEBUG_HANGS)
+  // Whether the phase of `parity` has completed (one try, which may suspend the thread a while).
+  __device__ __forceinline__ bool try_wait(uint32_t parity) {
+    uint32_t done = 1;
+    SLATTN_SM90A(asm volatile("{\n"
+                              ".reg .pred p;\n"
+                              "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                              "selp.u32 %0, 1, 0, p;\n"
+                              "}\n"
+                              : "=r"(done)
+                              : "r"(shared_address(&state)), "r"(parity)
+                              : "memory"));
+    return done != 0;
+  }
+  // A wait that reports the kernel's shape and the barrier, and traps, after 1 s.
+  __device__ __noinline__ void wait_or_trap(uint32_t parity) {
+    const uint64_t start = global_nanoseconds();
+    while (!try_wait(parity)) {
+      if (global_nanoseconds() - start > 1000000000ull) {
+        printf("slattn: a barrier wait has lasted 1 s: grid %u, block %u, threads %u, thread %u, barrier at "
+               "shared byte %u, parity %u\n",
+               gridDim.x, blockIdx.x, blockDim.x, threadIdx.x, shared_address(&state), parity);
+        __trap();
+      }
+    }
+  }
+  static __device__ __forceinline__ uint64_t global_nanoseconds() {
+    uint64_t now;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(now));
+    return now;
+  }
+#endif
 };
 
 // Makes the barriers' initialisation visible to the copy engine (before the block's barrier).
