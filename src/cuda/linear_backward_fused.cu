@@ -7,6 +7,7 @@
 // into dK, and dV += φ(K_n) dh_n. Products on tf32 tensor cores. Both add the
 // sparse branch's fp32 gradient rows and store dq, dk, dv in the output dtype.
 #include "cuda/gemm.cuh"
+#include "cuda/key_states_wgmma.h"
 #include "cuda/linear_backward_wgmma.h"
 #include "cuda/linear_backward_fused.h"
 #include "cuda/linear_forward_fused.h"
@@ -291,19 +292,24 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
                            const float* dk_rows, const float* dv_rows, const TensorView& dq, const TensorView& dk,
                            const TensorView& dv, cudaStream_t stream) {
   const bool hopper = buf.linear_set.block_h != nullptr;
-  key_block_states(g, k, v, feature_map, buf.keys, buf.linear_set.block_h, buf.key_set.phi_k, stream);
-  // Each Hopper kernel that refuses (linear_backward_wgmma.h) leaves its work to the sm_80 one; the key
-  // kernel reads what the query kernel wrote.
+  // Each Hopper kernel that refuses (key_states_wgmma.h, linear_backward_wgmma.h) leaves its work to the
+  // sm_80 ones; the query kernel reads the states in the input dtype, the key kernel what the query kernel
+  // wrote.
   const char* refusal = "not on Hopper";
   if (hopper) {
-    refusal = linear_query_grads_wgmma(g, plan, q, feature_map, scope, buf.keys, buf.linear_set,
-                                       LinearQueryGradArgs{dout, weight, dout_linear, buf.ol, dq_rows, dq,
-                                                           buf.dh_query, buf.key_set.dh_low, buf.dz_query},
-                                       stream);
+    refusal = key_block_states_wgmma(g, k, v, feature_map, buf.keys, buf.linear_set.block_h, buf.key_set.phi_k,
+                                     stream);
+    if (refusal == nullptr)
+      refusal = linear_query_grads_wgmma(g, plan, q, feature_map, scope, buf.keys, buf.linear_set,
+                                         LinearQueryGradArgs{dout, weight, dout_linear, buf.ol, dq_rows, dq,
+                                                             buf.dh_query, buf.key_set.dh_low, buf.dz_query},
+                                         stream);
     refuse_if_forced(refusal);
   }
-  if (refusal != nullptr)
+  if (refusal != nullptr) {  // on the fp32 states
+    key_block_states(g, k, v, feature_map, buf.keys, nullptr, nullptr, stream);
     linear_query_grads(g, plan, q, feature_map, scope, buf, dout_rows, weight, dout_linear, dq_rows, dq, stream);
+  }
 
   const int64_t state = g.features * g.dim;
   column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);

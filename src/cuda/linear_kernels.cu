@@ -22,20 +22,29 @@ __global__ void feature_rows_kernel(DeviceView<const Element> x, int64_t heads, 
   }
 }
 
-__global__ void column_sums_kernel(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst) {
+template <typename T>
+__global__ void column_sums_kernel(const T* src, int64_t batches, int64_t rows, int64_t width, float* dst) {
   constexpr int kLanes = 4;  // independent partial sums, so that several loads are in flight
   const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (index >= batches * width) return;
   const int64_t batch = index / width, col = index % width;
-  const float* column = src + batch * rows * width + col;
+  const T* column = src + batch * rows * width + col;
   float partial[kLanes] = {};
   int64_t r = 0;
   for (; r + kLanes <= rows; r += kLanes) {
 #pragma unroll
-    for (int j = 0; j < kLanes; ++j) partial[j] += column[(r + j) * width];
+    for (int j = 0; j < kLanes; ++j) partial[j] += to_float(column[(r + j) * width]);
   }
-  for (; r < rows; ++r) partial[0] += column[r * width];
+  for (; r < rows; ++r) partial[0] += to_float(column[r * width]);
   dst[index] = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+}
+
+template <typename T>
+void launch_column_sums(const T* src, int64_t batches, int64_t rows, int64_t width, float* dst, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  column_sums_kernel<<<static_cast<unsigned>(ceil_div(batches * width, kThreads)), kThreads, 0, stream>>>(
+      src, batches, rows, width, dst);
+  SLATTN_LAUNCH_CHECK("column_sums_kernel");
 }
 
 // grid: one block per (query pair, query block); shared: subset_list_bytes(Nk).
@@ -231,10 +240,14 @@ void feature_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_m
 }
 
 void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  column_sums_kernel<<<static_cast<unsigned>(ceil_div(batches * width, kThreads)), kThreads, 0, stream>>>(
-      src, batches, rows, width, dst);
-  SLATTN_LAUNCH_CHECK("column_sums_kernel");
+  launch_column_sums(src, batches, rows, width, dst, stream);
+}
+
+void column_sums(const void* src, DType dtype, int64_t batches, int64_t rows, int64_t width, float* dst,
+                 cudaStream_t stream) {
+  dispatch_element(dtype, [&](auto tag) {
+    launch_column_sums(static_cast<const decltype(tag)*>(src), batches, rows, width, dst, stream);
+  });
 }
 
 void assemble_query_states(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* key_h,

@@ -31,8 +31,6 @@
 namespace slattn::cuda {
 namespace {
 
-inline constexpr size_t kHopperSharedPerBlock = 227 * 1024;  // the most a thread block may opt into
-
 template <typename Element, int kHeadDim, int kBlockQ, int kStages>
 struct QueryGradShared {
   using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;

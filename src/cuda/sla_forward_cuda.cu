@@ -1,10 +1,11 @@
 // Forward of SLA on CUDA: the sparse kernel, then (when asked for) the linear
 // branch and the projection out = Os + Ol Wᵀ + b: for the fixed feature maps
 // on Hopper from the totals and the listed blocks' states
-// (linear_forward_wgmma.h), elsewhere fused from per-block states
+// (linear_forward_wgmma.h, after key_states_wgmma.h), elsewhere fused from per-block states
 // (linear_forward_fused.h); through fp32 rows for hedgehog (linear_states.h).
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/key_states_wgmma.h"
 #include "cuda/linear_forward_fused.h"
 #include "cuda/linear_forward_wgmma.h"
 #include "cuda/linear_states.h"
@@ -58,16 +59,20 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
                            static_cast<float>(p.scale)};
   run_sparse_forward(p, g, plan, sparse, buf, stream);
   if (!p.linear_branch()) return;
-  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, buf.linear_set.block_h, nullptr, stream);
   const auto* weight = static_cast<const float*>(p.proj_weight);
   const auto* bias = static_cast<const float*>(p.proj_bias);
   if (buf.linear_set.block_h) {
-    const char* refusal = linear_output_wgmma(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states,
-                                              buf.linear_set, weight, bias, p.out, p.out_linear, stream);
+    const char* refusal = key_block_states_wgmma(g, p.k, p.v, p.feature_map, buf.key_states,
+                                                 buf.linear_set.block_h, nullptr, stream);
+    if (refusal == nullptr)
+      refusal = linear_output_wgmma(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states, buf.linear_set,
+                                    weight, bias, p.out, p.out_linear, stream);
     if (refusal == nullptr) return;
     if (requested_mainloop() == Mainloop::wgmma)
       throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
   }
+  // The sm_80 kernels read the fp32 states, which the Hopper ones do not write.
+  key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, nullptr, nullptr, stream);
   linear_output_fused(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states,
                       weight, bias, p.out, p.out_linear, stream);
 }

@@ -29,6 +29,10 @@ bool loaded_for_hopper(Kernel kernel) {
   return attributes.binaryVersion == 90;
 }
 
+// The most shared memory a Hopper thread block may opt into: kernels pick
+// their stages by it at compile time.
+inline constexpr size_t kHopperSharedPerBlock = 227 * 1024;
+
 // Why a Hopper kernel cannot run here, or nullptr: `loaded` is
 // loaded_for_hopper(kernel) (kept by the caller per instantiation), `shared`
 // the bytes of shared memory it asks for.

@@ -172,15 +172,15 @@ def strided_layer(rng):
 def test_strided_head_dim_matches_contiguous(rng, monkeypatch):
     """The default mainloop takes such rows, through mma.sync on Hopper too (the tile copy engine of
     the Hopper sparse forward reads whole rows): bit for bit what mma.sync gives the contiguous
-    tensors. The linear branch reads q, k and v through kernels that take any strides: its output
-    is bit for bit the contiguous tensors'."""
+    tensors. The Hopper key-block states read k and v with the tile copy engine as well: the linear
+    branch takes the sm_80 kernels, bit for bit what they give the contiguous tensors."""
     strided, contiguous, w, b = strided_layer(rng)
     plan = slattn.route(contiguous[0], contiguous[1], topk=0.3, block_q=128, block_k=128)
     default = slattn.sparse_linear_attention(*strided, plan=plan)
     _, linear_strided, _ = slattn.sparse_linear_attention(*strided, plan=plan, return_branches=True)
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "mma")
     _, linear_contiguous, _ = slattn.sparse_linear_attention(*contiguous, plan=plan, return_branches=True)
     assert torch.equal(linear_strided, linear_contiguous)
-    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "mma")
     expected = slattn.sparse_linear_attention(*contiguous, plan=plan)
     assert torch.equal(default, expected)
     assert torch.equal(slattn.sparse_linear_attention(*strided, plan=plan), expected)

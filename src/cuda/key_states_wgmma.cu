@@ -1,0 +1,238 @@
+// The key-block states on Hopper (key_states_wgmma.h). A thread block walks
+// key blocks (items); its producer warp copies K_n and V_n of item t into
+// stage t % kStages. Per item the consumers (a warpgroup per 64 features)
+// replace K_n by φ(K_n) in the input dtype, kLanesPerRow threads a row, rows
+// past the sequence zero (the copy engine zero-fills them, but φ(0) is not 0);
+// then each warpgroup issues its 64 features of h_n = φ(K_n)ᵀ V_n (A read
+// M-major, B N-major: both tiles have keys along K), sums z_n's two halves
+// of keys from φ while the product runs, hands the stage back, and writes h_n
+// through a shared tile in 16-byte units. Built for sm_90a only.
+#include "cuda/key_states_wgmma.h"
+
+#include <algorithm>
+
+#include "cuda/common.cuh"
+#include "cuda/key_tile_pipeline.cuh"
+#include "cuda/linear_kernels.h"
+#include "cuda/sparse_kernels.h"
+#include "cuda/sparse_mainloops.h"
+#include "cuda/tensor_map.h"
+#include "cuda/tile_mma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace slattn::cuda {
+namespace {
+
+template <typename Element, int kHeadDim, int kBlockK, int kStages>
+struct KeyStateShared {
+  using KeyTile = SwizzledTile<Element, kBlockK, kHeadDim>;
+  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;
+  KeyTile k[kStages];  // K_n as copied, then φ(K_n) in place
+  KeyTile v[kStages];
+  StateTile h;                    // h_n rounded, on its way out
+  KeyTilePipeline<kStages> pipe;  // K and V of a stage complete its "keys" barrier
+  float z_half[2][kHeadDim];      // z_n over each half of the block's keys
+};
+
+template <typename Element, int kHeadDim, int kBlockK>
+struct WgmmaKeyStates {
+  static constexpr int kDim = kHeadDim, kRows = kBlockK;
+  static constexpr int kConsumers = kHeadDim / kWarpgroupRows;  // a warpgroup per 64 features of h_n
+  static constexpr int kConsumerThreads = kConsumers * kWarpgroupThreads;
+  static constexpr int kThreads = kConsumerThreads + kWarpSize;  // the producer warp last
+  static constexpr int kStages =
+      sizeof(KeyStateShared<Element, kHeadDim, kBlockK, 3>) + kSwizzleAtomBytes <= kHopperSharedPerBlock ? 3 : 2;
+  using Shared = KeyStateShared<Element, kHeadDim, kBlockK, kStages>;
+  static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
+  static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
+  // φ of a row by kLanesPerRow neighbouring threads, 8 units (64 features) each.
+  static constexpr int kUnitsPerThread = 8;
+  static constexpr int kLanesPerRow = kHeadDim / 8 / kUnitsPerThread;
+  static constexpr int kRowsPerPass = kConsumerThreads / kLanesPerRow;
+  static_assert(kConsumerThreads == 2 * kHeadDim, "z_n: two threads per feature, a half of the keys each");
+  static_assert(kRows % (kWarpSize / kLanesPerRow) == 0 && kRows <= kRowsPerPass && kDim == kHeadDim,
+                "one pass of whole warps covers the block's rows");
+};
+
+struct KeyValueMaps {
+  RowTileMap k, v;  // boxes of block_k rows
+};
+
+template <typename Element>
+struct KeyStateArgs {
+  FeatureMap feature_map;
+  float* z;          // (kv pairs * Nk, F)
+  Element* block_h;  // (kv pairs * Nk, F, D)
+  Element* phi_k;    // (kv pairs, Lk, F), or null
+};
+
+// φ of the rows of `keys` in place (zero from row `rows` on), and into
+// phi_rows (the block's first row of φ(K), or null) for the rows before it.
+template <typename Config, typename Tile, typename Element>
+__device__ __forceinline__ void phi_in_place(Tile& keys, int rows, FeatureMap feature_map, Element* phi_rows,
+                                             int thread) {
+  constexpr int kValues = Config::kUnitsPerThread * 8;
+  const int first_unit = thread % Config::kLanesPerRow * Config::kUnitsPerThread;
+  for (int row = thread / Config::kLanesPerRow; row < Config::kRows; row += Config::kRowsPerPass) {
+    float x[kValues];
+#pragma unroll
+    for (int u = 0; u < Config::kUnitsPerThread; ++u) {
+      const uint4 unit = *reinterpret_cast<const uint4*>(keys.unit(row, first_unit + u));
+      const uint32_t words[4] = {unit.x, unit.y, unit.z, unit.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float2 pair = unpack2<Element>(words[w]);
+        x[8 * u + 2 * w] = pair.x;
+        x[8 * u + 2 * w + 1] = pair.y;
+      }
+    }
+    if (feature_map == FeatureMap::softmax) {  // over the row's features, as query_features_kernel
+      float peak = x[0];
+#pragma unroll
+      for (int i = 1; i < kValues; ++i) peak = fmaxf(peak, x[i]);
+      if constexpr (Config::kLanesPerRow == 2) peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, 1));
+      float total = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kValues; ++i) {
+        x[i] = __expf(x[i] - peak);
+        total += x[i];
+      }
+      if constexpr (Config::kLanesPerRow == 2) total += __shfl_xor_sync(0xffffffffu, total, 1);
+      const float inverse = 1.0f / total;
+#pragma unroll
+      for (int i = 0; i < kValues; ++i) x[i] *= inverse;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kValues; ++i)
+        x[i] = feature_map == FeatureMap::elu ? (x[i] > 0.0f ? x[i] + 1.0f : __expf(x[i])) : fmaxf(x[i], 0.0f);
+    }
+    const bool live = row < rows;
+#pragma unroll
+    for (int u = 0; u < Config::kUnitsPerThread; ++u) {
+      uint4 unit;
+      unit.x = live ? pack2<Element>(x[8 * u], x[8 * u + 1]) : 0u;
+      unit.y = live ? pack2<Element>(x[8 * u + 2], x[8 * u + 3]) : 0u;
+      unit.z = live ? pack2<Element>(x[8 * u + 4], x[8 * u + 5]) : 0u;
+      unit.w = live ? pack2<Element>(x[8 * u + 6], x[8 * u + 7]) : 0u;
+      *reinterpret_cast<uint4*>(keys.unit(row, first_unit + u)) = unit;
+      if (phi_rows && live)
+        *reinterpret_cast<uint4*>(phi_rows + int64_t(row) * Config::kDim + (first_unit + u) * 8) = unit;
+    }
+  }
+}
+
+template <typename Element, int kHeadDim, int kBlockK>
+__global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK>::kThreads,
+                                  WgmmaKeyStates<Element, kHeadDim, kBlockK>::kBlocksPerSm)
+    key_block_states_wgmma_kernel(const __grid_constant__ KeyValueMaps maps, Geometry g, KeyStateArgs<Element> a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Config = WgmmaKeyStates<Element, kHeadDim, kBlockK>;
+  using Shared = typename Config::Shared;
+  using KeyTile = typename Shared::KeyTile;
+  using StateTile = typename Shared::StateTile;
+  constexpr int kTiles = kHeadDim / 8;  // accumulator tiles of a row of h_n
+  extern __shared__ unsigned char raw[];
+  Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
+  if (threadIdx.x == 0) s.pipe.init(Config::kConsumerThreads);
+  __syncthreads();
+  const int64_t items = g.kv_pairs() * g.k_blocks;
+
+  if (threadIdx.x >= Config::kConsumerThreads) {  // the producer warp: its first lane copies
+    if (threadIdx.x != Config::kConsumerThreads) return;
+    int32_t t = 0;
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++t) {
+      const KeyItem at = KeyItem::of(item, g);
+      const int stage = t % Config::kStages;
+      SharedBarrier& full = s.pipe.keys_slot(t);
+      full.arrive_expect_bytes(2 * sizeof(KeyTile));
+      load_row_tile(s.k[stage], maps.k, at.n * kBlockK, at.kv, at.b, full);
+      load_row_tile(s.v[stage], maps.v, at.n * kBlockK, at.kv, at.b, full);
+    }
+    return;
+  }
+
+  const int thread = threadIdx.x;
+  const int warpgroup = thread / kWarpgroupThreads;
+  // The thread's first row of the warpgroup's 64 features (its second is 8 below), as in the accumulators.
+  const int tile_row = warpgroup * kWarpgroupRows + thread % kWarpgroupThreads / kWarpSize * kRowsPerWarp +
+                       thread % kWarpSize / 4;
+  int32_t t = 0;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++t) {
+    const int64_t pair = item / g.k_blocks, first = item % g.k_blocks * kBlockK;
+    const int rows = static_cast<int>(min(int64_t(kBlockK), g.k_len - first));
+    KeyTile& keys = s.k[t % Config::kStages];
+    const KeyTile& values = s.v[t % Config::kStages];
+    s.pipe.wait_keys(t);
+    phi_in_place<Config>(keys, rows, a.feature_map, a.phi_k ? a.phi_k + (pair * g.k_len + first) * kHeadDim : nullptr,
+                         thread);
+    fence_shared_for_tensor_cores();
+    named_barrier_sync(1, Config::kConsumerThreads);
+
+    float h[kTiles][4] = {};
+    uint64_t phi_desc = mn_major_descriptor(keys);
+    opaque(phi_desc);
+    const uint64_t value_desc = mn_major_descriptor(values);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < kBlockK / 16; ++step)
+      wgmma_ss<Element, kHeadDim, 1, 1>(h, phi_desc + ((warpgroup * KeyTile::kChunkBytes) >> 4) + mn_major_offset(step),
+                                        value_desc + mn_major_offset(step), true);
+    wgmma_commit();
+    {  // z_n: thread (half, f) sums feature f over half of the keys, in order
+      const int f = thread % kHeadDim, half = thread / kHeadDim;
+      float sum = 0.0f;
+      for (int i = half * (kBlockK / 2); i < (half + 1) * (kBlockK / 2); ++i) sum += to_float(keys.unit(i, f / 8)[f % 8]);
+      s.z_half[half][f] = sum;
+    }
+    wgmma_wait<0>();
+    fence_accumulators(h);
+    s.pipe.release_keys(t);
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) s.h.accumulator_pair(tile_row + 8 * r, j) = pack2<Element>(h[j][2 * r], h[j][2 * r + 1]);
+    named_barrier_sync(1, Config::kConsumerThreads);
+    constexpr int kUnitsPerRow = kHeadDim / 8;
+    Element* block_h = a.block_h + item * kHeadDim * kHeadDim;  // dense (F, D): unit u at 8u
+    for (int u = thread; u < StateTile::kUnits; u += Config::kConsumerThreads)
+      *reinterpret_cast<uint4*>(block_h + 8 * u) =
+          *reinterpret_cast<const uint4*>(s.h.unit(u / kUnitsPerRow, u % kUnitsPerRow));
+    if (thread < kHeadDim) a.z[item * kHeadDim + thread] = s.z_half[0][thread] + s.z_half[1][thread];
+  }
+#endif
+}
+
+}  // namespace
+
+const char* key_block_states_wgmma(const Geometry& g, const TensorView& k, const TensorView& v, FeatureMap feature_map,
+                                   const KeyStates& states, void* low_states, void* phi_k, cudaStream_t stream) {
+  SLATTN_CHECK(g.features == g.dim, "key_block_states_wgmma: fixed feature maps only");
+  const char* refusal = nullptr;
+  const int64_t items = g.kv_pairs() * g.k_blocks;
+  dispatch_sparse_kernel(k.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
+    using Element = decltype(tag);
+    constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
+    using Config = WgmmaKeyStates<Element, D, BK>;
+    const auto kernel = key_block_states_wgmma_kernel<Element, D, BK>;
+    static const bool available = loaded_for_hopper(kernel);
+    refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
+    if (refusal != nullptr) return;
+    KeyValueMaps maps{};
+    if (!make_row_tile_map(k, BK, &maps.k) || !make_row_tile_map(v, BK, &maps.v)) {
+      refusal = "k's or v's rows do not suit the tile copy engine";
+      return;
+    }
+    const KeyStateArgs<Element> args{feature_map, states.z, static_cast<Element*>(low_states),
+                                     static_cast<Element*>(phi_k)};
+    const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
+    launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, args);
+    SLATTN_LAUNCH_CHECK("key_block_states_wgmma_kernel");
+  });
+  if (refusal != nullptr) return refusal;
+  column_sums(low_states, k.dtype, g.kv_pairs(), g.k_blocks, g.features * g.dim, states.total_h, stream);
+  column_sums(states.z, g.kv_pairs(), g.k_blocks, g.features, states.total_z, stream);
+  return nullptr;
+}
+
+}  // namespace slattn::cuda
