@@ -7,10 +7,17 @@
 // tile back once an item's last scores are computed. The producer thus runs
 // into the next item while the consumers finish this one. Phases: the u-th
 // use of a barrier completes phase u, parity u & 1.
+//
+// A consumer hands a slot back only after waiting for the copy into it: an
+// "empty" barrier must not complete phase u + 1 before the producer has
+// waited for phase u, or the producer's parity wait would take the phase
+// after it for its own and wait forever. Kernels whose stages hold one tile
+// use the "keys" barriers alone (NoValues) and never touch the others.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/geometry.h"
@@ -224,13 +231,17 @@ struct LinearSetLine {
 using LinearSetBlocks = LinearSetLine<MapLine::row>;
 using LinearSetQueryBlocks = LinearSetLine<MapLine::column>;
 
+// load_values of produce_items_of for kernels whose stages hold one tile.
+struct NoValues {};
+
 // The producer warp's part, for the items of this thread block: announces
 // each item's tile count with its query tile (load_query(item, listing,
 // barrier) announces the bytes and starts the copies, or arrives without
 // copying), then, per key block n that `blocks` walks, once its stage is
 // free, records where the tile starts and calls load_keys(stage, item, n,
 // value, barrier) and load_values(stage, item, n, barrier), which announce
-// and start their copies (value: lane_value(item, n), read ahead by the walk).
+// and start their copies (value: lane_value(item, n), read ahead by the walk);
+// with NoValues for load_values, the "values" barriers are left alone.
 template <int kStages, typename Blocks, typename LoadQuery, typename LaneValue, typename LoadKeys,
           typename LoadValues>
 __device__ __forceinline__ void produce_items_of(KeyTilePipeline<kStages>& pipe, const Geometry& g,
@@ -254,7 +265,7 @@ __device__ __forceinline__ void produce_items_of(KeyTilePipeline<kStages>& pipe,
       SharedBarrier& keys = pipe.keys_slot(t);
       pipe.tile_first[stage] = static_cast<int32_t>(n * g.block_k);  // a key tile is a whole block
       load_keys(stage, at, n, value, keys);
-      load_values(stage, at, n, pipe.values_slot(t));
+      if constexpr (!std::is_same_v<std::decay_t<LoadValues>, NoValues>) load_values(stage, at, n, pipe.values_slot(t));
       ++t;
     });
   }

@@ -43,7 +43,7 @@ struct WgmmaLinear {
     StateTile h;
     StateTile w;
     StateTile states[kStages];
-    KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barrier carries nothing
+    KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barriers are unused
     SharedBarrier w_full;
     int32_t complement;  // whether the item's states are subtracted from the totals; announced with its query tile
   };
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
           const int64_t block = (at.b * g.kv_heads + at.h / g.group()) * g.k_blocks + n;
           load_row_tile(s.states[stage], maps.states, 0, block, 0, full);
         },
-        [](int, const QueryItem&, int32_t, SharedBarrier& full) { full.arrive(); });
+        NoValues{});
     return;
   }
 

@@ -44,7 +44,7 @@ struct WgmmaKeyGrads {
     KTile phi;
     StateTile states[kStages];
     StateTile sum;  // dh_n of the item, the B of its two products
-    KeyTilePipeline<kStages> pipe;  // a stage's tile on its "keys" barrier; its "values" barrier carries nothing
+    KeyTilePipeline<kStages> pipe;  // a stage's tile on its "keys" barrier; its "values" barriers are unused
     // Per query head of the item's GQA group: its listed dH_m tiles * 2 + whether they are subtracted
     // (from the head's dH, one more tile before them); announced with V_n and φ(K_n).
     int32_t member_lists[kMaxGroup];
@@ -116,7 +116,6 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
         SharedBarrier& full = s.pipe.keys_slot(t);
         full.arrive_expect_bytes(sizeof(StateTile));
         load_row_tile(s.states[stage], maps.dh, 0, block, 0, full);
-        s.pipe.values_slot(t).arrive();
         ++t;
       };
       for (int64_t member = 0; member < g.group(); ++member) {

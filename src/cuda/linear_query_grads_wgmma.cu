@@ -40,7 +40,7 @@ struct QueryGradShared {
   StateTile h;  // H as copied, then H_m
   StateTile w;
   StateTile states[kStages];
-  KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barrier carries nothing
+  KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barriers are unused
   SharedBarrier w_full;
   float row_dots[kBlockQ];  // φ(q_i)·P_i / den_i = c_i den_i, for dZ_m
   int32_t complement;       // whether the item's states are subtracted from the totals; announced with its tiles
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
           const int64_t block = (at.b * g.kv_heads + at.h / g.group()) * g.k_blocks + n;
           load_row_tile(s.states[stage], maps.set.states, 0, block, 0, full);
         },
-        [](int, const QueryItem&, int32_t, SharedBarrier& full) { full.arrive(); });
+        NoValues{});
     return;
   }
 

@@ -62,7 +62,7 @@ struct StateSum {
   }
 
   // += sign · the tiles of ring positions [t, t + count) of a KeyTilePipeline's stages (on their "keys"
-  // barriers), each handed back once read; returns t + count.
+  // barriers alone: the producer copies with NoValues), each handed back once read; returns t + count.
   template <typename Pipe>
   __device__ __forceinline__ int32_t add_stages(Pipe& pipe, const StateTile* stages, int32_t t, int32_t count,
                                                 float sign, int thread) {
@@ -70,7 +70,6 @@ struct StateSum {
       pipe.wait_keys(t);
       add(stages[pipe.stage(t)], sign, thread);
       pipe.release_keys(t);
-      pipe.release_values(t);
     }
     return t;
   }
