@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds slattn on a GPU machine (offline), runs the GPU tests, the
 # compute-sanitizer checks and the benchmark; logs go to $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|cuda-tests|sanitize|profile|ncu|bench|bench14b|ab|all]...   (default: all;
-# cuda-tests: the kernel tests alone, ~15 s; ncu: Nsight Compute sections of the SLA kernels at the 1.3B shape,
+# Usage: bash scripts/gpu_check.sh [tests|cuda-tests|sanitize|stress|profile|ncu|bench|bench14b|ab|all]...   (default: all;
+# cuda-tests: the kernel tests alone, ~15 s; stress: 1000 forward+backward steps per block size at the 1.3B
+# shape, failing on a step that stalls (a deadlock), ~40 s; ncu: Nsight Compute sections of the SLA kernels at the 1.3B shape,
 # not part of all; ab: this tree against ab-baseline/ (scripts/ab_baseline.sh REV, carried to the GPU machine)
 # in one machine session, profile and bench at the 1.3B shape, not part of all). Any other word (say, build)
 # only builds.
@@ -47,6 +48,15 @@ if want sanitize; then
       python3 scripts/sanitize_cases.py >"$LOGS/sanitize-$tool.log" 2>&1
     code=$?
     tail -4 "$LOGS/sanitize-$tool.log"
+    [ "$code" -eq 0 ] || status=1
+  done
+fi
+if want stress; then
+  echo "== stress: forward+backward steps back to back, a stalled step fails"
+  for blocks in 128 64; do
+    timeout 150 python3 scripts/stress_sla.py 1,12,32760,128 "$blocks" 1000 10 >"$LOGS/stress-$blocks.log" 2>&1
+    code=$?
+    grep -v -i warn "$LOGS/stress-$blocks.log" | tail -2
     [ "$code" -eq 0 ] || status=1
   done
 fi
