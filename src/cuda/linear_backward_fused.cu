@@ -294,25 +294,29 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
   const bool hopper = buf.linear_set.block_h != nullptr;
   // Each Hopper kernel that refuses (key_states_wgmma.h, linear_backward_wgmma.h) leaves its work to the
   // sm_80 ones; the query kernel reads the states in the input dtype, the key kernel what the query kernel
-  // wrote.
+  // wrote (dH_m in the input dtype on Hopper, in fp32 on the sm_80 path).
   const char* refusal = "not on Hopper";
   if (hopper) {
     refusal = key_block_states_wgmma(g, k, v, feature_map, buf.keys, buf.linear_set.block_h, buf.key_set.phi_k,
                                      stream);
     if (refusal == nullptr)
-      refusal = linear_query_grads_wgmma(g, plan, q, feature_map, scope, buf.keys, buf.linear_set,
-                                         LinearQueryGradArgs{dout, weight, dout_linear, buf.ol, dq_rows, dq,
-                                                             buf.dh_query, buf.key_set.dh_low, buf.dz_query},
-                                         stream);
+      refusal = linear_query_grads_wgmma(
+          g, plan, q, feature_map, scope, buf.keys, buf.linear_set,
+          LinearQueryGradArgs{dout, weight, dout_linear, buf.ol, dq_rows, dq, buf.key_set.dh_low, buf.dz_query},
+          stream);
     refuse_if_forced(refusal);
   }
-  if (refusal != nullptr) {  // on the fp32 states
+  // The totals sum the dH_m as the key kernels read them, so that a total less the listed dH_m equals the
+  // others' sum up to fp32 rounding.
+  const int64_t state = g.features * g.dim;
+  const bool dh_low = refusal == nullptr;
+  if (dh_low) {
+    column_sums(buf.key_set.dh_low, q.dtype, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
+  } else {  // on the fp32 states
     key_block_states(g, k, v, feature_map, buf.keys, nullptr, nullptr, stream);
     linear_query_grads(g, plan, q, feature_map, scope, buf, dout_rows, weight, dout_linear, dq_rows, dq, stream);
+    column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
   }
-
-  const int64_t state = g.features * g.dim;
-  column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
   column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);
 
   if (refusal == nullptr) {
@@ -321,8 +325,10 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
         LinearKeyGradArgs{buf.dh_total, buf.dz_query, buf.dz_total, dk_rows, dv_rows, dk, dv}, stream);
     refuse_if_forced(refusal);
   }
-  if (refusal != nullptr)
+  if (refusal != nullptr) {
+    if (dh_low) widen_to_float(buf.key_set.dh_low, q.dtype, buf.dh_query, g.q_pairs() * g.q_blocks * state, stream);
     linear_key_grads(g, plan, k, v, feature_map, scope, buf, dk_rows, dv_rows, dk, dv, stream);
+  }
 }
 
 }  // namespace slattn::cuda

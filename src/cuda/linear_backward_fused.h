@@ -25,7 +25,7 @@ struct LinearGradBuffers {
   LinearKeyGradOperands key_set{};    // likewise
   float* ol = nullptr;   // (q pairs, q_rows, D): Ol rows for dW (with a projection)
   float* dol = nullptr;  // (q pairs, q_rows, D): dO W (with a projection)
-  float* dh_query;       // (q pairs * Mq, F, D)
+  float* dh_query;       // (q pairs * Mq, F, D): dH_m for the sm_80 key kernel
   float* dz_query;       // (q pairs * Mq, F)
   float* dh_total;       // (q pairs, F, D)
   float* dz_total;       // (q pairs, F)

@@ -38,8 +38,7 @@ struct LinearQueryGradArgs {
   float* ol_rows;          // (q pairs, q_rows, D): Ol for dW, with a projection (else null)
   const float* dq_rows;    // (q pairs, q_rows, D): the sparse branch's dQ
   TensorView dq;           // dq = dq_rows + the linear branch's, in the output dtype
-  float* dh_query;         // (q pairs * Mq, F, D): dH_m
-  void* dh_low;            // (q pairs * Mq, F, D): dH_m in the input dtype
+  void* dh_low;            // (q pairs * Mq, F, D): dH_m, in the input dtype only
   float* dz_query;         // (q pairs * Mq, F): dZ_m
 };
 

@@ -77,8 +77,7 @@ struct QueryGradKernelArgs {
   float* ol_rows;
   const float* dq_rows;
   DeviceView<Element> dq;
-  float* dh_query;
-  Element* dh_low;  // dH_m in the input dtype too
+  Element* dh_low;  // dH_m in the input dtype
   float* dz_query;
 };
 
@@ -247,18 +246,9 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
         s.phi.accumulator_pair(tile_row + 8 * r, j) =
             pack2<Element>(phi[j][2 * r] * inverse[r], phi[j][2 * r + 1] * inverse[r]);
     fence_shared_for_tensor_cores();
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // dq = the sparse branch's dq rows + this, in the output dtype
-      const int64_t row = row0 + 8 * r;
-      if (row >= g.q_len) continue;
-      const float* sparse = a.dq_rows + (pair * g.q_rows() + row) * kHeadDim + 2 * quad;
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j) {
-        const float2 from_sparse = *reinterpret_cast<const float2*>(sparse + 8 * j);
-        store_pair(a.dq, at.b, at.h, row, j * 8 + 2 * quad, from_sparse.x + grad[j][2 * r],
-                   from_sparse.y + grad[j][2 * r + 1]);
-      }
-    }
+    // dq = the sparse branch's dq rows + this, in the output dtype.
+    store_sum_with_rows(a.dq, at.b, at.h, row0, g.q_len, a.dq_rows + (pair * g.q_rows() + row0) * kHeadDim + 2 * quad,
+                        kHeadDim, grad);
     named_barrier_sync(1 + Config::kConsumers, kConsumerThreads);  // every row of φ / den, dOl and row_dots
 
     // dH_m = (φ(Q_m) / den)ᵀ dOl, 64 features per product: A (f, i) and B (i, d) both read from rows along K.
@@ -281,9 +271,8 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int j = 0; j < kTiles; ++j) {
-          const int64_t at_pair = at_feature + 8 * r * kHeadDim + 8 * j;
-          *reinterpret_cast<float2*>(a.dh_query + at_pair) = make_float2(dh[j][2 * r], dh[j][2 * r + 1]);
-          *reinterpret_cast<uint32_t*>(a.dh_low + at_pair) = pack2<Element>(dh[j][2 * r], dh[j][2 * r + 1]);
+          *reinterpret_cast<uint32_t*>(a.dh_low + at_feature + 8 * r * kHeadDim + 8 * j) =
+              pack2<Element>(dh[j][2 * r], dh[j][2 * r + 1]);
         }
     }
     // dZ_m = −Σ_i c_i φ(q_i) = −Σ_i (c_i den_i) (φ(q_i) / den_i).
@@ -331,7 +320,6 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
                                                    args.ol_rows,
                                                    args.dq_rows,
                                                    DeviceView<Element>::of(args.dq),
-                                                   args.dh_query,
                                                    static_cast<Element*>(args.dh_low),
                                                    args.dz_query};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));

@@ -123,22 +123,32 @@ __global__ void __launch_bounds__(kRowThreads)
   if (Slice::first() == 0) denominator[flat] = product + static_cast<float>(kLinearEpsilon);
 }
 
-template <typename Element>
-__global__ void round_to_element_kernel(const float* source, Element* target, int64_t count) {
+template <typename Source, typename Target>
+__global__ void convert_elements_kernel(const Source* source, Target* target, int64_t count) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
-    target[i] = from_float<Element>(source[i]);
+    target[i] = from_float<Target>(to_float(source[i]));
+}
+
+template <typename Source, typename Target>
+void convert_elements(const Source* source, Target* target, int64_t count, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(count, kThreads), 1024));
+  convert_elements_kernel<<<blocks, kThreads, 0, stream>>>(source, target, count);
+  SLATTN_LAUNCH_CHECK("convert_elements_kernel");
 }
 
 }  // namespace
 
 void round_to_dtype(const float* source, void* target, DType dtype, int64_t count, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(count, kThreads), 1024));
   dispatch_element(dtype, [&](auto tag) {
-    using Element = decltype(tag);
-    round_to_element_kernel<<<blocks, kThreads, 0, stream>>>(source, static_cast<Element*>(target), count);
+    convert_elements(source, static_cast<decltype(tag)*>(target), count, stream);
   });
-  SLATTN_LAUNCH_CHECK("round_to_element_kernel");
+}
+
+void widen_to_float(const void* source, DType dtype, float* target, int64_t count, cudaStream_t stream) {
+  dispatch_element(dtype, [&](auto tag) {
+    convert_elements(static_cast<const decltype(tag)*>(source), target, count, stream);
+  });
 }
 
 TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim) {

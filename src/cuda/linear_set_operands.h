@@ -49,6 +49,9 @@ void key_block_dz(const Geometry& g, const RoutingPlanView& plan, LinearScope sc
 // target[i] = source[i] rounded to `dtype` (bf16 or fp16).
 void round_to_dtype(const float* source, void* target, DType dtype, int64_t count, cudaStream_t stream);
 
+// target[i] = source[i] (bf16 or fp16 elements) in fp32.
+void widen_to_float(const void* source, DType dtype, float* target, int64_t count, cudaStream_t stream);
+
 // A (batch, heads, length, dim) tensor stored densely in that order.
 TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim);
 

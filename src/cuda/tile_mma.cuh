@@ -148,6 +148,9 @@ __device__ __forceinline__ void store_pair(const DeviceView<Element>& view, int6
 // out at the thread's accumulator rows `row` and row + 8 (rows from `end` on
 // skipped) = acc + fp32 `rows` (pitch apart, at the thread's first row and
 // column), stored in out's dtype: a branch's gradient rows plus another's.
+// A row's pairs are all loaded before the first store: out might alias
+// `rows` for all the compiler knows, and a load after each store would wait
+// on global memory once per pair.
 template <typename Element, int kTiles>
 __device__ __forceinline__ void store_sum_with_rows(const DeviceView<Element>& out, int64_t b, int64_t h, int64_t row,
                                                     int64_t end, const float* rows, int pitch,
@@ -155,11 +158,13 @@ __device__ __forceinline__ void store_sum_with_rows(const DeviceView<Element>& o
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (row + 8 * r >= end) continue;
+    float2 from_rows[kTiles];
 #pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-      const float2 x = *reinterpret_cast<const float2*>(rows + 8 * r * pitch + 8 * j);
-      store_pair(out, b, h, row + 8 * r, j * 8 + 2 * int(threadIdx.x % 4), x.x + acc[j][2 * r], x.y + acc[j][2 * r + 1]);
-    }
+    for (int j = 0; j < kTiles; ++j) from_rows[j] = *reinterpret_cast<const float2*>(rows + 8 * r * pitch + 8 * j);
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+      store_pair(out, b, h, row + 8 * r, j * 8 + 2 * int(threadIdx.x % 4), from_rows[j].x + acc[j][2 * r],
+                 from_rows[j].y + acc[j][2 * r + 1]);
   }
 }
 

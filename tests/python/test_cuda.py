@@ -155,6 +155,13 @@ def test_edge_shapes(rng, shape):
     check_against_composite(q, k, v, w, b, topk=0.5)
 
 
+def test_gqa_group_past_the_hopper_key_kernel(rng):
+    """33 query heads per kv head: on Hopper the key-side linear kernel refuses (it takes 32), and the sm_80 one
+    reads the query kernel's dH_m widened from the input dtype."""
+    q, k, v, w, b = layer(rng, heads=33, kv_heads=1, q_len=130, k_len=140)
+    check_against_composite(q, k, v, w, b, topk=0.5)
+
+
 def test_no_projection_and_sparse_only(rng):
     q, k, v, _, _ = layer(rng, q_len=250, k_len=250)
     check_against_composite(q, k, v, None, None, topk=0.3)
