@@ -14,6 +14,7 @@
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
 #include "cuda/linear_kernels.h"
+#include "cuda/linear_set_products.cuh"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
 #include "cuda/tensor_map.h"
@@ -169,14 +170,8 @@ __global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK>::kT
     named_barrier_sync(1, Config::kConsumerThreads);
 
     float h[kTiles][4] = {};
-    uint64_t phi_desc = mn_major_descriptor(keys);
-    opaque(phi_desc);
-    const uint64_t value_desc = mn_major_descriptor(values);
     wgmma_fence();
-#pragma unroll
-    for (int step = 0; step < kBlockK / 16; ++step)
-      wgmma_ss<Element, kHeadDim, 1, 1>(h, phi_desc + ((warpgroup * KeyTile::kChunkBytes) >> 4) + mn_major_offset(step),
-                                        value_desc + mn_major_offset(step), true);
+    issue_columns_times(h, keys, warpgroup, values);
     wgmma_commit();
     {  // z_n: thread (half, f) sums feature f over half of the keys, in order
       const int f = thread % kHeadDim, half = thread / kHeadDim;

@@ -13,6 +13,7 @@
 #include "cuda/linear_forward_fused.h"
 #include "cuda/linear_kernels.h"
 #include "cuda/linear_tiles.cuh"
+#include "cuda/projection_grads_wgmma.h"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
@@ -267,6 +268,7 @@ LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geomet
   }
   if (projection) {
     b.ol = carver.take<float>(rows * g.dim);
+    if (hopper) b.projection_partials = carver.take<float>(projection_grad_partial_floats(g));
     b.dol = carver.take<float>(rows * g.dim);
   }
   b.dh_query = carver.take<float>(g.q_pairs() * g.q_blocks * state);
@@ -285,7 +287,7 @@ bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map) 
   return needed <= max_shared_per_block();
 }
 
-void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
+bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
                            const TensorView& v, FeatureMap feature_map, LinearScope scope,
                            const LinearGradBuffers& buf, const TensorView& dout, const float* dout_rows,
                            const float* weight, const TensorView& dout_linear, const float* dq_rows,
@@ -302,7 +304,8 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
     if (refusal == nullptr)
       refusal = linear_query_grads_wgmma(
           g, plan, q, feature_map, scope, buf.keys, buf.linear_set,
-          LinearQueryGradArgs{dout, weight, dout_linear, buf.ol, dq_rows, dq, buf.key_set.dh_low, buf.dz_query},
+          LinearQueryGradArgs{dout, weight, dout_linear, weight ? buf.ol : nullptr, dq_rows, dq, buf.key_set.dh_low,
+                              buf.dz_query},
           stream);
     refuse_if_forced(refusal);
   }
@@ -329,6 +332,7 @@ void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
     if (dh_low) widen_to_float(buf.key_set.dh_low, q.dtype, buf.dh_query, g.q_pairs() * g.q_blocks * state, stream);
     linear_key_grads(g, plan, k, v, feature_map, scope, buf, dk_rows, dv_rows, dk, dv, stream);
   }
+  return dh_low;  // the Hopper query kernel ran
 }
 
 }  // namespace slattn::cuda

@@ -23,7 +23,10 @@ struct LinearGradBuffers {
   KeyStates keys;
   LinearSetOperands linear_set{};     // with the Hopper kernels (use_hopper_linear)
   LinearKeyGradOperands key_set{};    // likewise
-  float* ol = nullptr;   // (q pairs, q_rows, D): Ol rows for dW (with a projection)
+  // (q pairs, q_rows, D): Ol rows for dW (with a projection), fp32 from the sm_80 query kernel, in the
+  // input dtype (the buffer's first half) from the Hopper one.
+  float* ol = nullptr;
+  float* projection_partials = nullptr;  // projection_grads_wgmma's (with a projection, on Hopper)
   float* dol = nullptr;  // (q pairs, q_rows, D): dO W (with a projection)
   float* dh_query;       // (q pairs * Mq, F, D): dH_m for the sm_80 key kernel
   float* dz_query;       // (q pairs * Mq, F)
@@ -39,8 +42,9 @@ bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map);
 // dq, dk, dv = the sparse branch's gradients (dq_rows, dk_rows, dv_rows:
 // padded fp32 rows) + the linear branch's. dout_rows (fp32 rows of dO) and
 // weight (D, D) are given with a projection, else null; dout (dO) is read
-// with a projection; dout_linear may be undefined.
-void linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
+// with a projection; dout_linear may be undefined. Returns whether the Hopper
+// query kernel ran: the Ol rows are then in the input dtype.
+bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
                            const TensorView& v, FeatureMap feature_map, LinearScope scope,
                            const LinearGradBuffers& buffers, const TensorView& dout, const float* dout_rows,
                            const float* weight,

@@ -35,7 +35,7 @@ struct LinearQueryGradArgs {
   TensorView dout;         // dO (B, H, Lq, D), with a projection; its rows must suit the copy engine
   const float* weight;     // W (D, D) fp32 as (out, in), or null: no projection
   TensorView dout_linear;  // the gradient of the returned Ol, or undefined
-  float* ol_rows;          // (q pairs, q_rows, D): Ol for dW, with a projection (else null)
+  void* ol_low;            // (q pairs, q_rows, D): Ol in the input dtype for dW, with a projection (else null)
   const float* dq_rows;    // (q pairs, q_rows, D): the sparse branch's dQ
   TensorView dq;           // dq = dq_rows + the linear branch's, in the output dtype
   void* dh_low;            // (q pairs * Mq, F, D): dH_m, in the input dtype only

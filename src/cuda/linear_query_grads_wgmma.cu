@@ -74,7 +74,7 @@ struct QueryGradKernelArgs {
   const float* set_z;        // Z_m per query block, (q pairs * Mq, F)
   bool project;              // dOl = dO W, and Ol rows for dW
   DeviceView<const Element> dout_linear;
-  float* ol_rows;
+  Element* ol_low;  // Ol rows in the input dtype, for dW
   const float* dq_rows;
   DeviceView<Element> dq;
   Element* dh_low;  // dH_m in the input dtype
@@ -206,14 +206,14 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     fence_accumulators(grad);
     fence_accumulators(out);
 
-    if (a.ol_rows) {  // Ol on every row of the block, for dW
-      float* ol = a.ol_rows + (pair * g.q_rows() + row0) * kHeadDim + 2 * quad;
+    if (a.ol_low) {  // Ol on every row of the block (0 past the sequence), for dW
+      Element* ol = a.ol_low + (pair * g.q_rows() + row0) * kHeadDim + 2 * quad;
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int j = 0; j < kTiles; ++j)
-          *reinterpret_cast<float2*>(ol + 8 * r * kHeadDim + 8 * j) =
-              make_float2(out[j][2 * r] * inverse[r], out[j][2 * r + 1] * inverse[r]);
+          *reinterpret_cast<uint32_t*>(ol + 8 * r * kHeadDim + 8 * j) =
+              pack2<Element>(out[j][2 * r] * inverse[r], out[j][2 * r + 1] * inverse[r]);
     }
 
     // c_i = φ(q_i)·P_i / den_i²; dQφ = P / den − c Z_m, through φ into dq.
@@ -254,14 +254,8 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     // dH_m = (φ(Q_m) / den)ᵀ dOl, 64 features per product: A (f, i) and B (i, d) both read from rows along K.
     for (int block = warpgroup; block < kHeadDim / kWarpgroupRows; block += Config::kConsumers) {
       float dh[kTiles][4] = {};
-      uint64_t phi_desc = mn_major_descriptor(s.phi);
-      opaque(phi_desc);
-      const uint64_t dol_desc = mn_major_descriptor(s.dol);
       wgmma_fence();
-#pragma unroll
-      for (int step = 0; step < kBlockQ / 16; ++step)
-        wgmma_ss<Element, kHeadDim, 1, 1>(dh, phi_desc + ((block * QTile::kChunkBytes) >> 4) + mn_major_offset(step),
-                                          dol_desc + mn_major_offset(step), true);
+      issue_columns_times(dh, s.phi, block, s.dol);
       wgmma_commit();
       wgmma_wait<0>();
       fence_accumulators(dh);
@@ -317,7 +311,7 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
                                                    operands.set_z,
                                                    args.weight != nullptr,
                                                    DeviceView<const Element>::of(args.dout_linear),
-                                                   args.ol_rows,
+                                                   static_cast<Element*>(args.ol_low),
                                                    args.dq_rows,
                                                    DeviceView<Element>::of(args.dq),
                                                    static_cast<Element*>(args.dh_low),

@@ -1,8 +1,8 @@
 // The warpgroup products of the Hopper linear kernels (linear_forward_wgmma.cu,
 // linear_backward_wgmma.cu): the warpgroup's 64 rows of a row tile (φ(Q),
 // dO or dOl, read K-major) times a D x D state tile (h_n, H or W) read as
-// stored, rows along K (MN-major, as V is in P V), or transposed (K-major).
-// Issued, not committed. StateSum: the elementwise sum of state tiles, for a
+// stored, rows along K (MN-major, as V is in P V), or transposed (K-major);
+// and a tile's columns times another's. Issued, not committed. StateSum: the elementwise sum of state tiles, for a
 // walk that adds its tiles first and multiplies once.
 #pragma once
 
@@ -31,6 +31,25 @@ __device__ __forceinline__ void issue_rows_times(float (&acc)[kTiles][4], const 
     wgmma_ss<Element, kTiles * 8, 0, kTransposed ? 0 : 1, kSign>(
         acc, rows_desc + k_major_offset<RowTile>(row0, step), state_desc + state_step, true);
   }
+}
+
+// acc += (columns 64 chunk .. 64 chunk + 63 of `left`)ᵀ · right, both tiles
+// read with their rows along K (MN-major): h_n = φ(K_n)ᵀ V_n,
+// dH_m = (φ(Q_m) / den)ᵀ dOl, dW = dOᵀ Ol.
+template <typename LeftTile, typename RightTile, int kTiles>
+__device__ __forceinline__ void issue_columns_times(float (&acc)[kTiles][4], const LeftTile& left, int chunk,
+                                                    const RightTile& right) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(left.data[0])>>;
+  static_assert(sizeof(LeftTile) / LeftTile::kChunks == sizeof(RightTile) / RightTile::kChunks,
+                "the same rows (K) in both tiles");
+  uint64_t left_desc = mn_major_descriptor(left);
+  opaque(left_desc);
+  const uint64_t right_desc = mn_major_descriptor(right);
+  constexpr int kRows = LeftTile::kChunkBytes / kSwizzleBytes;
+#pragma unroll
+  for (int step = 0; step < kRows / 16; ++step)
+    wgmma_ss<Element, kTiles * 8, 1, 1>(acc, left_desc + ((chunk * LeftTile::kChunkBytes) >> 4) + mn_major_offset(step),
+                                        right_desc + mn_major_offset(step), true);
 }
 
 // A sum of state tiles (StateTile, 16-bit elements) in fp32, spread over

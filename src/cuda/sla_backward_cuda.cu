@@ -7,6 +7,7 @@
 #include "cuda/hedgehog.h"
 #include "cuda/linear_backward_fused.h"
 #include "cuda/linear_states.h"
+#include "cuda/projection_grads_wgmma.h"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
 
@@ -129,8 +130,14 @@ void linear_backward(const SlaBackwardParams& p, const Geometry& g, const Routin
        dense_out(buf.dv_rows, g.block_k, g.dim), stream, /*beta=*/1.0f);
 }
 
-void projection_backward(const SlaBackwardParams& p, const Geometry& g, const BackwardBuffers& buf,
+// ol_low: the Ol rows are in the input dtype (the Hopper query kernel's), else fp32.
+void projection_backward(const SlaBackwardParams& p, const Geometry& g, const BackwardBuffers& buf, bool ol_low,
                          cudaStream_t stream) {
+  if (ol_low) {
+    projection_grads_wgmma(g, p.dout, buf.ol, buf.fused.projection_partials, static_cast<float*>(p.d_proj_weight),
+                           p.has_proj_bias ? static_cast<float*>(p.d_proj_bias) : nullptr, stream);
+    return;
+  }
   // dW = Σ dOᵀ Ol: one partial product per chunk of rows (chunks never straddle
   // two (batch, head) pairs), then their sum in order.
   const int64_t chunk_rows = dw_chunk_blocks(g) * g.block_q;
@@ -186,14 +193,15 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
                             buf.dq_rows, buf.dk_rows, buf.dv_rows};
   sparse_backward(g, plan, sparse, stream);
   const bool fused_linear = p.linear_branch() && use_fused_linear(p, g);
+  bool ol_low = false;
   if (fused_linear) {  // also stores dq, dk, dv
-    linear_backward_fused(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, p.dout, buf.dout_rows,
+    ol_low = linear_backward_fused(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, p.dout, buf.dout_rows,
                           static_cast<const float*>(p.proj_weight), p.dout_linear, buf.dq_rows, buf.dk_rows,
                           buf.dv_rows, p.dq, p.dk, p.dv, stream);
   } else if (p.linear_branch()) {
     linear_backward(p, g, plan, buf, stream);
   }
-  if (p.proj_weight) projection_backward(p, g, buf, stream);
+  if (p.proj_weight) projection_backward(p, g, buf, ol_low, stream);
   if (has_feature_weights(p.feature_map)) feature_weight_backward(p, g, buf, stream);
   if (!fused_linear) {
     store_rows(buf.dq_rows, g.q_rows(), p.dq, stream);

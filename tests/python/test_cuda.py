@@ -182,6 +182,14 @@ def test_long_sequence_many_tiles(rng):
     check_against_composite(q, k, v, w, b, topk=0.05)
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_more_query_blocks_than_thread_blocks(rng, dim):
+    """384 query blocks: the persistent kernels (the projection's gradients among them, one partial per thread
+    block) each take several."""
+    q, k, v, w, b = layer(rng, heads=6, q_len=4096, k_len=256, dim=dim)
+    check_against_composite(q, k, v, w, b, topk=0.5)
+
+
 def test_nhd_layout_and_non_contiguous_inputs(rng):
     q, k, v, w, b = (t.cuda() for t in layer(rng, heads=2, q_len=200, k_len=170, dim=64))
     plan = slattn.route(q, k, topk=0.3)
