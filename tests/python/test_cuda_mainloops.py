@@ -203,6 +203,25 @@ def test_strided_head_dim_backward_matches_contiguous(rng, monkeypatch):
         assert torch.equal(got, expected)
 
 
+def test_strided_head_dim_backward_with_projection_matches_contiguous(rng, monkeypatch):
+    """With a projection the linear branch's Hopper backward refuses strided k and v as well, and leaves
+    dO's fp32 rows unwritten until then: the sm_80 kernels and the fp32 product of the projection's
+    gradients get them, bit for bit what they give the contiguous tensors."""
+    strided, contiguous, w, b = strided_layer(rng)
+    plan = slattn.route(contiguous[0], contiguous[1], topk=0.3, block_q=128, block_k=128)
+    dout = torch.randn(contiguous[0].shape, generator=rng).to(contiguous[0])
+
+    def gradients(q, k, v):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, w, b)]
+        out = slattn.sparse_linear_attention(*leaves, plan=plan)
+        return torch.autograd.grad(out, leaves, dout)
+
+    default = gradients(*strided)
+    monkeypatch.setenv("SLATTN_CUDA_MAINLOOP", "mma")
+    for name, got, expected in zip(("dq", "dk", "dv", "dW", "db"), default, gradients(*contiguous)):
+        assert torch.equal(got, expected), name
+
+
 @pytest.mark.skipif(not HOPPER, reason="the Hopper forward")
 def test_forced_hopper_forward_refuses_strided_head_dim(rng, monkeypatch):
     strided, contiguous, w, b = strided_layer(rng)
