@@ -22,28 +22,67 @@ __global__ void feature_rows_kernel(DeviceView<const Element> x, int64_t heads, 
   }
 }
 
-template <typename T>
-__global__ void column_sums_kernel(const T* src, int64_t batches, int64_t rows, int64_t width, float* dst) {
-  constexpr int kLanes = 4;  // independent partial sums, so that several loads are in flight
-  const int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (index >= batches * width) return;
-  const int64_t batch = index / width, col = index % width;
-  const T* column = src + batch * rows * width + col;
-  float partial[kLanes] = {};
-  int64_t r = 0;
-  for (; r + kLanes <= rows; r += kLanes) {
+// sum[c] += at[c] for kVector adjacent elements: one 16-byte load, or one element.
+template <typename T, int kVector>
+__device__ __forceinline__ void add_columns(float (&sum)[kVector], const T* at) {
+  if constexpr (kVector == 1) {
+    sum[0] += to_float(at[0]);
+  } else {
+    static_assert(sizeof(T) * kVector == 16, "one 16-byte unit");
+    const uint4 unit = *reinterpret_cast<const uint4*>(at);
+    const T* values = reinterpret_cast<const T*>(&unit);
 #pragma unroll
-    for (int j = 0; j < kLanes; ++j) partial[j] += to_float(column[(r + j) * width]);
+    for (int c = 0; c < kVector; ++c) sum[c] += to_float(values[c]);
   }
-  for (; r < rows; ++r) partial[0] += to_float(column[r * width]);
-  dst[index] = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+}
+
+constexpr int kColumnSumThreads = 256;
+
+// A block per (batch, 32 kVector adjacent columns): lane l of every warp takes columns kVector l.., and
+// each warp a share of the rows (w, w + warps, ...) with kLanes partial sums in flight; the warps' sums
+// are then added in a fixed order. Tall, narrow arrays (z totals, bias partials) so get 8 warps on
+// their rows instead of one thread a column walking all of them.
+template <typename T, int kVector>
+__global__ void __launch_bounds__(kColumnSumThreads)
+    column_sums_kernel(const T* src, int64_t rows, int64_t width, float* dst) {
+  constexpr int kWarps = kColumnSumThreads / kWarpSize, kLanes = 4, kBlockColumns = kWarpSize * kVector;
+  __shared__ float warp_sums[kWarps][kBlockColumns];
+  const int64_t column_blocks = ceil_div(width, int64_t(kBlockColumns));
+  const int64_t batch = blockIdx.x / column_blocks, first = blockIdx.x % column_blocks * kBlockColumns;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t col = first + lane * kVector;
+  float partial[kLanes][kVector] = {};
+  if (col < width) {
+    const T* column = src + batch * rows * width + col;
+    int64_t r = warp;
+    for (; r + (kLanes - 1) * kWarps < rows; r += kLanes * kWarps) {
+#pragma unroll
+      for (int j = 0; j < kLanes; ++j) add_columns<T, kVector>(partial[j], column + (r + j * kWarps) * width);
+    }
+    for (; r < rows; r += kWarps) add_columns<T, kVector>(partial[0], column + r * width);
+  }
+#pragma unroll
+  for (int c = 0; c < kVector; ++c)
+    warp_sums[warp][lane * kVector + c] = (partial[0][c] + partial[1][c]) + (partial[2][c] + partial[3][c]);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kBlockColumns && first + i < width; i += kColumnSumThreads) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][i];
+    dst[batch * width + first + i] = sum;
+  }
 }
 
 template <typename T>
 void launch_column_sums(const T* src, int64_t batches, int64_t rows, int64_t width, float* dst, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  column_sums_kernel<<<static_cast<unsigned>(ceil_div(batches * width, kThreads)), kThreads, 0, stream>>>(
-      src, batches, rows, width, dst);
+  constexpr int kVector = 16 / sizeof(T);
+  const bool vectors = width % kVector == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  const int64_t block_columns = kWarpSize * (vectors ? kVector : 1);
+  const auto blocks = static_cast<unsigned>(batches * ceil_div(width, block_columns));
+  if (vectors)
+    column_sums_kernel<T, kVector><<<blocks, kColumnSumThreads, 0, stream>>>(src, rows, width, dst);
+  else
+    column_sums_kernel<T, 1><<<blocks, kColumnSumThreads, 0, stream>>>(src, rows, width, dst);
   SLATTN_LAUNCH_CHECK("column_sums_kernel");
 }
 
