@@ -269,11 +269,25 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
               pack2<Element>(dh[j][2 * r], dh[j][2 * r + 1]);
         }
     }
-    // dZ_m = −Σ_i c_i φ(q_i) = −Σ_i (c_i den_i) (φ(q_i) / den_i).
-    for (int f = consumer_thread; f < kHeadDim; f += kConsumerThreads) {
-      float sum = 0.0f;
-      for (int i = 0; i < kBlockQ; ++i) sum += s.row_dots[i] * to_float(s.phi.unit(i, f / 8)[f % 8]);
-      a.dz_query[(pair * g.q_blocks + at.m) * kHeadDim + f] = -sum;
+    {  // dZ_m = −Σ_i c_i φ(q_i) = −Σ_i (c_i den_i) (φ(q_i) / den_i): kSplits neighbouring threads share a
+       // pair of features, each the rows i ≡ its split (mod kSplits), and add up by shuffles.
+      constexpr int kSplits = kConsumerThreads / (kHeadDim / 2);
+      static_assert(kSplits >= 1 && kSplits <= kWarpSize && (kSplits & (kSplits - 1)) == 0, "splits within a warp");
+      const int feature = consumer_thread / kSplits * 2, split = consumer_thread % kSplits;
+      float2 sum = make_float2(0.0f, 0.0f);
+      for (int i = split; i < kBlockQ; i += kSplits) {
+        const float2 phi = unpack2<Element>(*reinterpret_cast<const uint32_t*>(s.phi.unit(i, feature / 8) + feature % 8));
+        sum.x += s.row_dots[i] * phi.x;
+        sum.y += s.row_dots[i] * phi.y;
+      }
+#pragma unroll
+      for (int offset = kSplits / 2; offset > 0; offset /= 2) {
+        sum.x += __shfl_xor_sync(0xffffffffu, sum.x, offset);
+        sum.y += __shfl_xor_sync(0xffffffffu, sum.y, offset);
+      }
+      if (split == 0)
+        *reinterpret_cast<float2*>(a.dz_query + (pair * g.q_blocks + at.m) * kHeadDim + feature) =
+            make_float2(-sum.x, -sum.y);
     }
     s.pipe.q_empty.arrive();  // every read of this item's tiles is complete
   }
