@@ -87,17 +87,10 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dphi[j][e] -= c[e / 2] * s.z[accumulator_col(j, e)];
   feature_map_backward<kDim>(feature_map, phi, dphi);
-#pragma unroll
-  for (int j = 0; j < kDim / 8; ++j) {
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {  // dq = the sparse branch's dq rows + this, in the output dtype
-      const int64_t row = row0 + local0 + accumulator_row(2 * p);
-      if (row >= g.q_len) continue;
-      const float2 sparse = accumulator_pair(dq_rows + padded0 * kDim, kDim, j, p);
-      const int d = accumulator_col(j, 0);
-      store_pair(dq, b, h, row, d, sparse.x + dphi[j][2 * p], sparse.y + dphi[j][2 * p + 1]);
-    }
-  }
+  // dq = the sparse branch's dq rows + this, in the output dtype.
+  const int first = accumulator_row(0);  // the thread's first row of the warp's 16
+  store_sum_with_rows(dq, b, h, row0 + local0 + first, g.q_len,
+                      dq_rows + (padded0 + first) * kDim + accumulator_col(0, 0), kDim, dphi);
 
   __syncthreads();  // every warp is done reading H_m: G takes its place
 #pragma unroll
@@ -195,19 +188,11 @@ __global__ void __launch_bounds__(kBlockK / kRowsPerWarp * kWarpSize)
   float dv_linear[kDim / 8][4] = {};
   mma_tf32<kDim, kDim>(dv_linear, SharedMatrix<Element, kDim + kTilePad, 1>{&s.phi[local0][0]},
                        SharedMatrix<float, kDim + kStatePad, 1>{&s.dh[0][0]});
-#pragma unroll
-  for (int j = 0; j < kDim / 8; ++j) {
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {  // dk, dv = the sparse branch's rows + these, in the output dtype
-      const int64_t key = first + local0 + accumulator_row(2 * p);
-      if (key >= end) continue;
-      const float2 sparse_k = accumulator_pair(dk_rows + padded0 * kDim, kDim, j, p);
-      const float2 sparse_v = accumulator_pair(dv_rows + padded0 * kDim, kDim, j, p);
-      const int d = accumulator_col(j, 0);
-      store_pair(dk, b, kv, key, d, sparse_k.x + dphi[j][2 * p], sparse_k.y + dphi[j][2 * p + 1]);
-      store_pair(dv, b, kv, key, d, sparse_v.x + dv_linear[j][2 * p], sparse_v.y + dv_linear[j][2 * p + 1]);
-    }
-  }
+  // dk, dv = the sparse branch's rows + these, in the output dtype.
+  const int thread_row = accumulator_row(0);  // the thread's first row of the warp's 16
+  const int64_t at_row = (padded0 + thread_row) * kDim + accumulator_col(0, 0);
+  store_sum_with_rows(dk, b, kv, first + local0 + thread_row, end, dk_rows + at_row, kDim, dphi);
+  store_sum_with_rows(dv, b, kv, first + local0 + thread_row, end, dv_rows + at_row, kDim, dv_linear);
 }
 
 // The query kernel of the sm_80 path: dOl by a product of fp32 rows first.

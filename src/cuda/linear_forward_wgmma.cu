@@ -132,9 +132,6 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
   const int64_t items = g.q_blocks * g.heads * g.batch;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
     const QueryItem at = QueryItem::of(item, g);
-    s.pipe.q_full.wait(use & 1);
-    const int32_t total = s.pipe.item_tiles;
-    const bool complement = s.complement;
     const int64_t pair = at.b * g.heads + at.h;
     const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
     float inverse[2];  // 1 / den of the thread's rows, read before the walk; 0 past the sequence
@@ -154,6 +151,10 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
                         ? *reinterpret_cast<const uint4*>(&a.out.at(at.b, at.h, row, unit % kUnitsPerRow * 8))
                         : make_uint4(0, 0, 0, 0);
     }
+    // The loads above are issued before the wait for the item's tiles: their latency overlaps it.
+    s.pipe.q_full.wait(use & 1);
+    const int32_t total = s.pipe.item_tiles;
+    const bool complement = s.complement;
     // The walk adds the tiles up (H_m, StateSum) and hands each straight back; then O = φ(Q) H_m once.
     StateSum<StateTile, Config::kConsumers * kWarpgroupThreads> set_h;
     if (complement) set_h.add(s.h, 1.0f, consumer_thread);

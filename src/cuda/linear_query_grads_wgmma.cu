@@ -142,18 +142,13 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
   const int64_t items = g.q_blocks * g.heads * g.batch;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
     const QueryItem at = QueryItem::of(item, g);
-    s.pipe.q_full.wait(use & 1);
-    const int32_t total = s.pipe.item_tiles;
-    const bool complement = s.complement;
-    const bool empty = !complement && total == 0;  // U_m is empty: Ol = 0, and no gradient flows
     const int64_t pair = at.b * g.heads + at.h;
     const int64_t row0 = at.m * kBlockQ + tile_row;
-    // 1 / den of the thread's rows (0 past the sequence and for an empty U_m) and Z_m at its columns,
-    // read before the walk.
-    float inverse[2];
+    // den of the thread's rows and Z_m at its columns, read before the wait for the item's tiles (their
+    // latency overlaps it).
+    float den[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      inverse[r] = row0 + 8 * r < g.q_len && !empty ? 1.0f / a.denominator[pair * g.q_len + row0 + 8 * r] : 0.0f;
+    for (int r = 0; r < 2; ++r) den[r] = row0 + 8 * r < g.q_len ? a.denominator[pair * g.q_len + row0 + 8 * r] : 0.0f;
     float z[kTiles][2];
     const float* set_z = a.set_z + (pair * g.q_blocks + at.m) * kHeadDim + 2 * quad;
 #pragma unroll
@@ -162,6 +157,13 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       z[j][0] = pair_z.x;
       z[j][1] = pair_z.y;
     }
+    s.pipe.q_full.wait(use & 1);
+    const int32_t total = s.pipe.item_tiles;
+    const bool complement = s.complement;
+    const bool empty = !complement && total == 0;  // U_m is empty: Ol = 0, and no gradient flows
+    float inverse[2];  // 1 / den, 0 past the sequence and for an empty U_m
+#pragma unroll
+    for (int r = 0; r < 2; ++r) inverse[r] = row0 + 8 * r < g.q_len && !empty ? 1.0f / den[r] : 0.0f;
 
     {  // dOl = dO W (+ the returned Ol's gradient) over dO, in the input dtype: this warpgroup's rows
       float dol[kTiles][4] = {};
@@ -264,10 +266,9 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
-        for (int j = 0; j < kTiles; ++j) {
+        for (int j = 0; j < kTiles; ++j)
           *reinterpret_cast<uint32_t*>(a.dh_low + at_feature + 8 * r * kHeadDim + 8 * j) =
               pack2<Element>(dh[j][2 * r], dh[j][2 * r + 1]);
-        }
     }
     {  // dZ_m = −Σ_i c_i φ(q_i) = −Σ_i (c_i den_i) (φ(q_i) / den_i): kSplits neighbouring threads share a
        // pair of features, each the rows i ≡ its split (mod kSplits), and add up by shuffles.
