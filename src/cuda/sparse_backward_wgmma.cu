@@ -365,15 +365,21 @@ const char* sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan
     static const bool available = loaded_for_hopper(dq_kernel) && loaded_for_hopper(dkv_kernel);
     refusal = hopper_kernel_refusal(available, std::max(QueryConfig::kSharedBytes, KeyConfig::kSharedBytes));
     if (refusal != nullptr) return;
-    // Whole blocks: the same maps serve both kernels.
+    // Whole blocks: the same maps serve both kernels. Without a gradient of Os, dOs is dO: the copy engine
+    // reads the caller's tensor (zero past the sequence, as the padded rows are) and its rows are not
+    // written.
     BackwardTileMaps maps;
-    const TensorView dos = dos_rows_view(g, args);
-    if (!make_row_tile_map(args.q, BQ, &maps.q) || !make_row_tile_map(dos, BQ, &maps.dos) ||
+    const bool dos_is_dout = !args.dout_sparse.defined() && make_row_tile_map(args.dout, BQ, &maps.dos);
+    if (!make_row_tile_map(args.q, BQ, &maps.q) ||
+        (!dos_is_dout && !make_row_tile_map(dos_rows_view(g, args), BQ, &maps.dos)) ||
         !make_row_tile_map(args.k, BK, &maps.k) || !make_row_tile_map(args.v, BK, &maps.v)) {
       refusal = "the Hopper backward copies q, k and v with the tile copy engine, which needs each to have a "
                 "contiguous head dim, a 16-byte-aligned start and strides that are multiples of 16 bytes";
       return;
     }
+    SparseBackwardArgs delta_args = args;
+    if (dos_is_dout) delta_args.dos_rows = nullptr;
+    sparse_delta(g, delta_args, stream);
     const auto sms = static_cast<int64_t>(multiprocessor_count());
     const auto dq_grid = static_cast<unsigned>(
         std::min<int64_t>(g.q_blocks * g.heads * g.batch, sms * QueryConfig::kBlocksPerSm));

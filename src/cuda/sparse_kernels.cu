@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) sparse_delta_kernel(Geometry g, Spar
   }
   const float delta = dos.dot(os);
   if (!valid) return;
-  dos.store(static_cast<Element*>(a.dos_rows) + flat * kDim);
+  if (a.dos_rows) dos.store(static_cast<Element*>(a.dos_rows) + flat * kDim);
   if (a.dout_rows) dout.store(a.dout_rows + flat * kDim);
   if (Slice::first() == 0) {
     a.delta[flat] = delta;
@@ -110,9 +110,11 @@ void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const Sparse
 void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                      cudaStream_t stream) {
   check_sparse_support(g);
-  sparse_delta(g, args, stream);
   run_on_mainloop([&] { return sparse_backward_wgmma(g, plan, args, stream); },
-                  [&] { sparse_backward_mma(g, plan, args, stream); });
+                  [&] {
+                    sparse_delta(g, args, stream);
+                    sparse_backward_mma(g, plan, args, stream);
+                  });
 }
 
 void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream) {

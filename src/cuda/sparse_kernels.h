@@ -34,7 +34,7 @@ struct SparseBackwardArgs {
   const float* lse;
   float scale;
   // Workspace, padded rows: dOs in the input dtype (the products' operand), the rest fp32.
-  void* dos_rows;    // dOs = dout + dout_sparse (written)
+  void* dos_rows;    // dOs = dout + dout_sparse (written, unless the Hopper kernels read dout itself)
   float* dout_rows;  // dout alone (written when not null)
   float* delta;      // D_i per padded query row (written)
   float* lse_log2_rows;  // LSE · log2(e) per padded query row, +inf on pad rows (written)
@@ -45,7 +45,7 @@ struct SparseBackwardArgs {
 void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                      cudaStream_t stream);
 
-// The first step of sparse_backward: dos_rows, dout_rows and delta.
+// The first step of sparse_backward: dos_rows (when not null), dout_rows (likewise) and delta.
 void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream);
 
 // The head dims and block sizes the sparse kernels are built for.
