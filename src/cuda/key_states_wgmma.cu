@@ -140,15 +140,11 @@ __global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK>::kT
 
   if (threadIdx.x >= Config::kConsumerThreads) {  // the producer warp: its first lane copies
     if (threadIdx.x != Config::kConsumerThreads) return;
-    int32_t t = 0;
-    for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++t) {
+    produce_one_stage_items(s.pipe, items, 2 * sizeof(KeyTile), [&](int64_t item, int stage, SharedBarrier& full) {
       const KeyItem at = KeyItem::of(item, g);
-      const int stage = t % Config::kStages;
-      SharedBarrier& full = s.pipe.keys_slot(t);
-      full.arrive_expect_bytes(2 * sizeof(KeyTile));
       load_row_tile(s.k[stage], maps.k, at.n * kBlockK, at.kv, at.b, full);
       load_row_tile(s.v[stage], maps.v, at.n * kBlockK, at.kv, at.b, full);
-    }
+    });
     return;
   }
 

@@ -94,6 +94,22 @@ struct KeyItem {
   }
 };
 
+// By the producer's copying thread of a kernel whose items are one stage
+// each (the key-block states, the projection's gradients): for each item of
+// this thread block (blockIdx.x, then gridDim.x apart), waits for its stage
+// to be handed back, announces `bytes` on the stage's "keys" barrier and
+// calls load(item, stage, full) to issue the copies.
+template <int kStages, typename Load>
+__device__ __forceinline__ void produce_one_stage_items(KeyTilePipeline<kStages>& pipe, int64_t items, uint32_t bytes,
+                                                        Load&& load) {
+  int32_t t = 0;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++t) {
+    SharedBarrier& full = pipe.keys_slot(t);
+    full.arrive_expect_bytes(bytes);
+    load(item, t % kStages, full);
+  }
+}
+
 // By one producer warp: calls on_block(n, value) on lane 0 for each key block
 // n of a row list, in order, where value = lane_value(n) was read by the
 // lane that loaded n: 32 entries (and their values) are read at once instead

@@ -68,15 +68,11 @@ __global__ void __launch_bounds__(WgmmaProjectionGrads<Element, kHeadDim, kBlock
 
   if (threadIdx.x >= Config::kConsumerThreads) {  // the producer warp: its first lane copies
     if (threadIdx.x != Config::kConsumerThreads) return;
-    int32_t t = 0;
-    for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++t) {
+    produce_one_stage_items(s.pipe, items, 2 * sizeof(RowTile), [&](int64_t item, int stage, SharedBarrier& full) {
       const QueryItem at = QueryItem::of(item, g);
-      const int stage = t % Config::kStages;
-      SharedBarrier& full = s.pipe.keys_slot(t);
-      full.arrive_expect_bytes(2 * sizeof(RowTile));
       load_row_tile(s.dout[stage], maps.dout, at.m * kBlockQ, at.h, at.b, full);
       load_row_tile(s.ol[stage], maps.ol, at.m * kBlockQ, at.h, at.b, full);
-    }
+    });
     return;
   }
 
