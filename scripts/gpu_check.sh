@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds slattn on a GPU machine (offline), runs the GPU tests, the
 # compute-sanitizer checks and the benchmark; logs go to $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|cuda-tests|sanitize|stress|profile|ncu|bench|bench14b|ab|all]...   (default: all;
+# Usage: bash scripts/gpu_check.sh [tests|cuda-tests|sanitize|stress|profile|ncu|stalls|bench|bench14b|ab|all]...   (default: all;
 # cuda-tests: the kernel tests alone, ~15 s; stress: 1000 forward+backward steps per block size at the 1.3B
 # shape, failing on a step that stalls (a deadlock), ~40 s; ncu: Nsight Compute sections of the SLA kernels at the 1.3B shape,
-# not part of all; ab: this tree against ab-baseline/ (scripts/ab_baseline.sh REV, carried to the GPU machine)
+# not part of all; stalls: warp-stall samples per stretch of SASS of the kernels in $STALL_KERNELS (default the
+# Hopper linear backward's two; scripts/ncu_stalls.py), not part of all; ab: this tree against ab-baseline/ (scripts/ab_baseline.sh REV, carried to the GPU machine)
 # in one machine session, profile and bench at the 1.3B shape, not part of all). Any other word (say, build)
 # only builds.
 # Optional Python packages the GPU machine lacks (diffusers) may be put as
@@ -78,6 +79,14 @@ if [[ " $STEPS " == *" ncu "* ]]; then
     >"$LOGS/ncu.txt" 2>&1 || status=1
   grep -E "^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
     "$LOGS/ncu.txt" | cut -c1-110
+fi
+if [[ " $STEPS " == *" stalls "* ]]; then
+  kernels="${STALL_KERNELS:-linear_query_grads_wgmma|linear_key_grads_wgmma}"
+  echo "== warp stalls by stretch of machine code: $kernels (the first ${STALL_COUNT:-2} launches)"
+  timeout 300 ncu -k regex:"$kernels" -c "${STALL_COUNT:-2}" --section WarpStateStats --section SourceCounters \
+    --import-source no --page source --print-source sass --csv python3 scripts/profile_sla.py 1,12,32760,128 0.05 128 \
+    >"$LOGS/sass.csv" 2>"$LOGS/sass.err"
+  python3 scripts/ncu_stalls.py "$LOGS/sass.csv" | tee "$LOGS/stalls.txt" || status=1
 fi
 if want bench; then
   echo "== bench"
