@@ -274,7 +274,7 @@ bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map) 
 
 bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
                            const TensorView& v, FeatureMap feature_map, LinearScope scope,
-                           const LinearGradBuffers& buf, const TensorView& dout, const DoutRows& dout_rows,
+                           const LinearGradBuffers& buf, const TensorView& dout, float* dout_rows,
                            const float* weight, const TensorView& dout_linear, const float* dq_rows,
                            const float* dk_rows, const float* dv_rows, const TensorView& dq, const TensorView& dk,
                            const TensorView& dv, cudaStream_t stream) {
@@ -301,9 +301,9 @@ bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
   if (dh_low) {
     column_sums(buf.key_set.dh_low, q.dtype, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
   } else {  // on the fp32 states
-    if (weight && !dout_rows.written) feature_rows(dout, g.q_rows(), feature_map, nullptr, dout_rows.rows, stream);
+    if (weight && hopper) feature_rows(dout, g.q_rows(), feature_map, nullptr, dout_rows, stream);
     key_block_states(g, k, v, feature_map, buf.keys, nullptr, nullptr, stream);
-    linear_query_grads(g, plan, q, feature_map, scope, buf, dout_rows.rows, weight, dout_linear, dq_rows, dq, stream);
+    linear_query_grads(g, plan, q, feature_map, scope, buf, dout_rows, weight, dout_linear, dq_rows, dq, stream);
     column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
   }
   column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);

@@ -39,21 +39,17 @@ struct LinearGradBuffers {
 
 bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map);
 
-// dO as padded fp32 rows (B*H, q_rows, D), for the sm_80 kernels and the projection's fp32 product.
-struct DoutRows {
-  float* rows;   // null without a projection
-  bool written;  // else linear_backward_fused writes them when an sm_80 kernel takes over
-};
-
 // dq, dk, dv = the sparse branch's gradients (dq_rows, dk_rows, dv_rows:
-// padded fp32 rows) + the linear branch's. dout_rows and weight (D, D) are
-// given with a projection, else null; dout (dO) is read with a projection;
-// dout_linear may be undefined. Returns whether the Hopper query kernel ran:
-// the Ol rows are then in the input dtype, and dout_rows written only if they
-// were before.
+// padded fp32 rows) + the linear branch's. dout_rows (fp32 rows of dO) and
+// weight (D, D) are given with a projection, else null; dout (dO) is read
+// with a projection; dout_linear may be undefined. With the Hopper kernels'
+// buffers (buffers.linear_set carved) the caller leaves dout_rows unwritten:
+// the Hopper kernels read dout itself, and they are written here only if an
+// sm_80 kernel takes over. Returns whether the Hopper query kernel ran: the
+// Ol rows are then in the input dtype, and dout_rows unwritten.
 bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
                            const TensorView& v, FeatureMap feature_map, LinearScope scope,
-                           const LinearGradBuffers& buffers, const TensorView& dout, const DoutRows& dout_rows,
+                           const LinearGradBuffers& buffers, const TensorView& dout, float* dout_rows,
                            const float* weight,
                            const TensorView& dout_linear, const float* dq_rows, const float* dk_rows,
                            const float* dv_rows, const TensorView& dq, const TensorView& dk, const TensorView& dv,

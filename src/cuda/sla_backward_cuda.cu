@@ -190,7 +190,7 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
   // pad rows as zeros (the batched products read them): no memset.
   const bool fused_linear = p.linear_branch() && use_fused_linear(p, g);
   // The Hopper linear kernels read dO itself: its fp32 rows are written only if one of them refuses.
-  const bool dout_rows_deferred = fused_linear && use_hopper_linear(p.feature_map);
+  const bool dout_rows_deferred = fused_linear && buf.fused.linear_set.block_h != nullptr;
   SparseBackwardArgs sparse{p.q, p.k, p.v, p.out_sparse, p.dout, p.dout_sparse, static_cast<const float*>(p.lse),
                             static_cast<float>(p.scale), buf.dos_rows, dout_rows_deferred ? nullptr : buf.dout_rows,
                             buf.delta, buf.lse_log2, buf.dq_rows, buf.dk_rows, buf.dv_rows};
@@ -198,9 +198,8 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
   bool ol_low = false;
   if (fused_linear) {  // also stores dq, dk, dv
     ol_low = linear_backward_fused(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, p.dout,
-                                   DoutRows{buf.dout_rows, !dout_rows_deferred},
-                                   static_cast<const float*>(p.proj_weight), p.dout_linear, buf.dq_rows, buf.dk_rows,
-                                   buf.dv_rows, p.dq, p.dk, p.dv, stream);
+                                   buf.dout_rows, static_cast<const float*>(p.proj_weight), p.dout_linear,
+                                   buf.dq_rows, buf.dk_rows, buf.dv_rows, p.dq, p.dk, p.dv, stream);
   } else if (p.linear_branch()) {
     linear_backward(p, g, plan, buf, stream);
   }
