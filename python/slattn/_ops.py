@@ -159,6 +159,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_sparse_output = proj_weight is not None
     ctx.has_linear_output = return_linear
     ctx.mark_non_differentiable(lse)
+    # Outputs nobody differentiated reach the backward as None, not as zeros made for them (a full-size
+    # tensor for out_sparse; its zero gradient would also take the backward off its dO-only path).
+    ctx.set_materialize_grads(False)
 
 
 def _used(grad: Optional[Tensor], produced: bool) -> Optional[Tensor]:

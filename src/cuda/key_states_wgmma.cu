@@ -221,7 +221,6 @@ const char* key_block_states_wgmma(const Geometry& g, const TensorView& k, const
     SLATTN_LAUNCH_CHECK("key_block_states_wgmma_kernel");
   });
   if (refusal != nullptr) return refusal;
-  column_sums(low_states, k.dtype, g.kv_pairs(), g.k_blocks, g.features * g.dim, states.total_h, stream);
   column_sums(states.z, g.kv_pairs(), g.k_blocks, g.features, states.total_z, stream);
   return nullptr;
 }

@@ -1,9 +1,7 @@
 // The key-block states of the linear branch on Hopper (sm_90a) for the fixed
 // feature maps: h_n = φ(K_n)ᵀ V_n and z_n = Σ φ(k) per key block, with φ(K_n)
 // rounded to the input dtype and h_n stored in it (what the Hopper linear
-// kernels read), and the totals H = Σ_n h_n (of the rounded h_n, so that the
-// totals less some blocks are exactly the others' sum up to fp32 rounding)
-// and Z = Σ_n z_n. One warp-specialised, persistent kernel: a producer warp
+// kernels' sums read, linear_set_states.h), and the total Z = Σ_n z_n. One warp-specialised, persistent kernel: a producer warp
 // copies K_n and V_n with the tile copy engine into three stages while two
 // consumer warpgroups (one for d = 64) form φ in place and multiply.
 #pragma once
@@ -17,8 +15,8 @@
 
 namespace slattn::cuda {
 
-// Fills states.z, states.total_h and states.total_z (states.h, the fp32 h_n
-// of the sm_80 kernels, is not written), h_n into low_states ((kv pairs * Nk,
+// Fills states.z and states.total_z (states.h and states.total_h, the fp32
+// states of the sm_80 kernels, are not written), h_n into low_states ((kv pairs * Nk,
 // F, D) dense, k's dtype) and, when not null, φ(K) into phi_k ((kv pairs, Lk,
 // F) dense, k's dtype). Returns nullptr, or why it cannot run (nothing
 // launched): no sm_90a code, too little shared memory, or a layout of k or v

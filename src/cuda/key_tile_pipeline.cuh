@@ -12,12 +12,12 @@
 // "empty" barrier must not complete phase u + 1 before the producer has
 // waited for phase u, or the producer's parity wait would take the phase
 // after it for its own and wait forever. Kernels whose stages hold one tile
-// use the "keys" barriers alone (NoValues) and never touch the others.
+// (produce_one_stage_items) use the "keys" barriers alone and never touch the
+// others.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/geometry.h"
@@ -71,6 +71,32 @@ struct KeyTilePipeline {
     return full[stage(t)];
   }
 };
+
+// The barriers of kernels whose items copy all their tiles at once and walk
+// no list (produce_whole_items): the producer announces an item's copies on
+// `full` once the consumers have arrived on `empty` for the item before it.
+struct ItemBarriers {
+  SharedBarrier full, empty;
+
+  // By thread 0 of the block, before its first __syncthreads.
+  __device__ void init(uint32_t consumers) {
+    full.init(1);
+    empty.init(consumers);
+    fence_barrier_init();
+  }
+};
+
+// The producer's part over the items of this thread block (items is their
+// count over the grid), on one thread: load_item(item, barrier) announces the
+// item's bytes on the barrier and starts its copies.
+template <typename LoadItem>
+__device__ __forceinline__ void produce_whole_items(ItemBarriers& barriers, int64_t items, LoadItem&& load_item) {
+  int32_t use = 0;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
+    if (use > 0) barriers.empty.wait((use - 1) & 1);  // the consumers are done with the last item's tiles
+    load_item(item, barriers.full);
+  }
+}
 
 // Query block `item` of a persistent walk over (batch, heads, query blocks),
 // query blocks fastest: the items in flight at once share K and V in L2.
@@ -135,12 +161,12 @@ __device__ __forceinline__ void walk_row_list(const int32_t* list, int32_t count
 // every lane) says how many and how they are used, walk(row, listing,
 // lane_value, on_block) visits them in ascending order as walk_row_list
 // does. `row` is the item's row of the plan. CriticalBlocks: the row list.
-// LinearSetBlocks: the linear set U_m of SPEC section 3 read from the block
-// map 256 entries a pass, or the blocks outside it when they are fewer
-// (their products are then subtracted from the totals'; the same rule as
-// subset_list.cuh's). LinearSetQueryBlocks: the same along a column of the
-// map, the query blocks m whose U_m holds key block n; `line` is then the
-// plan column (q pair * Nk + n).
+// LinearSetLine (listed_sums): the linear set U_m of SPEC section 3 read
+// from a row of the block map 256 entries a pass, or the blocks outside it
+// when they are fewer (a sum of them is then subtracted from the total; the
+// same rule as subset_list.cuh's); along a column of the map, the query
+// blocks m whose U_m holds key block n, `line` then being the plan column
+// (q pair * Nk + n).
 struct BlockListing {
   int32_t count;
   bool complement;  // the blocks outside the set
@@ -178,21 +204,6 @@ struct LinearSetLine {
     const auto excluded = static_cast<int32_t>(count - included);
     return excluded < included ? BlockListing{excluded, true} : BlockListing{included, false};
   }
-  template <typename LaneValue, typename OnBlock>
-  __device__ __forceinline__ void walk(int64_t row, BlockListing listing, LaneValue&& lane_value,
-                                       OnBlock&& on_block) const {
-    const int lane = threadIdx.x % kWarpSize;
-    for_each_chunk(row, listing, [&](int64_t chunk, uint32_t mask) {
-      const auto value = lane_value(chunk + lane < length() ? static_cast<int32_t>(chunk + lane) : 0);
-      for (; mask != 0; mask &= mask - 1) {
-        const int j = __ffs(mask) - 1;
-        const auto its_value = __shfl_sync(0xffffffffu, value, j);
-        if (lane == 0) on_block(static_cast<int32_t>(chunk + j), its_value);
-        __syncwarp();
-      }
-    });
-  }
-
   // on_block(n) on every lane, for each listed key block n in ascending order.
   template <typename OnBlock>
   __device__ __forceinline__ void visit(int64_t row, BlockListing listing, OnBlock&& on_block) const {
@@ -244,20 +255,13 @@ struct LinearSetLine {
   }
 };
 
-using LinearSetBlocks = LinearSetLine<MapLine::row>;
-using LinearSetQueryBlocks = LinearSetLine<MapLine::column>;
-
-// load_values of produce_items_of for kernels whose stages hold one tile.
-struct NoValues {};
-
 // The producer warp's part, for the items of this thread block: announces
 // each item's tile count with its query tile (load_query(item, listing,
 // barrier) announces the bytes and starts the copies, or arrives without
 // copying), then, per key block n that `blocks` walks, once its stage is
 // free, records where the tile starts and calls load_keys(stage, item, n,
 // value, barrier) and load_values(stage, item, n, barrier), which announce
-// and start their copies (value: lane_value(item, n), read ahead by the walk);
-// with NoValues for load_values, the "values" barriers are left alone.
+// and start their copies (value: lane_value(item, n), read ahead by the walk).
 template <int kStages, typename Blocks, typename LoadQuery, typename LaneValue, typename LoadKeys,
           typename LoadValues>
 __device__ __forceinline__ void produce_items_of(KeyTilePipeline<kStages>& pipe, const Geometry& g,
@@ -281,7 +285,7 @@ __device__ __forceinline__ void produce_items_of(KeyTilePipeline<kStages>& pipe,
       SharedBarrier& keys = pipe.keys_slot(t);
       pipe.tile_first[stage] = static_cast<int32_t>(n * g.block_k);  // a key tile is a whole block
       load_keys(stage, at, n, value, keys);
-      if constexpr (!std::is_same_v<std::decay_t<LoadValues>, NoValues>) load_values(stage, at, n, pipe.values_slot(t));
+      load_values(stage, at, n, pipe.values_slot(t));
       ++t;
     });
   }

@@ -250,6 +250,7 @@ LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geomet
   if (hopper) {
     b.linear_set = LinearSetOperands::carve(carver, g, dtype);
     b.key_set = LinearKeyGradOperands::carve(carver, g, dtype);
+    b.key_set.dh_key = b.linear_set.block_h;  // h_n is read only to form H_m, before dh_n is written
   }
   if (projection) {
     b.ol = carver.take<float>(rows * g.dim);
@@ -294,28 +295,23 @@ bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
           stream);
     refuse_if_forced(refusal);
   }
-  // The totals sum the dH_m as the key kernels read them, so that a total less the listed dH_m equals the
-  // others' sum up to fp32 rounding.
   const int64_t state = g.features * g.dim;
   const bool dh_low = refusal == nullptr;
-  if (dh_low) {
-    column_sums(buf.key_set.dh_low, q.dtype, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
-  } else {  // on the fp32 states
+  if (!dh_low) {  // on the fp32 states
     if (weight && hopper) feature_rows(dout, g.q_rows(), feature_map, nullptr, dout_rows, stream);
     key_block_states(g, k, v, feature_map, buf.keys, nullptr, nullptr, stream);
     linear_query_grads(g, plan, q, feature_map, scope, buf, dout_rows, weight, dout_linear, dq_rows, dq, stream);
-    column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
   }
   column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);
 
   if (refusal == nullptr) {
-    refusal = linear_key_grads_wgmma(
-        g, plan, v, feature_map, scope, buf.key_set,
-        LinearKeyGradArgs{buf.dh_total, buf.dz_query, buf.dz_total, dk_rows, dv_rows, dk, dv}, stream);
+    refusal = linear_key_grads_wgmma(g, plan, v, feature_map, scope, buf.linear_set, buf.key_set,
+                                     LinearKeyGradArgs{buf.dz_query, buf.dz_total, dk_rows, dv_rows, dk, dv}, stream);
     refuse_if_forced(refusal);
   }
-  if (refusal != nullptr) {
+  if (refusal != nullptr) {  // the sm_80 key kernel, on the fp32 dH_m and their totals
     if (dh_low) widen_to_float(buf.key_set.dh_low, q.dtype, buf.dh_query, g.q_pairs() * g.q_blocks * state, stream);
+    column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
     linear_key_grads(g, plan, k, v, feature_map, scope, buf, dk_rows, dv_rows, dk, dv, stream);
   }
   return dh_low;  // the Hopper query kernel ran

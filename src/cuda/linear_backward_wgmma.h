@@ -1,21 +1,19 @@
 // The linear branch's backward on Hopper (sm_90a) for the fixed feature maps,
 // by the forward's algebra (linear_forward_wgmma.h). The query side
-// (linear_query_grads_wgmma.cu): with
-// dOl = dO W (+ the gradient of the returned Ol) and den_i = φ(q_i)·Z_m + ε,
-//   P = dOl H_mᵀ = Σ_{n in U_m} dOl h_nᵀ  or  dOl Hᵀ − Σ_{n not in U_m} dOl h_nᵀ,
-// one warpgroup product per listed block with h_n in the input dtype, and
-// then, per row, g_i H_mᵀ = P_i / den_i and c_i = (dOl_i·Ol_i) / den_i =
+// (linear_query_grads_wgmma.cu): with dOl = dO W (+ the gradient of the
+// returned Ol), den_i = φ(q_i)·Z_m + ε and H_m the linear set's product
+// (linear_set_states.h), P = dOl H_mᵀ is one warpgroup product per query
+// block; then, per row, g_i H_mᵀ = P_i / den_i and c_i = (dOl_i·Ol_i) / den_i =
 // φ(q_i)·P_i / den_i² (Ol_i = φ(q_i) H_m / den_i), so Ol itself is needed only
-// for the projection's dW (it is accumulated beside P from the same tiles).
+// for the projection's dW (it is formed beside P from the same tile).
 // dQφ = g H_mᵀ − c Z_m goes through φ into dQ; dH_m = (φ(Q_m) / den)ᵀ dOl is
 // one more product and dZ_m = −Σ c_i φ(q_i). The key side
-// (linear_key_grads_wgmma.cu), per key block n over the query blocks of its
-// column of the block map, for each query head of the GQA group:
-//   dh_n = Σ_{m: n in U_m} dH_m  or  dH − Σ_{m: n not in U_m} dH_m,
-// so dKφ = V_n dh_nᵀ + dz_n and dV += φ(K_n) dh_n are one pair of products
-// per listed dH_m (in the input dtype), the total dH being one more tile.
-// dOl, φ/den, dH_m and the products' operands are rounded to the input dtype
-// (fp32 accumulation).
+// (linear_key_grads_wgmma.cu), per key block n:
+//   dh_n = Σ over the GQA group's query heads Σ_{m: n in U_m} dH_m,
+// the linear set's product with the dH_m, then dKφ = V_n dh_nᵀ + dz_n and
+// dV += φ(K_n) dh_n, one pair of products per key block.
+// dOl, φ/den, dH_m, dh_n and the products' operands are rounded to the input
+// dtype (fp32 accumulation).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,7 +41,7 @@ struct LinearQueryGradArgs {
 };
 
 // Per query block m: dq, dH_m, dZ_m and (with a projection) Ol rows, from
-// `states` (z_n and the totals) and operands.block_h (key_block_states); the
+// `states` (z_n and their totals) and operands.block_h (key_block_states); the
 // other operands are prepared here. Returns nullptr, or why it cannot run
 // (nothing launched): no sm_90a code in the build, too little shared memory,
 // or dO's layout (the copy engine needs 16-byte aligned row strides).
@@ -55,14 +53,14 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
 // Workspace of linear_key_grads_wgmma, in the input dtype where not said.
 struct LinearKeyGradOperands {
   void* phi_k = nullptr;   // (kv pairs, Lk, F): φ(K), written by key_block_states
-  void* dh_low = nullptr;  // (q pairs * Mq + q pairs, F, D): dH_m (the query kernel's), then each pair's dH
+  void* dh_low = nullptr;  // (q pairs * Mq, F, D): dH_m (the query kernel's)
+  void* dh_key = nullptr;  // (kv pairs * Nk, F, D): dh_n; not carved here (LinearGradBuffers reuses h_n's room)
   float* dz_key = nullptr;  // (kv pairs * Nk, F) fp32: dz_n
 
   static LinearKeyGradOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
 };
 
 struct LinearKeyGradArgs {
-  const float* dh_total;  // (q pairs, F, D): Σ_m dH_m
   const float* dz_query;  // (q pairs * Mq, F)
   const float* dz_total;  // (q pairs, F)
   const float* dk_rows;   // (kv pairs, k_rows, D): the sparse branch's dK
@@ -71,11 +69,12 @@ struct LinearKeyGradArgs {
 };
 
 // Per key block: dk and dv, from v and `operands` (phi_k and the dH_m of
-// dh_low filled before; the rest prepared here). Returns nullptr, or why it
+// dh_low filled before; the rest prepared here, with set's indicator). Returns nullptr, or why it
 // cannot run (nothing launched): no sm_90a code, too little shared memory, or
 // v's layout (the copy engine needs 16-byte aligned row strides).
 const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& v,
-                                   FeatureMap feature_map, LinearScope scope, const LinearKeyGradOperands& operands,
-                                   const LinearKeyGradArgs& args, cudaStream_t stream);
+                                   FeatureMap feature_map, LinearScope scope, const LinearSetOperands& set,
+                                   const LinearKeyGradOperands& operands, const LinearKeyGradArgs& args,
+                                   cudaStream_t stream);
 
 }  // namespace slattn::cuda

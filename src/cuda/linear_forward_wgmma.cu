@@ -1,18 +1,15 @@
 // The linear branch's forward on Hopper (linear_forward_wgmma.h): Z_m per
-// query block, φ(Q) rows and their denominators φ(q)·Z_m + ε, H, W and every
-// key block's state h_n in the input dtype (linear_set_operands.h), then one
-// warp-specialised, persistent kernel. Its producer warp copies per query
-// block φ(Q_m) (and H when the block's states are subtracted) and, for each
-// key block of the walked list (LinearSetBlocks), h_n with the tile copy
-// engine into three stages. The consumer warpgroups add the tiles up as
-// they come: H_m = H − the listed h_n (the complement), or their sum, in
-// fp32, each thread its share of the units (StateSum), handing each tile
-// straight back; H_m, rounded to the input dtype, takes H's place in shared
-// memory and each warpgroup (64 query rows) issues O = φ(Q) H_m once: one
-// product per query block instead of one per tile. The epilogue writes Ol = O / den and adds Ol Wᵀ + b (a
-// register-A product with W) to the output: Os, read in 16-byte units before
-// the walk, gets it in shared memory and goes back in 16-byte units. Built
-// for sm_90a only; other targets get an empty body that is never launched.
+// query block, φ(Q) rows and their denominators φ(q)·Z_m + ε, every query
+// block's H_m (one product of the linear set's indicator with the key-block
+// states, linear_set_states.h) and W in the input dtype
+// (linear_set_operands.h), then one warp-specialised, persistent kernel. Its
+// producer warp copies per query block φ(Q_m) and H_m with the tile copy
+// engine; each consumer warpgroup (64 query rows) issues O = φ(Q) H_m. The
+// epilogue writes Ol = O / den and adds Ol Wᵀ + b (a register-A product with
+// W) to the output: Os, read in 16-byte units before the wait for the
+// block's tiles, gets it in shared memory and goes back in 16-byte units.
+// Built for sm_90a only; other targets get an empty body that is never
+// launched.
 #include "cuda/linear_forward_wgmma.h"
 
 #include <algorithm>
@@ -34,18 +31,15 @@ template <typename Element, int kHeadDim, int kBlockQ>
 struct WgmmaLinear {
   static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-  static constexpr int kStages = 3;
   using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;       // φ(Q_m), or the block's output rows
-  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // h_n or H (F x D), or W as (out, in)
+  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // H_m (F x D), or W as (out, in)
   struct Shared {
     QTile q;
     QTile staged;  // the block's Os rows, then Os + Ol Wᵀ + b: the output read and written in 16-byte units
     StateTile h;
     StateTile w;
-    StateTile states[kStages];
-    KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barriers are unused
+    ItemBarriers item;
     SharedBarrier w_full;
-    int32_t complement;  // whether the item's states are subtracted from the totals; announced with its query tile
   };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
@@ -54,7 +48,6 @@ struct WgmmaLinear {
 // What the kernel reads besides its tiles, and where it writes.
 template <typename Element>
 struct LinearOutputArgs {
-  LinearScope scope;
   const float* denominator;  // φ(q)·Z_m + ε per query row
   bool project;              // out += Ol Wᵀ + b
   const float* bias;         // or null
@@ -77,45 +70,35 @@ __device__ __forceinline__ void issue_projection(float (&projected)[kDimTiles8][
 template <typename Element, int kHeadDim, int kBlockQ>
 __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThreads,
                                   WgmmaLinear<Element, kHeadDim, kBlockQ>::kBlocksPerSm)
-    linear_output_wgmma_kernel(const __grid_constant__ LinearSetMaps maps, Geometry g, RoutingPlanView plan,
-                               LinearOutputArgs<Element> a) {
+    linear_output_wgmma_kernel(const __grid_constant__ LinearSetMaps maps, Geometry g, LinearOutputArgs<Element> a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Config = WgmmaLinear<Element, kHeadDim, kBlockQ>;
   using Shared = typename Config::Shared;
   using QTile = typename Config::QTile;
   using StateTile = typename Config::StateTile;
-  // The producer walks the block map: 40 registers would spill.
-  using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm, 56>;
+  using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm>;
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
+  const int64_t items = g.q_blocks * g.heads * g.batch;
 
   if (threadIdx.x == 0) {
     s.w_full.init(1);
-    s.pipe.init(Config::kConsumers * kWarpgroupThreads);
+    s.item.init(Config::kConsumers * kWarpgroupThreads);
   }
   __syncthreads();
   if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
-    if (threadIdx.x >= kWarpSize) return;
-    if (threadIdx.x == 0 && a.project) {
+    if (threadIdx.x != 0) return;
+    if (a.project) {
       s.w_full.arrive_expect_bytes(sizeof(StateTile));
       load_row_tile(s.w, maps.w, 0, 0, 0, s.w_full);
     }
-    produce_items_of(
-        s.pipe, g, LinearSetBlocks{plan, a.scope},
-        [&](const QueryItem& at, BlockListing listing, SharedBarrier& full) {
-          s.complement = listing.complement;
-          full.arrive_expect_bytes(sizeof(QTile) + (listing.complement ? sizeof(StateTile) : 0));
-          load_row_tile(s.q, maps.phi_q, at.m * kBlockQ, at.h, at.b, full);
-          if (listing.complement) load_row_tile(s.h, maps.h, 0, at.h / g.group(), at.b, full);
-        },
-        [](const QueryItem&, int32_t) { return 0; },
-        [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
-          full.arrive_expect_bytes(sizeof(StateTile));
-          const int64_t block = (at.b * g.kv_heads + at.h / g.group()) * g.k_blocks + n;
-          load_row_tile(s.states[stage], maps.states, 0, block, 0, full);
-        },
-        NoValues{});
+    produce_whole_items(s.item, items, [&](int64_t item, SharedBarrier& full) {
+      const QueryItem at = QueryItem::of(item, g);
+      full.arrive_expect_bytes(sizeof(QTile) + sizeof(StateTile));
+      load_row_tile(s.q, maps.phi_q, at.m * kBlockQ, at.h, at.b, full);
+      load_row_tile(s.h, maps.set_h, 0, (at.b * g.heads + at.h) * g.q_blocks + at.m, 0, full);
+    });
     return;
   }
 
@@ -127,9 +110,7 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
   const int tile_row = consumer_thread / kWarpSize * kRowsPerWarp + group;  // the thread's first row of the tiles
   constexpr int kUnitsPerRow = kHeadDim / 8;
   constexpr int kUnitsPerThread = kWarpgroupRows * kUnitsPerRow / kWarpgroupThreads;
-  int32_t t0 = 0;  // the ring position of this item's first tile
   int32_t use = 0;
-  const int64_t items = g.q_blocks * g.heads * g.batch;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
     const QueryItem at = QueryItem::of(item, g);
     const int64_t pair = at.b * g.heads + at.h;
@@ -152,23 +133,16 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
                         : make_uint4(0, 0, 0, 0);
     }
     // The loads above are issued before the wait for the item's tiles: their latency overlaps it.
-    s.pipe.q_full.wait(use & 1);
-    const int32_t total = s.pipe.item_tiles;
-    const bool complement = s.complement;
-    // The walk adds the tiles up (H_m, StateSum) and hands each straight back; then O = φ(Q) H_m once.
-    StateSum<StateTile, Config::kConsumers * kWarpgroupThreads> set_h;
-    if (complement) set_h.add(s.h, 1.0f, consumer_thread);
-    t0 = set_h.add_stages(s.pipe, s.states, t0, total, complement ? -1.0f : 1.0f, consumer_thread);
-    set_h.publish(s.h, 1 + Config::kConsumers, consumer_thread);  // H_m over H
+    s.item.full.wait(use & 1);
     float out[kHeadDim / 8][4] = {};
     wgmma_fence();
     issue_rows_times<1, StateRead::as_stored>(out, s.q, s.h, warpgroup_row0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(out);
-    s.pipe.q_empty.arrive();  // every read of φ(Q) and H_m is complete
+    s.item.empty.arrive();  // every read of φ(Q) and H_m is complete
 
-    // Ol = O / den on the rows of the sequence (0 elsewhere); an empty U_m has O = 0.
+    // Ol = O / den on the rows of the sequence (0 elsewhere); an empty U_m has H_m = 0, so O = 0.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t row = warp_row0 + group + 8 * r;
@@ -245,10 +219,10 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
     const LinearSetMaps maps = linear_set_maps(g, q.dtype, operands);
     prepare_linear_set_operands(g, plan, q, feature_map, scope, states, weight, operands, stream);
 
-    const LinearOutputArgs<Element> args{scope, operands.denominator, weight != nullptr, bias,
+    const LinearOutputArgs<Element> args{operands.denominator, weight != nullptr, bias,
                                          DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear)};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
-    launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, plan, args);
+    launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, args);
     SLATTN_LAUNCH_CHECK("linear_output_wgmma_kernel");
   });
   return refusal;

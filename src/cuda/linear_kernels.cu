@@ -282,13 +282,6 @@ void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width,
   launch_column_sums(src, batches, rows, width, dst, stream);
 }
 
-void column_sums(const void* src, DType dtype, int64_t batches, int64_t rows, int64_t width, float* dst,
-                 cudaStream_t stream) {
-  dispatch_element(dtype, [&](auto tag) {
-    launch_column_sums(static_cast<const decltype(tag)*>(src), batches, rows, width, dst, stream);
-  });
-}
-
 void assemble_query_states(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* key_h,
                            const float* key_z, const float* total_h, const float* total_z, QueryStates out,
                            cudaStream_t stream) {

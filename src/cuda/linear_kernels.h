@@ -20,9 +20,6 @@ void feature_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_m
 // dst[b, c] = Σ_r src[b, r, c] for a (batches, rows, width) array (a fixed order: deterministic).
 // Parallel over (b, c), and over the rows within a thread block (8 warps).
 void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst, cudaStream_t stream);
-// The same of 16-bit elements (bf16 or fp16, `dtype`), summed in fp32.
-void column_sums(const void* src, DType dtype, int64_t batches, int64_t rows, int64_t width, float* dst,
-                 cudaStream_t stream);
 
 // H_m and Z_m of every query block (total minus excluded, or the included
 // sum, whichever is shorter), and whether U_m is non-empty.

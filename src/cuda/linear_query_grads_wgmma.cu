@@ -1,19 +1,15 @@
 // The query side of the linear backward on Hopper (linear_backward_wgmma.h):
 // one warp-specialised, persistent kernel over the query blocks. Its producer
-// warp copies per query block φ(Q_m), dO_m (with a projection) and H (when
-// the block's states are subtracted), and h_n of each key block of the
-// walked list (LinearSetBlocks) into the stages, as the forward does. One
-// consumer warpgroup per 64 query rows reads its rows' den and its columns of
-// Z_m (linear_set_operands.h), forms dOl = dO W (+ the returned Ol's
-// gradient) and stores it over dO in the input dtype. The walk adds the
-// tiles up as they come (H_m = H − the listed h_n, or their sum, in fp32,
-// each thread its share of the units: StateSum) and hands each straight
-// back; H_m, rounded to the input dtype, then takes H's place and each
-// warpgroup issues P = dOl H_mᵀ and (for dW) O = φ(Q) H_m once. It writes
-// Ol, forms dQφ = P / den − c Z_m through φ into dq, and stores
-// φ(Q) / den over φ(Q); after a barrier of the consumers, dH_m (64 features
-// per warpgroup: A = φ(Q) / den read M-major, B = dOl read N-major) and dZ_m
-// (from the rows' c den, kept in shared memory). Built for sm_90a only.
+// warp copies per query block φ(Q_m), dO_m (with a projection) and H_m (the
+// linear set's product, linear_set_states.h). One consumer warpgroup per 64
+// query rows reads its rows' den and its columns of Z_m
+// (linear_set_operands.h), forms dOl = dO W (+ the returned Ol's gradient)
+// and stores it over dO in the input dtype, then issues P = dOl H_mᵀ and
+// (for dW) O = φ(Q) H_m. It writes Ol, forms dQφ = P / den − c Z_m through φ
+// into dq, and stores φ(Q) / den over φ(Q); after a barrier of the consumers,
+// dH_m (64 features per warpgroup: A = φ(Q) / den read M-major, B = dOl read
+// N-major) and dZ_m (from the rows' c den, kept in shared memory). Built for
+// sm_90a only.
 #include "cuda/linear_backward_wgmma.h"
 
 #include <algorithm>
@@ -31,32 +27,22 @@
 namespace slattn::cuda {
 namespace {
 
-template <typename Element, int kHeadDim, int kBlockQ, int kStages>
-struct QueryGradShared {
-  using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;
-  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // h_n or H (F x D), or W as (out, in)
-  QTile phi;  // φ(Q_m); after the walk φ(Q_m) / den
-  QTile dol;  // dO_m as copied, then dOl_m
-  StateTile h;  // H as copied, then H_m
-  StateTile w;
-  StateTile states[kStages];
-  KeyTilePipeline<kStages> pipe;  // a stage's state on its "keys" barrier; its "values" barriers are unused
-  SharedBarrier w_full;
-  float row_dots[kBlockQ];  // φ(q_i)·P_i / den_i = c_i den_i, for dZ_m
-  int32_t complement;       // whether the item's states are subtracted from the totals; announced with its tiles
-};
-
-// The shape of the kernel: three stages of states where they fit (D = 128,
-// 128-row blocks: 226 KB), else two.
+// The shape of the kernel: warpgroups, shared memory, thread blocks per SM.
 template <typename Element, int kHeadDim, int kBlockQ>
 struct WgmmaQueryGrads {
   static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
-  static constexpr int kStages =
-      sizeof(QueryGradShared<Element, kHeadDim, kBlockQ, 3>) + kSwizzleAtomBytes <= kHopperSharedPerBlock ? 3 : 2;
-  using Shared = QueryGradShared<Element, kHeadDim, kBlockQ, kStages>;
-  using QTile = typename Shared::QTile;
-  using StateTile = typename Shared::StateTile;
+  using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;
+  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // H_m (F x D), or W as (out, in)
+  struct Shared {
+    QTile phi;    // φ(Q_m); after the products φ(Q_m) / den
+    QTile dol;    // dO_m as copied, then dOl_m
+    StateTile h;  // H_m
+    StateTile w;
+    ItemBarriers item;
+    SharedBarrier w_full;
+    float row_dots[kBlockQ];  // φ(q_i)·P_i / den_i = c_i den_i, for dZ_m
+  };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
 };
@@ -69,9 +55,9 @@ struct QueryGradMaps {
 template <typename Element>
 struct QueryGradKernelArgs {
   FeatureMap feature_map;
-  LinearScope scope;
   const float* denominator;  // φ(q)·Z_m + ε per query row
   const float* set_z;        // Z_m per query block, (q pairs * Mq, F)
+  const int32_t* set_size;   // |U_m| per query block
   bool project;              // dOl = dO W, and Ol rows for dW
   DeviceView<const Element> dout_linear;
   Element* ol_low;  // Ol rows in the input dtype, for dW
@@ -84,49 +70,39 @@ struct QueryGradKernelArgs {
 template <typename Element, int kHeadDim, int kBlockQ>
 __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::kThreads,
                                   WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::kBlocksPerSm)
-    linear_query_grads_wgmma_kernel(const __grid_constant__ QueryGradMaps maps, Geometry g, RoutingPlanView plan,
+    linear_query_grads_wgmma_kernel(const __grid_constant__ QueryGradMaps maps, Geometry g,
                                     QueryGradKernelArgs<Element> a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Config = WgmmaQueryGrads<Element, kHeadDim, kBlockQ>;
   using Shared = typename Config::Shared;
   using QTile = typename Config::QTile;
   using StateTile = typename Config::StateTile;
-  // The producer walks the block map: 40 registers would spill.
-  using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm, 56>;
+  using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm>;
   constexpr int kTiles = kHeadDim / 8;  // accumulator tiles of a row
   constexpr int kConsumerThreads = Config::kConsumers * kWarpgroupThreads;
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
+  const int64_t items = g.q_blocks * g.heads * g.batch;
 
   if (threadIdx.x == 0) {
     s.w_full.init(1);
-    s.pipe.init(kConsumerThreads);
+    s.item.init(kConsumerThreads);
   }
   __syncthreads();
   if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
-    if (threadIdx.x >= kWarpSize) return;
-    if (threadIdx.x == 0 && a.project) {
+    if (threadIdx.x != 0) return;
+    if (a.project) {
       s.w_full.arrive_expect_bytes(sizeof(StateTile));
       load_row_tile(s.w, maps.set.w, 0, 0, 0, s.w_full);
     }
-    produce_items_of(
-        s.pipe, g, LinearSetBlocks{plan, a.scope},
-        [&](const QueryItem& at, BlockListing listing, SharedBarrier& full) {
-          s.complement = listing.complement;
-          full.arrive_expect_bytes(sizeof(QTile) * (a.project ? 2 : 1) +
-                                   (listing.complement ? sizeof(StateTile) : 0));
-          load_row_tile(s.phi, maps.set.phi_q, at.m * kBlockQ, at.h, at.b, full);
-          if (a.project) load_row_tile(s.dol, maps.dout, at.m * kBlockQ, at.h, at.b, full);
-          if (listing.complement) load_row_tile(s.h, maps.set.h, 0, at.h / g.group(), at.b, full);
-        },
-        [](const QueryItem&, int32_t) { return 0; },
-        [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
-          full.arrive_expect_bytes(sizeof(StateTile));
-          const int64_t block = (at.b * g.kv_heads + at.h / g.group()) * g.k_blocks + n;
-          load_row_tile(s.states[stage], maps.set.states, 0, block, 0, full);
-        },
-        NoValues{});
+    produce_whole_items(s.item, items, [&](int64_t item, SharedBarrier& full) {
+      const QueryItem at = QueryItem::of(item, g);
+      full.arrive_expect_bytes(sizeof(QTile) * (a.project ? 2 : 1) + sizeof(StateTile));
+      load_row_tile(s.phi, maps.set.phi_q, at.m * kBlockQ, at.h, at.b, full);
+      if (a.project) load_row_tile(s.dol, maps.dout, at.m * kBlockQ, at.h, at.b, full);
+      load_row_tile(s.h, maps.set.set_h, 0, (at.b * g.heads + at.h) * g.q_blocks + at.m, 0, full);
+    });
     return;
   }
 
@@ -137,9 +113,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
   const int quad = threadIdx.x % 4;
   // The thread's first row of the tiles (its second is 8 below), as in the accumulators.
   const int tile_row = consumer_thread / kWarpSize * kRowsPerWarp + threadIdx.x % kWarpSize / 4;
-  int32_t t0 = 0;  // the ring position of this item's first tile
   int32_t use = 0;
-  const int64_t items = g.q_blocks * g.heads * g.batch;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
     const QueryItem at = QueryItem::of(item, g);
     const int64_t pair = at.b * g.heads + at.h;
@@ -157,10 +131,8 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       z[j][0] = pair_z.x;
       z[j][1] = pair_z.y;
     }
-    s.pipe.q_full.wait(use & 1);
-    const int32_t total = s.pipe.item_tiles;
-    const bool complement = s.complement;
-    const bool empty = !complement && total == 0;  // U_m is empty: Ol = 0, and no gradient flows
+    const bool empty = a.set_size[pair * g.q_blocks + at.m] == 0;  // U_m is empty: Ol = 0, and no gradient flows
+    s.item.full.wait(use & 1);
     float inverse[2];  // 1 / den, 0 past the sequence and for an empty U_m
 #pragma unroll
     for (int r = 0; r < 2; ++r) inverse[r] = row0 + 8 * r < g.q_len && !empty ? 1.0f / den[r] : 0.0f;
@@ -191,12 +163,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     fence_shared_for_tensor_cores();
     named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
 
-    // The walk: H_m. Then P = dOl H_mᵀ and O = φ(Q_m) H_m (for dW), both times den.
-    StateSum<StateTile, kConsumerThreads> set_h;
-    if (complement) set_h.add(s.h, 1.0f, consumer_thread);
-    t0 = set_h.add_stages(s.pipe, s.states, t0, total, complement ? -1.0f : 1.0f, consumer_thread);
-    set_h.publish(s.h, 1 + Config::kConsumers, consumer_thread);  // H_m over H
-    // O is formed without a projection too: a product issued under a condition makes ptxas
+    // P = dOl H_mᵀ and O = φ(Q_m) H_m (for dW), both times den. O is formed without a projection too: a product issued under a condition makes ptxas
     // serialise all of them (C7515).
     float grad[kTiles][4] = {};
     float out[kTiles][4] = {};
@@ -290,7 +257,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
         *reinterpret_cast<float2*>(a.dz_query + (pair * g.q_blocks + at.m) * kHeadDim + feature) =
             make_float2(-sum.x, -sum.y);
     }
-    s.pipe.q_empty.arrive();  // every read of this item's tiles is complete
+    s.item.empty.arrive();  // every read of this item's tiles is complete
   }
 #endif
 }
@@ -321,9 +288,9 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
     prepare_linear_set_operands(g, plan, q, feature_map, scope, states, args.weight, operands, stream);
 
     const QueryGradKernelArgs<Element> kernel_args{feature_map,
-                                                   scope,
                                                    operands.denominator,
                                                    operands.set_z,
+                                                   operands.set_size,
                                                    args.weight != nullptr,
                                                    DeviceView<const Element>::of(args.dout_linear),
                                                    static_cast<Element*>(args.ol_low),
@@ -332,7 +299,7 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
                                                    static_cast<Element*>(args.dh_low),
                                                    args.dz_query};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
-    launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, plan, kernel_args);
+    launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, kernel_args);
     SLATTN_LAUNCH_CHECK("linear_query_grads_wgmma_kernel");
   });
   return refusal;

@@ -1,14 +1,15 @@
 // The Hopper linear kernels' operands (linear_set_operands.h): Z_m per query
 // block (and dz_n per key block) by listed_sums_kernel (a warp per line of the
-// block map, the kernels' own listing), φ(Q)
-// and the denominators by query_features_kernel in row slices (row_ops.cuh),
-// H and W rounded to the input dtype.
+// block map), φ(Q) and the denominators by query_features_kernel in row slices
+// (row_ops.cuh), H_m by the linear set's product (linear_set_states.h), W
+// rounded to the input dtype.
 #include "cuda/linear_set_operands.h"
 
 #include <algorithm>
 
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
+#include "cuda/linear_set_states.h"
 #include "cuda/row_ops.cuh"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
@@ -167,8 +168,11 @@ LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geomet
   o.block_h = carver.take<unsigned char>(element_count(g.kv_pairs() * g.k_blocks * g.features * g.dim));
   o.set_z = carver.take<float>(g.q_pairs() * g.q_blocks * g.features);
   o.denominator = carver.take<float>(g.q_pairs() * g.q_len);
-  o.total_h = carver.take<unsigned char>(element_count(g.kv_pairs() * g.features * g.dim));
+  o.indicator = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_blocks * indicator_stride(g)));
+  o.set_size = carver.take<int32_t>(g.q_pairs() * g.q_blocks);
+  o.set_h = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_blocks * g.features * g.dim));
   o.weight = carver.take<unsigned char>(element_count(g.dim * g.dim));
+  o.cublas_workspace = carver.take<unsigned char>(kCublasWorkspaceBytes);
   return o;
 }
 
@@ -189,7 +193,8 @@ void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan,
                                                   static_cast<Element*>(operands.phi_q), operands.denominator);
     SLATTN_LAUNCH_CHECK("query_features_kernel");
   });
-  round_to_dtype(states.total_h, operands.total_h, q.dtype, g.kv_pairs() * g.features * g.dim, stream);
+  linear_set_indicator(g, plan, scope, q.dtype, operands.indicator, operands.set_size, stream);
+  sum_set_states(g, q.dtype, operands.indicator, operands.block_h, operands.set_h, operands.cublas_workspace, stream);
   if (weight) round_to_dtype(weight, operands.weight, q.dtype, g.dim * g.dim, stream);
 }
 
@@ -199,10 +204,8 @@ LinearSetMaps linear_set_maps(const Geometry& g, DType dtype, const LinearSetOpe
   const bool packed =
       make_row_tile_map(dense_rows(operands.phi_q, dtype, g.batch, g.heads, g.q_len, d), static_cast<int>(g.block_q),
                         &maps.phi_q) &&
-      make_row_tile_map(dense_rows(operands.block_h, dtype, 1, g.kv_pairs() * g.k_blocks, d, d), static_cast<int>(d),
-                        &maps.states) &&
-      make_row_tile_map(dense_rows(operands.total_h, dtype, g.batch, g.kv_heads, d, d), static_cast<int>(d),
-                        &maps.h) &&
+      make_row_tile_map(dense_rows(operands.set_h, dtype, 1, g.q_pairs() * g.q_blocks, d, d), static_cast<int>(d),
+                        &maps.set_h) &&
       make_row_tile_map(dense_rows(operands.weight, dtype, 1, 1, d, d), static_cast<int>(d), &maps.w);
   SLATTN_CHECK(packed, "linear_set_maps: the tile copy engine refused a workspace buffer");
   return maps;

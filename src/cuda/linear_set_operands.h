@@ -1,9 +1,8 @@
 // What the Hopper kernels of the linear branch (linear_forward_wgmma.h,
-// linear_backward_wgmma.h) read besides the key-block states: φ(Q) rows and
-// their denominators with the total Z, H and W in the input dtype, and the
-// tensor maps the copy engine reads them (and h_n) through. Both kernels
-// walk, per query block, the key blocks of U_m or those outside it
-// (LinearSetBlocks, key_tile_pipeline.cuh).
+// linear_backward_wgmma.h) read: φ(Q) rows and their denominators φ(q)·Z_m + ε,
+// every query block's H_m (a product of the linear set's indicator with the
+// key-block states h_n, linear_set_states.h) and W in the input dtype, and
+// the tensor maps the copy engine reads them through.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,14 +27,18 @@ struct LinearSetOperands {
   void* block_h = nullptr;       // (kv pairs * Nk, D, D): h_n, written by key_block_states
   float* set_z = nullptr;        // (q pairs * Mq, F) fp32: Z_m
   float* denominator = nullptr;  // (q pairs, Lq) fp32: φ(q)·Z_m + ε
-  void* total_h = nullptr;       // (kv pairs, D, D): H
+  void* indicator = nullptr;     // (q pairs, Mq, indicator_stride): 1 where n is in U_m
+  int32_t* set_size = nullptr;   // (q pairs * Mq): |U_m|
+  void* set_h = nullptr;         // (q pairs * Mq, D, D): H_m
   void* weight = nullptr;        // (D, D): the projection's W as (out, in)
+  void* cublas_workspace = nullptr;
 
   static LinearSetOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
 };
 
-// Fills set_z, phi_q, denominator and total_h from q and `states` (after
-// key_block_states), and weight from the fp32 W (out, in) when not null.
+// Fills set_z, phi_q, denominator, indicator, set_size and set_h from q,
+// `states` and block_h (after key_block_states), and weight from the fp32 W
+// (out, in) when not null.
 void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                  FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                  const float* weight, const LinearSetOperands& operands, cudaStream_t stream);
@@ -56,9 +59,9 @@ void widen_to_float(const void* source, DType dtype, float* target, int64_t coun
 TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim);
 
 struct LinearSetMaps {
-  RowTileMap phi_q;   // boxes of block_q rows
-  RowTileMap states;  // h_n as (1, kv pairs * Nk, F, D): boxes of whole states
-  RowTileMap h, w;    // H per kv pair, W
+  RowTileMap phi_q;  // boxes of block_q rows
+  RowTileMap set_h;  // H_m as (1, q pairs * Mq, F, D): boxes of whole states
+  RowTileMap w;
 };
 
 // The maps of `operands` (dtype: q's).

@@ -1,9 +1,8 @@
 // The warpgroup products of the Hopper linear kernels (linear_forward_wgmma.cu,
 // linear_backward_wgmma.cu): the warpgroup's 64 rows of a row tile (φ(Q),
-// dO or dOl, read K-major) times a D x D state tile (h_n, H or W) read as
+// dO or dOl, read K-major) times a D x D state tile (H_m, dh_n or W) read as
 // stored, rows along K (MN-major, as V is in P V), or transposed (K-major);
-// and a tile's columns times another's. Issued, not committed. StateSum: the elementwise sum of state tiles, for a
-// walk that adds its tiles first and multiplies once.
+// and a tile's columns times another's. Issued, not committed.
 #pragma once
 
 #include <type_traits>
@@ -51,69 +50,5 @@ __device__ __forceinline__ void issue_columns_times(float (&acc)[kTiles][4], con
     wgmma_ss<Element, kTiles * 8, 1, 1>(acc, left_desc + ((chunk * LeftTile::kChunkBytes) >> 4) + mn_major_offset(step),
                                         right_desc + mn_major_offset(step), true);
 }
-
-// A sum of state tiles (StateTile, 16-bit elements) in fp32, spread over
-// kThreads threads: `thread` holds the 16-byte units thread + i kThreads of
-// the tile (consecutive threads, consecutive units: conflict-free reads of
-// the swizzled rows).
-template <typename StateTile, int kThreads>
-struct StateSum {
-  using Element = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<StateTile&>().data[0])>>;
-  static constexpr int kUnitsPerRow = StateTile::kChunks * StateTile::kChunkCols / StateTile::kUnitElements;
-  static constexpr int kUnits = StateTile::kUnits / kThreads;
-  static_assert(kUnits * kThreads == StateTile::kUnits, "whole units per thread");
-  float v[kUnits][8] = {};
-
-  // += sign · tile.
-  __device__ __forceinline__ void add(const StateTile& tile, float sign, int thread) {
-#pragma unroll
-    for (int i = 0; i < kUnits; ++i) {
-      const int unit = thread + i * kThreads;
-      const uint4 bits = *reinterpret_cast<const uint4*>(tile.unit(unit / kUnitsPerRow, unit % kUnitsPerRow));
-      const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float2 pair = unpack2<Element>(words[w]);
-        v[i][2 * w] += sign * pair.x;
-        v[i][2 * w + 1] += sign * pair.y;
-      }
-    }
-  }
-
-  // += sign · the tiles of ring positions [t, t + count) of a KeyTilePipeline's stages (on their "keys"
-  // barriers alone: the producer copies with NoValues), each handed back once read; returns t + count.
-  template <typename Pipe>
-  __device__ __forceinline__ int32_t add_stages(Pipe& pipe, const StateTile* stages, int32_t t, int32_t count,
-                                                float sign, int thread) {
-    for (const int32_t end = t + count; t < end; ++t) {
-      pipe.wait_keys(t);
-      add(stages[pipe.stage(t)], sign, thread);
-      pipe.release_keys(t);
-    }
-    return t;
-  }
-
-  // The sum rounded into `tile`, the B of the consumers' products: written once all kThreads of them
-  // (named barrier `barrier`) are done reading it and with their earlier products, visible to the tensor
-  // cores of every consumer on return.
-  __device__ __forceinline__ void publish(StateTile& tile, int barrier, int thread) const {
-    named_barrier_sync(barrier, kThreads);
-    store(tile, thread);
-    fence_shared_for_tensor_cores();
-    named_barrier_sync(barrier, kThreads);
-  }
-
- private:
-  // The sum rounded to Element into `tile`, at the places add() reads.
-  __device__ __forceinline__ void store(StateTile& tile, int thread) const {
-#pragma unroll
-    for (int i = 0; i < kUnits; ++i) {
-      const int unit = thread + i * kThreads;
-      *reinterpret_cast<uint4*>(tile.unit(unit / kUnitsPerRow, unit % kUnitsPerRow)) =
-          make_uint4(pack2<Element>(v[i][0], v[i][1]), pack2<Element>(v[i][2], v[i][3]),
-                     pack2<Element>(v[i][4], v[i][5]), pack2<Element>(v[i][6], v[i][7]));
-    }
-  }
-};
 
 }  // namespace slattn::cuda

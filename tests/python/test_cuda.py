@@ -155,11 +155,18 @@ def test_edge_shapes(rng, shape):
     check_against_composite(q, k, v, w, b, topk=0.5)
 
 
-def test_gqa_group_past_the_hopper_key_kernel(rng):
-    """33 query heads per kv head: on Hopper the key-side linear kernel refuses (it takes 32), and the sm_80 one
-    reads the query kernel's dH_m widened from the input dtype."""
+def test_wide_gqa_group(rng):
+    """33 query heads per kv head: the key side sums dH_m over the group's heads as well as its query blocks."""
     q, k, v, w, b = layer(rng, heads=33, kv_heads=1, q_len=130, k_len=140)
     check_against_composite(q, k, v, w, b, topk=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_empty_linear_sets(rng, dtype):
+    """Every key block critical or negligible: U_m is empty for every query block, so Ol is 0 and no gradient
+    flows through the linear branch (its φ / den would be φ / ε, past fp16's range, were it formed)."""
+    q, k, v, w, b = layer(rng, q_len=300, k_len=300, dtype=dtype)
+    check_against_composite(q, k, v, w, b, topk=0.4, negligible=0.6)
 
 
 def test_no_projection_and_sparse_only(rng):
