@@ -13,6 +13,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
+#include "cuda/linear_set_states.h"
 #include "cuda/linear_kernels.h"
 #include "cuda/linear_set_products.cuh"
 #include "cuda/sparse_kernels.h"
@@ -63,7 +64,8 @@ template <typename Element>
 struct KeyStateArgs {
   FeatureMap feature_map;
   float* z;          // (kv pairs * Nk, F)
-  Element* block_h;  // (kv pairs * Nk, F, D)
+  Element* block_h;  // (kv pairs, pair_tiles, F, D)
+  int64_t pair_tiles;  // ≥ Nk
   Element* phi_k;    // (kv pairs, Lk, F), or null
 };
 
@@ -185,7 +187,8 @@ __global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK>::kT
       for (int j = 0; j < kTiles; ++j) s.h.accumulator_pair(tile_row + 8 * r, j) = pack2<Element>(h[j][2 * r], h[j][2 * r + 1]);
     named_barrier_sync(1, Config::kConsumerThreads);
     constexpr int kUnitsPerRow = kHeadDim / 8;
-    Element* block_h = a.block_h + item * kHeadDim * kHeadDim;  // dense (F, D): unit u at 8u
+    const int64_t tile = item / g.k_blocks * a.pair_tiles + item % g.k_blocks;
+    Element* block_h = a.block_h + tile * kHeadDim * kHeadDim;  // dense (F, D): unit u at 8u
     for (int u = thread; u < StateTile::kUnits; u += Config::kConsumerThreads)
       *reinterpret_cast<uint4*>(block_h + 8 * u) =
           *reinterpret_cast<const uint4*>(s.h.unit(u / kUnitsPerRow, u % kUnitsPerRow));
@@ -214,7 +217,7 @@ const char* key_block_states_wgmma(const Geometry& g, const TensorView& k, const
       refusal = "k's or v's rows do not suit the tile copy engine";
       return;
     }
-    const KeyStateArgs<Element> args{feature_map, states.z, static_cast<Element*>(low_states),
+    const KeyStateArgs<Element> args{feature_map, states.z, static_cast<Element*>(low_states), key_blocks_padded(g),
                                      static_cast<Element*>(phi_k)};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, args);

@@ -280,9 +280,8 @@ bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
                            const float* dk_rows, const float* dv_rows, const TensorView& dq, const TensorView& dk,
                            const TensorView& dv, cudaStream_t stream) {
   const bool hopper = buf.linear_set.block_h != nullptr;
-  // Each Hopper kernel that refuses (key_states_wgmma.h, linear_backward_wgmma.h) leaves its work to the
-  // sm_80 ones; the query kernel reads the states in the input dtype, the key kernel what the query kernel
-  // wrote (dH_m in the input dtype on Hopper, in fp32 on the sm_80 path).
+  // A Hopper kernel that refuses (key_states_wgmma.h, linear_backward_wgmma.h) leaves the rest of the
+  // linear backward to the sm_80 kernels, on the fp32 states.
   const char* refusal = "not on Hopper";
   if (hopper) {
     refusal = key_block_states_wgmma(g, k, v, feature_map, buf.keys, buf.linear_set.block_h, buf.key_set.phi_k,
@@ -304,13 +303,12 @@ bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
   }
   column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);
 
-  if (refusal == nullptr) {
+  if (dh_low) {
+    // It copies v as the key-block states did and needs less shared memory than the query kernel: it runs.
     refusal = linear_key_grads_wgmma(g, plan, v, feature_map, scope, buf.linear_set, buf.key_set,
                                      LinearKeyGradArgs{buf.dz_query, buf.dz_total, dk_rows, dv_rows, dk, dv}, stream);
-    refuse_if_forced(refusal);
-  }
-  if (refusal != nullptr) {  // the sm_80 key kernel, on the fp32 dH_m and their totals
-    if (dh_low) widen_to_float(buf.key_set.dh_low, q.dtype, buf.dh_query, g.q_pairs() * g.q_blocks * state, stream);
+    SLATTN_CHECK(refusal == nullptr, "the Hopper key kernel refused after the query kernel ran: ", refusal);
+  } else {  // the sm_80 key kernel, on the fp32 dH_m and their totals
     column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
     linear_key_grads(g, plan, k, v, feature_map, scope, buf, dk_rows, dv_rows, dk, dv, stream);
   }

@@ -36,7 +36,7 @@ struct LinearQueryGradArgs {
   void* ol_low;            // (q pairs, q_rows, D): Ol in the input dtype for dW, with a projection (else null)
   const float* dq_rows;    // (q pairs, q_rows, D): the sparse branch's dQ
   TensorView dq;           // dq = dq_rows + the linear branch's, in the output dtype
-  void* dh_low;            // (q pairs * Mq, F, D): dH_m, in the input dtype only
+  void* dh_low;            // dH_m in the input dtype, padded as linear_set_states.h says
   float* dz_query;         // (q pairs * Mq, F): dZ_m
 };
 
@@ -53,8 +53,8 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
 // Workspace of linear_key_grads_wgmma, in the input dtype where not said.
 struct LinearKeyGradOperands {
   void* phi_k = nullptr;   // (kv pairs, Lk, F): φ(K), written by key_block_states
-  void* dh_low = nullptr;  // (q pairs * Mq, F, D): dH_m (the query kernel's)
-  void* dh_key = nullptr;  // (kv pairs * Nk, F, D): dh_n; not carved here (LinearGradBuffers reuses h_n's room)
+  void* dh_low = nullptr;  // dH_m (the query kernel's), padded as linear_set_states.h says
+  void* dh_key = nullptr;  // dh_n, padded as h_n; not carved here (LinearGradBuffers reuses h_n's room)
   float* dz_key = nullptr;  // (kv pairs * Nk, F) fp32: dz_n
 
   static LinearKeyGradOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);

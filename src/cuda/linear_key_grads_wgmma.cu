@@ -43,13 +43,14 @@ struct WgmmaKeyGrads {
 struct KeyGradMaps {
   RowTileMap v;       // boxes of block_k rows
   RowTileMap phi_k;   // likewise
-  RowTileMap dh;      // dh_n as (1, kv pairs * Nk, F, D): boxes of whole states
+  RowTileMap dh;      // dh_n as (1, kv pairs * key_blocks_padded, F, D): boxes of whole states
 };
 
 template <typename Element>
 struct KeyGradKernelArgs {
   FeatureMap feature_map;
-  const float* dz_key;  // dz_n per key block
+  int64_t dh_pair_tiles;  // dh_n tiles per kv pair
+  const float* dz_key;    // dz_n per key block
   const float* dk_rows;
   const float* dv_rows;
   DeviceView<Element> dk, dv;
@@ -81,7 +82,7 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
       full.arrive_expect_bytes(2 * sizeof(KTile) + sizeof(StateTile));
       load_row_tile(s.v, maps.v, n * kBlockK, kv, b, full);
       load_row_tile(s.phi, maps.phi_k, n * kBlockK, kv, b, full);
-      load_row_tile(s.dh, maps.dh, 0, item, 0, full);
+      load_row_tile(s.dh, maps.dh, 0, kv_pair * a.dh_pair_tiles + n, 0, full);
     });
     return;
   }
@@ -99,6 +100,8 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
     s.item.full.wait(use & 1);
     float dk[kTiles][4] = {};  // V dh_nᵀ
     float dv[kTiles][4] = {};  // φ(K) dh_n
+    fence_accumulators(dk);  // zeroed before the products read them: else ptxas serialises the products
+    fence_accumulators(dv);
     wgmma_fence();
     issue_rows_times<1, StateRead::transposed>(dk, s.v, s.dh, warpgroup_row0);
     issue_rows_times<1, StateRead::as_stored>(dv, s.phi, s.dh, warpgroup_row0);
@@ -147,7 +150,7 @@ LinearKeyGradOperands LinearKeyGradOperands::carve(WorkspaceCarver& carver, cons
   const auto elements = [&](int64_t count) { return count * static_cast<int64_t>(dtype_size(dtype)); };
   LinearKeyGradOperands o;
   o.phi_k = carver.take<unsigned char>(elements(g.kv_pairs() * g.k_len * g.features));
-  o.dh_low = carver.take<unsigned char>(elements(g.q_pairs() * g.q_blocks * g.features * g.dim));
+  o.dh_low = carver.take<unsigned char>(elements(g.kv_pairs() * set_rows_padded(g) * g.features * g.dim));
   o.dz_key = carver.take<float>(g.kv_pairs() * g.k_blocks * g.features);
   return o;
 }
@@ -174,13 +177,19 @@ const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& pla
     }
     const bool packed =
         make_row_tile_map(dense_rows(operands.phi_k, v.dtype, g.batch, g.kv_heads, g.k_len, D), BK, &maps.phi_k) &&
-        make_row_tile_map(dense_rows(operands.dh_key, v.dtype, 1, g.kv_pairs() * g.k_blocks, D, D), D, &maps.dh);
+        make_row_tile_map(dense_rows(operands.dh_key, v.dtype, 1, g.kv_pairs() * key_blocks_padded(g), D, D), D,
+                          &maps.dh);
     SLATTN_CHECK(packed, "linear_key_grads_wgmma: the tile copy engine refused a workspace buffer");
 
     sum_key_set_grads(g, v.dtype, set.indicator, operands.dh_low, operands.dh_key, set.cublas_workspace, stream);
     key_block_dz(g, plan, scope, args.dz_query, args.dz_total, operands.dz_key, stream);
-    const KeyGradKernelArgs<Element> kernel_args{feature_map, operands.dz_key, args.dk_rows, args.dv_rows,
-                                                 DeviceView<Element>::of(args.dk), DeviceView<Element>::of(args.dv)};
+    const KeyGradKernelArgs<Element> kernel_args{feature_map,
+                                                 key_blocks_padded(g),
+                                                 operands.dz_key,
+                                                 args.dk_rows,
+                                                 args.dv_rows,
+                                                 DeviceView<Element>::of(args.dk),
+                                                 DeviceView<Element>::of(args.dv)};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, kernel_args);
     SLATTN_LAUNCH_CHECK("linear_key_grads_wgmma_kernel");

@@ -16,6 +16,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
+#include "cuda/linear_set_states.h"
 #include "cuda/linear_set_products.cuh"
 #include "cuda/linear_tiles.cuh"
 #include "cuda/sla_cuda.h"
@@ -63,7 +64,8 @@ struct QueryGradKernelArgs {
   Element* ol_low;  // Ol rows in the input dtype, for dW
   const float* dq_rows;
   DeviceView<Element> dq;
-  Element* dh_low;  // dH_m in the input dtype
+  Element* dh_low;  // dH_m in the input dtype, (kv pairs, dh_pair_tiles, F, D)
+  int64_t dh_pair_tiles;
   float* dz_query;
 };
 
@@ -141,6 +143,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       float dol[kTiles][4] = {};
       if (a.project) {
         s.w_full.wait(0);
+        fence_accumulators(dol);  // zeroed before the product reads them: else ptxas serialises the products
         wgmma_fence();
         issue_rows_times<1, StateRead::as_stored>(dol, s.dol, s.w, warpgroup_row0);
         wgmma_commit();
@@ -167,6 +170,8 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     // serialise all of them (C7515).
     float grad[kTiles][4] = {};
     float out[kTiles][4] = {};
+    fence_accumulators(grad);
+    fence_accumulators(out);
     wgmma_fence();
     issue_rows_times<1, StateRead::transposed>(grad, s.dol, s.h, warpgroup_row0);
     issue_rows_times<1, StateRead::as_stored>(out, s.phi, s.h, warpgroup_row0);
@@ -223,13 +228,15 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     // dH_m = (φ(Q_m) / den)ᵀ dOl, 64 features per product: A (f, i) and B (i, d) both read from rows along K.
     for (int block = warpgroup; block < kHeadDim / kWarpgroupRows; block += Config::kConsumers) {
       float dh[kTiles][4] = {};
+      fence_accumulators(dh);
       wgmma_fence();
       issue_columns_times(dh, s.phi, block, s.dol);
       wgmma_commit();
       wgmma_wait<0>();
       fence_accumulators(dh);
       const int feature = block * kWarpgroupRows + tile_row % kWarpgroupRows;
-      const int64_t at_feature = ((pair * g.q_blocks + at.m) * kHeadDim + feature) * kHeadDim + 2 * quad;
+      const int64_t tile = pair / g.group() * a.dh_pair_tiles + pair % g.group() * g.q_blocks + at.m;
+      const int64_t at_feature = (tile * kHeadDim + feature) * kHeadDim + 2 * quad;
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -297,6 +304,7 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
                                                    args.dq_rows,
                                                    DeviceView<Element>::of(args.dq),
                                                    static_cast<Element*>(args.dh_low),
+                                                   set_rows_padded(g),
                                                    args.dz_query};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, kernel_args);

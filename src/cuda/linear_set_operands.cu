@@ -146,12 +146,6 @@ void round_to_dtype(const float* source, void* target, DType dtype, int64_t coun
   });
 }
 
-void widen_to_float(const void* source, DType dtype, float* target, int64_t count, cudaStream_t stream) {
-  dispatch_element(dtype, [&](auto tag) {
-    convert_elements(static_cast<const decltype(tag)*>(source), target, count, stream);
-  });
-}
-
 TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim) {
   TensorView view;
   view.data = data;
@@ -165,10 +159,10 @@ LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geomet
   LinearSetOperands o;
   const auto element_count = [&](int64_t count) { return count * static_cast<int64_t>(dtype_size(dtype)); };
   o.phi_q = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_len * g.dim));
-  o.block_h = carver.take<unsigned char>(element_count(g.kv_pairs() * g.k_blocks * g.features * g.dim));
+  o.block_h = carver.take<unsigned char>(element_count(g.kv_pairs() * key_blocks_padded(g) * g.features * g.dim));
   o.set_z = carver.take<float>(g.q_pairs() * g.q_blocks * g.features);
   o.denominator = carver.take<float>(g.q_pairs() * g.q_len);
-  o.indicator = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_blocks * indicator_stride(g)));
+  o.indicator = carver.take<unsigned char>(element_count(g.kv_pairs() * set_rows_padded(g) * key_blocks_padded(g)));
   o.set_size = carver.take<int32_t>(g.q_pairs() * g.q_blocks);
   o.set_h = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_blocks * g.features * g.dim));
   o.weight = carver.take<unsigned char>(element_count(g.dim * g.dim));

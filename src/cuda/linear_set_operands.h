@@ -24,10 +24,10 @@ bool use_hopper_linear(FeatureMap feature_map);
 // Workspace of the Hopper linear kernels, in the input dtype where not said.
 struct LinearSetOperands {
   void* phi_q = nullptr;         // (q pairs, Lq, D): φ(Q)
-  void* block_h = nullptr;       // (kv pairs * Nk, D, D): h_n, written by key_block_states
+  void* block_h = nullptr;       // h_n, written by key_block_states, padded as linear_set_states.h says
   float* set_z = nullptr;        // (q pairs * Mq, F) fp32: Z_m
   float* denominator = nullptr;  // (q pairs, Lq) fp32: φ(q)·Z_m + ε
-  void* indicator = nullptr;     // (q pairs, Mq, indicator_stride): 1 where n is in U_m
+  void* indicator = nullptr;     // 1 where n is in U_m, padded as linear_set_states.h says
   int32_t* set_size = nullptr;   // (q pairs * Mq): |U_m|
   void* set_h = nullptr;         // (q pairs * Mq, D, D): H_m
   void* weight = nullptr;        // (D, D): the projection's W as (out, in)
@@ -52,8 +52,6 @@ void key_block_dz(const Geometry& g, const RoutingPlanView& plan, LinearScope sc
 // target[i] = source[i] rounded to `dtype` (bf16 or fp16).
 void round_to_dtype(const float* source, void* target, DType dtype, int64_t count, cudaStream_t stream);
 
-// target[i] = source[i] (bf16 or fp16 elements) in fp32.
-void widen_to_float(const void* source, DType dtype, float* target, int64_t count, cudaStream_t stream);
 
 // A (batch, heads, length, dim) tensor stored densely in that order.
 TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim);

@@ -28,21 +28,28 @@ namespace slattn::cuda {
 // works).
 inline constexpr size_t kCublasWorkspaceBytes = size_t{4} << 20;
 
-// The indicator's row stride: Nk rounded up to whole 16-byte units (zeros after Nk). cuBLAS's fast
-// kernels need such leading dimensions; at Nk = 591 (the Wan2.1-14B shape) it fell back to kernels 5x slower.
-inline int64_t indicator_stride(const Geometry& g) { return (g.k_blocks + 7) / 8 * 8; }
+// cuBLAS runs these products on its fast (TMA) kernels only when the indicator's dimensions are multiples
+// of 8: at Nk = 591 (the Wan2.1-14B shape) it fell back to kernels 5x slower. So the operands are laid out
+// per (batch, kv head) with those dimensions padded to a multiple of 8, the padding zero:
+//   the indicator as (kv pairs, set_rows_padded, key_blocks_padded): row member * Mq + m of a pair is
+//   query block m of the group's query head `member`;
+//   h_n and dh_n as (kv pairs, key_blocks_padded, F, D), dH_m as (kv pairs, set_rows_padded, F, D).
+// H_m comes out dense: (q pairs * Mq, F, D).
+inline int64_t padded_to_8(int64_t count) { return (count + 7) / 8 * 8; }
+inline int64_t key_blocks_padded(const Geometry& g) { return padded_to_8(g.k_blocks); }
+inline int64_t set_rows_padded(const Geometry& g) { return padded_to_8(g.group() * g.q_blocks); }
 
-// indicator (q pairs, Mq, indicator_stride) in `dtype`: 1 where key block n is in U_m, else 0; set_size
+// The indicator in `dtype` (1 where key block n is in U_m, else 0; zero padding), and set_size
 // (q pairs * Mq): |U_m|.
 void linear_set_indicator(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, DType dtype,
                           void* indicator, int32_t* set_size, cudaStream_t stream);
 
-// set_h (q pairs * Mq, F, D) = H_m from block_h (kv pairs * Nk, F, D), both in `dtype`.
-void sum_set_states(const Geometry& g, DType dtype, const void* indicator, const void* block_h, void* set_h,
+// set_h = H_m from block_h = h_n, both in `dtype`; zeroes block_h's padding first.
+void sum_set_states(const Geometry& g, DType dtype, const void* indicator, void* block_h, void* set_h,
                     void* cublas_workspace, cudaStream_t stream);
 
-// dh_key (kv pairs * Nk, F, D) = dh_n from dh_query (q pairs * Mq, F, D) = dH_m, both in `dtype`.
-void sum_key_set_grads(const Geometry& g, DType dtype, const void* indicator, const void* dh_query, void* dh_key,
+// dh_key = dh_n from dh_query = dH_m, both in `dtype`; zeroes dh_query's padding first.
+void sum_key_set_grads(const Geometry& g, DType dtype, const void* indicator, void* dh_query, void* dh_key,
                        void* cublas_workspace, cudaStream_t stream);
 
 }  // namespace slattn::cuda
