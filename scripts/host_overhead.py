@@ -4,6 +4,8 @@ back to back is the host's (Python, dispatch, launches). Prints that for
 routing, the forward and forward+backward, then where a forward+backward step
 spends it (the PyTorch profiler's host events, CUDA runtime calls among them;
 cProfile by own time, where the core's calls count in their Python callers).
+At a large shape it shows what keeps the GPU waiting between kernels (a
+synchronising allocation, say).
 Usage: python scripts/host_overhead.py [B,H,L,D] [block size] [rows of the profile]"""
 
 import cProfile
@@ -16,10 +18,15 @@ import torch
 import slattn
 
 
-def per_call_us(fn, calls: int = 200) -> float:
-    for _ in range(10):
+def per_call_us(fn) -> float:
+    """Back to back for about a second (at least 5 calls), after warm-up calls."""
+    for _ in range(3):
         fn()
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    calls = max(5, min(200, int(1.0 / (time.perf_counter() - start))))
     start = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -51,19 +58,23 @@ def main() -> None:
     for name, fn in (("routing", route), ("forward", forward), ("fwd+bwd", step)):
         print(f"{name:>8}: {per_call_us(fn):7.1f} us")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
-        for _ in range(20):
+        for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print("forward+backward, 20 calls, host events by own time (CUDA runtime calls included):")
+    print("forward+backward, 5 calls, host events by own time (CUDA runtime calls included):")
     print(trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(100):
+    for _ in range(20):
         step()
     torch.cuda.synchronize()
     profiler.disable()
-    print("forward+backward, 100 calls, by own time:")
+    print("forward+backward, 20 calls, by own time:")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
+    stats = torch.cuda.memory_stats()
+    print(f"caching allocator: peak {stats['allocated_bytes.all.peak'] / 2**30:.1f} GiB allocated, "
+          f"{stats['num_device_alloc']} device allocations, {stats['num_device_free']} frees, "
+          f"{stats['num_alloc_retries']} retries (a retry frees cached blocks and synchronises)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Small ragged SLA cases for compute-sanitizer (memcheck, racecheck): forward
 and backward of every CUDA kernel, with and without the linear branch, on
 every sparse mainloop the GPU has (wgmma and mma.sync on Hopper), and the
-low-bit forward (quantized=True) on Hopper."""
+low-bit forward (quantized=True) on Hopper.
+--without-cublas: no linear branch where it would run on Hopper (its sums are
+cuBLAS products): racecheck cannot run cuBLAS's Hopper kernels (a hardware
+exception inside the tool, torch.bmm alone included)."""
 
 import os
+import sys
 
 import torch
 
@@ -12,16 +16,18 @@ import slattn
 
 def main() -> None:
     hopper = torch.cuda.get_device_capability()[0] == 9
+    hopper_linear = "--without-cublas" not in sys.argv[1:]
     for mainloop in ("wgmma", "mma") if hopper else ("mma",):
         os.environ["SLATTN_CUDA_MAINLOOP"] = mainloop
-        run_cases(quantized=False)
+        run_cases(quantized=False, linear_branch=hopper_linear or mainloop == "mma")
     if hopper:
-        run_cases(quantized=True)
+        run_cases(quantized=True, linear_branch=hopper_linear)
     torch.cuda.synchronize()
     print("sanitize cases ran")
 
 
-def run_cases(quantized: bool) -> None:
+def run_cases(quantized: bool, linear_branch: bool) -> None:
+    """linear_branch: cases with a projection (the linear branch runs) as well as without."""
     gen = torch.Generator().manual_seed(0)
     # The last two have more query blocks than an H100 runs thread blocks at once: the Hopper forward
     # walks several per thread block.
@@ -33,7 +39,7 @@ def run_cases(quantized: bool) -> None:
         v = torch.randn(1, kv_heads, k_len, dim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
         w = torch.randn(dim, dim, generator=gen).cuda().requires_grad_()
         b = torch.randn(dim, generator=gen).cuda().requires_grad_()
-        for projection in ((w, b), (None, None)):
+        for projection in ((w, b), (None, None)) if linear_branch else ((None, None),):
             out = slattn.sparse_linear_attention(q, k, v, *projection, topk=0.3, negligible=0.2, block_q=block_q,
                                                  block_k=block_k, quantized=quantized)
             out.float().square().sum().backward()
