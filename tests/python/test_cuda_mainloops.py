@@ -91,11 +91,10 @@ def test_more_query_blocks_than_thread_blocks(rng, mainloop, blocks, quantized):
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
 @pytest.mark.parametrize("linear_scope", ["marginal", "all"])
 @pytest.mark.parametrize("topk, negligible", [(0.1, 0.0), (0.1, 0.3), (0.8, 0.0)])
-def test_linear_branch_sums_or_subtracts(rng, mainloop, feature_map, linear_scope, topk, negligible):
-    """The Hopper linear forward sums the products of the key blocks of U_m, or subtracts those of
-    the others from the totals' when they are fewer: 11 key blocks, of which 1 critical (subtracted
-    under the marginal scope, none under all), 8 (3 summed; all 11 from the totals under all), or 1
-    critical and 3 negligible (4 or 3 subtracted)."""
+def test_linear_sets_of_every_size(rng, mainloop, feature_map, linear_scope, topk, negligible):
+    """U_m of 11 key blocks under both scopes: 1 critical (10 or 11 in U_m), 8 critical (3 or 11), or
+    1 critical and 3 negligible (7 or 8); on Hopper the indicator's product sums them (padded to 16
+    key blocks), on the sm_80 kernels the shorter list is summed or subtracted from the totals."""
     q, k, v, w, b = layer(rng, heads=2, q_len=700, k_len=1300, dim=128)
     check_against_composite(q, k, v, w, b, topk=topk, negligible=negligible, block_q=128, block_k=128,
                             feature_map=feature_map, linear_scope=linear_scope)
