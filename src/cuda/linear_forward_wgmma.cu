@@ -3,7 +3,7 @@
 // block's H_m (one product of the linear set's indicator with the key-block
 // states, linear_set_states.h) and W in the input dtype
 // (linear_set_operands.h), then one warp-specialised, persistent kernel. Its
-// producer warp copies per query block φ(Q_m) and H_m with the tile copy
+// producer thread copies per query block φ(Q_m) and H_m with the tile copy
 // engine; each consumer warpgroup (64 query rows) issues O = φ(Q) H_m. The
 // epilogue writes Ol = O / den and adds Ol Wᵀ + b (a register-A product with
 // W) to the output: Os, read in 16-byte units before the wait for the

@@ -2,7 +2,7 @@
 // dh_n, summed over the query blocks whose U_m holds n and over the GQA
 // group's query heads, is one product of the linear set's indicator with the
 // query kernel's dH_m (linear_set_states.h); then one warp-specialised,
-// persistent kernel over the key blocks. Its producer warp copies per key
+// persistent kernel over the key blocks. Its producer thread copies per key
 // block V_n, φ(K_n) and dh_n; each consumer warpgroup (64 keys) issues
 // dK = V dh_nᵀ and dV = φ(K) dh_n. dKφ + dz_n goes through φ, and dk, dv get
 // the sparse branch's rows added. Built for sm_90a only.

@@ -1,6 +1,6 @@
 // The query side of the linear backward on Hopper (linear_backward_wgmma.h):
 // one warp-specialised, persistent kernel over the query blocks. Its producer
-// warp copies per query block φ(Q_m), dO_m (with a projection) and H_m (the
+// thread copies per query block φ(Q_m), dO_m (with a projection) and H_m (the
 // linear set's product, linear_set_states.h). One consumer warpgroup per 64
 // query rows reads its rows' den and its columns of Z_m
 // (linear_set_operands.h), forms dOl = dO W (+ the returned Ol's gradient)
