@@ -11,27 +11,19 @@ Usage: python scripts/host_overhead.py [B,H,L,D] [block size] [rows of the profi
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
 
 import slattn
+from profile_sla import wall_ms  # this script's folder is on the path when it runs
 
 
 def per_call_us(fn) -> float:
     """Back to back for about a second (at least 5 calls), after warm-up calls."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    calls = max(5, min(200, int(1.0 / (time.perf_counter() - start))))
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / calls
+    calls = max(5, min(200, int(1e3 / wall_ms(fn, 1))))
+    return 1e3 * wall_ms(fn, calls)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@
 
 #include "cuda/common.cuh"
 #include "cuda/geometry.h"
-#include "cuda/subset_list.cuh"
 #include "slattn/plan.h"
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
@@ -157,157 +156,46 @@ __device__ __forceinline__ void walk_row_list(const int32_t* list, int32_t count
   }
 }
 
-// The key blocks each item walks, seen by one producer warp: list(row) (on
-// every lane) says how many and how they are used, walk(row, listing,
-// lane_value, on_block) visits them in ascending order as walk_row_list
-// does. `row` is the item's row of the plan. CriticalBlocks: the row list.
-// LinearSetLine (listed_sums): the linear set U_m of SPEC section 3 read
-// from a row of the block map 256 entries a pass, or the blocks outside it
-// when they are fewer (a sum of them is then subtracted from the total; the
-// same rule as subset_list.cuh's); along a column of the map, the query
-// blocks m whose U_m holds key block n, `line` then being the plan column
-// (q pair * Nk + n).
-struct BlockListing {
-  int32_t count;
-  bool complement;  // the blocks outside the set
-};
-
-struct CriticalBlocks {
-  RoutingPlanView plan;
-
-  __device__ __forceinline__ BlockListing list(int64_t row) const { return {plan.row_count[row], false}; }
-  template <typename LaneValue, typename OnBlock>
-  __device__ __forceinline__ void walk(int64_t row, BlockListing listing, LaneValue&& lane_value,
-                                       OnBlock&& on_block) const {
-    walk_row_list(plan.row_index + row * plan.shape.k_blocks(), listing.count, lane_value, on_block);
-  }
-};
-
-enum class MapLine { row, column };
-
-template <MapLine kLine>
-struct LinearSetLine {
-  // Map entries each lane reads at once (independent loads) per pass of the warp.
-  static constexpr int kReads = 8;
-  RoutingPlanView plan;
-  LinearScope scope;
-
-  __device__ __forceinline__ BlockListing list(int64_t row) const {
-    const int64_t count = length();
-    int32_t included = 0;
-    for (int64_t base = 0; base < count; base += kReads * kWarpSize) {
-      bool in_set[kReads];
-      read(row, base, in_set);
-#pragma unroll
-      for (int u = 0; u < kReads; ++u) included += __popc(__ballot_sync(0xffffffffu, in_set[u]));
-    }
-    const auto excluded = static_cast<int32_t>(count - included);
-    return excluded < included ? BlockListing{excluded, true} : BlockListing{included, false};
-  }
-  // on_block(n) on every lane, for each listed key block n in ascending order.
-  template <typename OnBlock>
-  __device__ __forceinline__ void visit(int64_t row, BlockListing listing, OnBlock&& on_block) const {
-    for_each_chunk(row, listing, [&](int64_t chunk, uint32_t mask) {
-      for (; mask != 0; mask &= mask - 1) on_block(static_cast<int32_t>(chunk + __ffs(mask) - 1));
-    });
-  }
-
- private:
-  // Entries of a line: key blocks of a row, query blocks of a column.
-  __device__ __forceinline__ int64_t length() const {
-    return kLine == MapLine::row ? plan.shape.k_blocks() : plan.shape.q_blocks();
-  }
-
-  // fn(chunk, mask) for each run of 32 blocks from `chunk` with a listed one: bit j of mask for chunk + j.
-  template <typename Fn>
-  __device__ __forceinline__ void for_each_chunk(int64_t row, BlockListing listing, Fn&& fn) const {
-    const int64_t count = length();
-    for (int64_t base = 0; base < count; base += kReads * kWarpSize) {
-      bool in_set[kReads];
-      read(row, base, in_set);
-#pragma unroll
-      for (int u = 0; u < kReads; ++u) {
-        const int64_t chunk = base + u * kWarpSize;
-        const bool listed = chunk + threadIdx.x % kWarpSize < count && in_set[u] != listing.complement;
-        const uint32_t mask = __ballot_sync(0xffffffffu, listed);
-        if (mask != 0) fn(chunk, mask);
-      }
-    }
-  }
-
-  // Whether blocks base + 32 u + lane of the line are in the set (false past the end).
-  __device__ __forceinline__ void read(int64_t row, int64_t base, bool (&in_set)[kReads]) const {
-    const int64_t count = length(), k_blocks = plan.shape.k_blocks();
-    const int64_t stride = kLine == MapLine::row ? 1 : k_blocks;
-    const int8_t* map = plan.block_map + (kLine == MapLine::row ? row * k_blocks
-                                                                : row / k_blocks * count * k_blocks + row % k_blocks);
-    int8_t cls[kReads];
-#pragma unroll
-    for (int u = 0; u < kReads; ++u) {
-      const int64_t n = base + u * kWarpSize + threadIdx.x % kWarpSize;
-      cls[u] = n < count ? map[n * stride] : kNegligible;
-    }
-#pragma unroll
-    for (int u = 0; u < kReads; ++u) {
-      const int64_t n = base + u * kWarpSize + threadIdx.x % kWarpSize;
-      in_set[u] = n < count && in_linear_set(cls[u], scope);
-    }
-  }
-};
-
 // The producer warp's part, for the items of this thread block: announces
-// each item's tile count with its query tile (load_query(item, listing,
-// barrier) announces the bytes and starts the copies, or arrives without
-// copying), then, per key block n that `blocks` walks, once its stage is
-// free, records where the tile starts and calls load_keys(stage, item, n,
-// value, barrier) and load_values(stage, item, n, barrier), which announce
-// and start their copies (value: lane_value(item, n), read ahead by the walk).
-template <int kStages, typename Blocks, typename LoadQuery, typename LaneValue, typename LoadKeys,
-          typename LoadValues>
-__device__ __forceinline__ void produce_items_of(KeyTilePipeline<kStages>& pipe, const Geometry& g,
-                                                 const Blocks& blocks, LoadQuery&& load_query,
-                                                 LaneValue&& lane_value, LoadKeys&& load_keys,
-                                                 LoadValues&& load_values) {
+// each item's tile count (the length of its row list of critical blocks)
+// with its query tile (load_query(item, barrier) announces the bytes and
+// starts the copies; an item without key blocks copies none and arrives),
+// then, per key block n of the row list, once its stage is free, records
+// where the tile starts and calls load_keys(stage, item, n, value, barrier)
+// and load_values(stage, item, n, barrier), which announce and start their
+// copies (value: lane_value(item, n), read ahead by the walk).
+template <int kStages, typename LoadQuery, typename LaneValue, typename LoadKeys, typename LoadValues>
+__device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, const Geometry& g,
+                                              const RoutingPlanView& plan, LoadQuery&& load_query,
+                                              LaneValue&& lane_value, LoadKeys&& load_keys,
+                                              LoadValues&& load_values) {
   const int64_t items = g.q_blocks * g.heads * g.batch;
   int32_t t = 0;  // key tiles copied so far, over all items (counted on lane 0)
   int32_t use = 0;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
     const QueryItem at = QueryItem::of(item, g);
     const int64_t plan_row = (at.b * g.heads + at.h) * g.q_blocks + at.m;
-    const BlockListing listing = blocks.list(plan_row);
+    const int32_t count = plan.row_count[plan_row];
     if (threadIdx.x % kWarpSize == 0) {
       if (use > 0) pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's query tile
-      pipe.item_tiles = listing.count;
-      load_query(at, listing, pipe.q_full);
+      pipe.item_tiles = count;
+      if (count > 0) {
+        load_query(at, pipe.q_full);
+      } else {
+        pipe.q_full.arrive();
+      }
     }
-    blocks.walk(plan_row, listing, [&](int32_t n) { return lane_value(at, n); }, [&](int32_t n, auto value) {
-      const int stage = pipe.stage(t);
-      SharedBarrier& keys = pipe.keys_slot(t);
-      pipe.tile_first[stage] = static_cast<int32_t>(n * g.block_k);  // a key tile is a whole block
-      load_keys(stage, at, n, value, keys);
-      load_values(stage, at, n, pipe.values_slot(t));
-      ++t;
-    });
+    walk_row_list(
+        plan.row_index + plan_row * plan.shape.k_blocks(), count, [&](int32_t n) { return lane_value(at, n); },
+        [&](int32_t n, auto value) {
+          const int stage = pipe.stage(t);
+          SharedBarrier& keys = pipe.keys_slot(t);
+          pipe.tile_first[stage] = static_cast<int32_t>(n * g.block_k);  // a key tile is a whole block
+          load_keys(stage, at, n, value, keys);
+          load_values(stage, at, n, pipe.values_slot(t));
+          ++t;
+        });
   }
-}
-
-// produce_items_of over the row lists of the critical blocks; an item
-// without any copies no query tile (load_query(item, barrier)).
-template <int kStages, typename LoadQuery, typename LaneValue, typename LoadKeys, typename LoadValues>
-__device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, const Geometry& g,
-                                              const RoutingPlanView& plan, LoadQuery&& load_query,
-                                              LaneValue&& lane_value, LoadKeys&& load_keys,
-                                              LoadValues&& load_values) {
-  produce_items_of(
-      pipe, g, CriticalBlocks{plan},
-      [&](const QueryItem& at, BlockListing listing, SharedBarrier& full) {
-        if (listing.count > 0) {
-          load_query(at, full);
-        } else {
-          full.arrive();
-        }
-      },
-      lane_value, load_keys, load_values);
 }
 
 // Thread blocks of `shared_bytes` (and one consumer warpgroup) per SM: two
@@ -321,10 +209,10 @@ constexpr int blocks_per_sm(size_t shared_bytes, int consumers) {
 // The producer warpgroup keeps few registers and the consumers take the rest
 // of the SM's share, when that is more than the compiler may give every
 // thread at launch (release_registers_to / claim_registers_to).
-template <int kThreads, int kConsumers, int kBlocksPerSm, int kProducerRegisters = 40>
+template <int kThreads, int kConsumers, int kBlocksPerSm>
 struct RegisterSplit {
   static constexpr int kPerSm = 64 * 1024;
-  static constexpr int kProducer = kProducerRegisters;
+  static constexpr int kProducer = 40;
   static constexpr int kConsumer =
       std::min(240, (kPerSm / kBlocksPerSm - kWarpgroupThreads * kProducer) / (kConsumers * kWarpgroupThreads) / 8 * 8);
   static constexpr int kAtLaunch = std::min(255, kPerSm / (kThreads * kBlocksPerSm) / 8 * 8);

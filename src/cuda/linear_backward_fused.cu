@@ -250,7 +250,6 @@ LinearGradBuffers LinearGradBuffers::carve(WorkspaceCarver& carver, const Geomet
   if (hopper) {
     b.linear_set = LinearSetOperands::carve(carver, g, dtype);
     b.key_set = LinearKeyGradOperands::carve(carver, g, dtype);
-    b.key_set.dh_key = b.linear_set.block_h;  // h_n is read only to form H_m, before dh_n is written
   }
   if (projection) {
     b.ol = carver.take<float>(rows * g.dim);

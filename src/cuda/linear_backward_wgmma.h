@@ -54,7 +54,6 @@ const char* linear_query_grads_wgmma(const Geometry& g, const RoutingPlanView& p
 struct LinearKeyGradOperands {
   void* phi_k = nullptr;   // (kv pairs, Lk, F): φ(K), written by key_block_states
   void* dh_low = nullptr;  // dH_m (the query kernel's), padded as linear_set_states.h says
-  void* dh_key = nullptr;  // dh_n, padded as h_n; not carved here (LinearGradBuffers reuses h_n's room)
   float* dz_key = nullptr;  // (kv pairs * Nk, F) fp32: dz_n
 
   static LinearKeyGradOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
@@ -69,7 +68,8 @@ struct LinearKeyGradArgs {
 };
 
 // Per key block: dk and dv, from v and `operands` (phi_k and the dH_m of
-// dh_low filled before; the rest prepared here, with set's indicator). Returns nullptr, or why it
+// dh_low filled before; the rest prepared here, with set's indicator; dh_n
+// takes the room of set's h_n, which was read only to form H_m). Returns nullptr, or why it
 // cannot run (nothing launched): no sm_90a code, too little shared memory, or
 // v's layout (the copy engine needs 16-byte aligned row strides).
 const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& v,

@@ -22,17 +22,17 @@ __global__ void feature_rows_kernel(DeviceView<const Element> x, int64_t heads, 
   }
 }
 
-// sum[c] += at[c] for kVector adjacent elements: one 16-byte load, or one element.
-template <typename T, int kVector>
-__device__ __forceinline__ void add_columns(float (&sum)[kVector], const T* at) {
+// sum[c] += at[c] for kVector adjacent columns: one 16-byte load, or one element.
+template <int kVector>
+__device__ __forceinline__ void add_columns(float (&sum)[kVector], const float* at) {
   if constexpr (kVector == 1) {
-    sum[0] += to_float(at[0]);
+    sum[0] += at[0];
   } else {
-    static_assert(sizeof(T) * kVector == 16, "one 16-byte unit");
+    static_assert(sizeof(float) * kVector == 16, "one 16-byte unit");
     const uint4 unit = *reinterpret_cast<const uint4*>(at);
-    const T* values = reinterpret_cast<const T*>(&unit);
+    const float* values = reinterpret_cast<const float*>(&unit);
 #pragma unroll
-    for (int c = 0; c < kVector; ++c) sum[c] += to_float(values[c]);
+    for (int c = 0; c < kVector; ++c) sum[c] += values[c];
   }
 }
 
@@ -42,9 +42,9 @@ constexpr int kColumnSumThreads = 256;
 // each warp a share of the rows (w, w + warps, ...) with kLanes partial sums in flight; the warps' sums
 // are then added in a fixed order. Tall, narrow arrays (z totals, bias partials) so get 8 warps on
 // their rows instead of one thread a column walking all of them.
-template <typename T, int kVector>
+template <int kVector>
 __global__ void __launch_bounds__(kColumnSumThreads)
-    column_sums_kernel(const T* src, int64_t rows, int64_t width, float* dst) {
+    column_sums_kernel(const float* src, int64_t rows, int64_t width, float* dst) {
   constexpr int kWarps = kColumnSumThreads / kWarpSize, kLanes = 4, kBlockColumns = kWarpSize * kVector;
   __shared__ float warp_sums[kWarps][kBlockColumns];
   const int64_t column_blocks = ceil_div(width, int64_t(kBlockColumns));
@@ -53,13 +53,13 @@ __global__ void __launch_bounds__(kColumnSumThreads)
   const int64_t col = first + lane * kVector;
   float partial[kLanes][kVector] = {};
   if (col < width) {
-    const T* column = src + batch * rows * width + col;
+    const float* column = src + batch * rows * width + col;
     int64_t r = warp;
     for (; r + (kLanes - 1) * kWarps < rows; r += kLanes * kWarps) {
 #pragma unroll
-      for (int j = 0; j < kLanes; ++j) add_columns<T, kVector>(partial[j], column + (r + j * kWarps) * width);
+      for (int j = 0; j < kLanes; ++j) add_columns<kVector>(partial[j], column + (r + j * kWarps) * width);
     }
-    for (; r < rows; r += kWarps) add_columns<T, kVector>(partial[0], column + r * width);
+    for (; r < rows; r += kWarps) add_columns<kVector>(partial[0], column + r * width);
   }
 #pragma unroll
   for (int c = 0; c < kVector; ++c)
@@ -71,19 +71,6 @@ __global__ void __launch_bounds__(kColumnSumThreads)
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][i];
     dst[batch * width + first + i] = sum;
   }
-}
-
-template <typename T>
-void launch_column_sums(const T* src, int64_t batches, int64_t rows, int64_t width, float* dst, cudaStream_t stream) {
-  constexpr int kVector = 16 / sizeof(T);
-  const bool vectors = width % kVector == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
-  const int64_t block_columns = kWarpSize * (vectors ? kVector : 1);
-  const auto blocks = static_cast<unsigned>(batches * ceil_div(width, block_columns));
-  if (vectors)
-    column_sums_kernel<T, kVector><<<blocks, kColumnSumThreads, 0, stream>>>(src, rows, width, dst);
-  else
-    column_sums_kernel<T, 1><<<blocks, kColumnSumThreads, 0, stream>>>(src, rows, width, dst);
-  SLATTN_LAUNCH_CHECK("column_sums_kernel");
 }
 
 // grid: one block per (query pair, query block); shared: subset_list_bytes(Nk).
@@ -279,7 +266,15 @@ void feature_rows(const TensorView& x, int64_t rows_padded, FeatureMap feature_m
 }
 
 void column_sums(const float* src, int64_t batches, int64_t rows, int64_t width, float* dst, cudaStream_t stream) {
-  launch_column_sums(src, batches, rows, width, dst, stream);
+  constexpr int kVector = 16 / sizeof(float);  // a 16-byte load
+  const bool vectors = width % kVector == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  const int64_t block_columns = kWarpSize * (vectors ? kVector : 1);
+  const auto blocks = static_cast<unsigned>(batches * ceil_div(width, block_columns));
+  if (vectors)
+    column_sums_kernel<kVector><<<blocks, kColumnSumThreads, 0, stream>>>(src, rows, width, dst);
+  else
+    column_sums_kernel<1><<<blocks, kColumnSumThreads, 0, stream>>>(src, rows, width, dst);
+  SLATTN_LAUNCH_CHECK("column_sums_kernel");
 }
 
 void assemble_query_states(const Geometry& g, const RoutingPlanView& plan, LinearScope scope, const float* key_h,

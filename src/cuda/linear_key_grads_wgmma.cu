@@ -170,6 +170,7 @@ const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& pla
     static const bool available = loaded_for_hopper(kernel);
     refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
     if (refusal != nullptr) return;
+    void* dh_key = set.block_h;  // h_n was read only to form H_m, before: dh_n takes its room (and padding)
     KeyGradMaps maps{};
     if (!make_row_tile_map(v, BK, &maps.v)) {
       refusal = "v's rows do not suit the tile copy engine";
@@ -177,11 +178,11 @@ const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& pla
     }
     const bool packed =
         make_row_tile_map(dense_rows(operands.phi_k, v.dtype, g.batch, g.kv_heads, g.k_len, D), BK, &maps.phi_k) &&
-        make_row_tile_map(dense_rows(operands.dh_key, v.dtype, 1, g.kv_pairs() * key_blocks_padded(g), D, D), D,
+        make_row_tile_map(dense_rows(dh_key, v.dtype, 1, g.kv_pairs() * key_blocks_padded(g), D, D), D,
                           &maps.dh);
     SLATTN_CHECK(packed, "linear_key_grads_wgmma: the tile copy engine refused a workspace buffer");
 
-    sum_key_set_grads(g, v.dtype, set.indicator, operands.dh_low, operands.dh_key, set.cublas_workspace, stream);
+    sum_key_set_grads(g, v.dtype, set.indicator, operands.dh_low, dh_key, set.cublas_workspace, stream);
     key_block_dz(g, plan, scope, args.dz_query, args.dz_total, operands.dz_key, stream);
     const KeyGradKernelArgs<Element> kernel_args{feature_map,
                                                  key_blocks_padded(g),

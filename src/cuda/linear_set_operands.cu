@@ -8,14 +8,99 @@
 #include <algorithm>
 
 #include "cuda/common.cuh"
-#include "cuda/key_tile_pipeline.cuh"
 #include "cuda/linear_set_states.h"
 #include "cuda/row_ops.cuh"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
+#include "cuda/subset_list.cuh"
 
 namespace slattn::cuda {
 namespace {
+
+// A line of the block map as listed_sums reads it (LinearSetLine): a row,
+// the key blocks of the linear set U_m of SPEC section 3, or a column, the
+// query blocks m whose U_m holds key block n (`line` then the plan column,
+// q pair * Nk + n), read 256 entries a pass by one warp; list(line) (on every
+// lane) counts them, or the blocks outside the set when those are fewer (a
+// sum of them is then subtracted from the total: the same rule as
+// subset_list.cuh's), and visit(line, listing, on_block) visits the listed
+// ones in ascending order.
+struct BlockListing {
+  int32_t count;
+  bool complement;  // the blocks outside the set
+};
+
+enum class MapLine { row, column };
+
+template <MapLine kLine>
+struct LinearSetLine {
+  // Map entries each lane reads at once (independent loads) per pass of the warp.
+  static constexpr int kReads = 8;
+  RoutingPlanView plan;
+  LinearScope scope;
+
+  __device__ __forceinline__ BlockListing list(int64_t row) const {
+    const int64_t count = length();
+    int32_t included = 0;
+    for (int64_t base = 0; base < count; base += kReads * kWarpSize) {
+      bool in_set[kReads];
+      read(row, base, in_set);
+#pragma unroll
+      for (int u = 0; u < kReads; ++u) included += __popc(__ballot_sync(0xffffffffu, in_set[u]));
+    }
+    const auto excluded = static_cast<int32_t>(count - included);
+    return excluded < included ? BlockListing{excluded, true} : BlockListing{included, false};
+  }
+  // on_block(n) on every lane, for each listed key block n in ascending order.
+  template <typename OnBlock>
+  __device__ __forceinline__ void visit(int64_t row, BlockListing listing, OnBlock&& on_block) const {
+    for_each_chunk(row, listing, [&](int64_t chunk, uint32_t mask) {
+      for (; mask != 0; mask &= mask - 1) on_block(static_cast<int32_t>(chunk + __ffs(mask) - 1));
+    });
+  }
+
+ private:
+  // Entries of a line: key blocks of a row, query blocks of a column.
+  __device__ __forceinline__ int64_t length() const {
+    return kLine == MapLine::row ? plan.shape.k_blocks() : plan.shape.q_blocks();
+  }
+
+  // fn(chunk, mask) for each run of 32 blocks from `chunk` with a listed one: bit j of mask for chunk + j.
+  template <typename Fn>
+  __device__ __forceinline__ void for_each_chunk(int64_t row, BlockListing listing, Fn&& fn) const {
+    const int64_t count = length();
+    for (int64_t base = 0; base < count; base += kReads * kWarpSize) {
+      bool in_set[kReads];
+      read(row, base, in_set);
+#pragma unroll
+      for (int u = 0; u < kReads; ++u) {
+        const int64_t chunk = base + u * kWarpSize;
+        const bool listed = chunk + threadIdx.x % kWarpSize < count && in_set[u] != listing.complement;
+        const uint32_t mask = __ballot_sync(0xffffffffu, listed);
+        if (mask != 0) fn(chunk, mask);
+      }
+    }
+  }
+
+  // Whether blocks base + 32 u + lane of the line are in the set (false past the end).
+  __device__ __forceinline__ void read(int64_t row, int64_t base, bool (&in_set)[kReads]) const {
+    const int64_t count = length(), k_blocks = plan.shape.k_blocks();
+    const int64_t stride = kLine == MapLine::row ? 1 : k_blocks;
+    const int8_t* map = plan.block_map + (kLine == MapLine::row ? row * k_blocks
+                                                                : row / k_blocks * count * k_blocks + row % k_blocks);
+    int8_t cls[kReads];
+#pragma unroll
+    for (int u = 0; u < kReads; ++u) {
+      const int64_t n = base + u * kWarpSize + threadIdx.x % kWarpSize;
+      cls[u] = n < count ? map[n * stride] : kNegligible;
+    }
+#pragma unroll
+    for (int u = 0; u < kReads; ++u) {
+      const int64_t n = base + u * kWarpSize + threadIdx.x % kWarpSize;
+      in_set[u] = n < count && in_linear_set(cls[u], scope);
+    }
+  }
+};
 
 inline constexpr int kSetSumThreads = 256;  // a warp per line of the block map
 

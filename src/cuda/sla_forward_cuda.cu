@@ -1,6 +1,6 @@
 // Forward of SLA on CUDA: the sparse kernel, then (when asked for) the linear
 // branch and the projection out = Os + Ol Wᵀ + b: for the fixed feature maps
-// on Hopper from the totals and the listed blocks' states
+// on Hopper from every query block's H_m, the linear set's product
 // (linear_forward_wgmma.h, after key_states_wgmma.h), elsewhere fused from per-block states
 // (linear_forward_fused.h); through fp32 rows for hedgehog (linear_states.h).
 #include "cuda/common.cuh"
