@@ -190,3 +190,28 @@ def _backward(ctx, dout, dout_sparse, dout_linear, _dlse):
 
 
 sla_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerSla(torch.autograd.Function):
+    """The op's own autograd (_setup_context, _backward) for eager calls. torch.library's autograd re-fills
+    the op's 20 arguments from its schema on every call with gradients, at a cost quadratic in their number
+    (about 0.1-0.2 ms a call, more than the core's launches); here the op runs with gradients off."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.slattn.sla_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def sla_forward(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torch.ops.slattn.sla_forward with every argument given, with gradients: under torch.compile the
+    op itself (its registered autograd is what the compiler reads), in eager mode the same autograd
+    without torch.library's per-call overhead."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return torch.ops.slattn.sla_forward(*inputs)
+    return _EagerSla.apply(*inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _low_bit
-from ._ops import sla_forward_op  # noqa: F401  (registers torch.ops.slattn.*)
+from ._ops import sla_forward
 from .plan import RoutingPlan, route
 
 
@@ -76,7 +76,7 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         if plan.block_map.device != q.device:
             raise ValueError(f"plan is on {plan.block_map.device} but q is on {q.device}; use plan.to(device)")
     quantized = _low_bit.resolve_quantized(quantized, q.device)
-    out, out_sparse, out_linear, lse = torch.ops.slattn.sla_forward(
+    out, out_sparse, out_linear, lse = sla_forward(
         q, k, v, proj_weight, proj_bias, *plan.tensors, plan.block_q, plan.block_k, scale, feature_map, linear_scope,
         layout, return_branches, feature_weight_q, feature_weight_k, quantized)
     if return_branches:
