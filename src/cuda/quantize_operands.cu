@@ -1,11 +1,12 @@
 // Quantization of the low-bit sparse branch's operands (sparse_quantized.h):
 // one pass over K and V for their column statistics (partial sums of K,
-// partial peaks of |V|, per chunk of keys: deterministic, no atomics), then
-// one thread block per block of rows: Q and K − mean(K) to INT8 with the
-// block's step, V to e4m3 with its channel's scale, transposed so that the
-// P V product reads it K-major. Each thread reads 8 consecutive channels of
-// a row (one 16-byte load when rows are aligned). Rounding as the CPU path:
-// to nearest, ties to even; INT8 clamped to ±127, e4m3 saturating.
+// partial peaks of |V|, per chunk of keys: deterministic, no atomics), their
+// totals per (batch, kv head) (mean(K), V's channel scales), then one thread
+// block per block of rows: Q and K − mean(K) to INT8 with the block's step,
+// V to e4m3 with its channel's scale, transposed so that the P V product
+// reads it K-major. Each thread reads 8 consecutive channels of a row (one
+// 16-byte load when rows are aligned). Rounding as the CPU path: to nearest,
+// ties to even; INT8 clamped to ±127, e4m3 saturating.
 #include "cuda/common.cuh"
 #include "cuda/sparse_quantized.h"
 #include "cuda/wgmma.cuh"
@@ -89,52 +90,84 @@ __global__ void __launch_bounds__(kThreads) column_stats_kernel(Geometry g, Tens
   ops.value_peaks[at] = largest;
 }
 
+// Grid (kv pairs), a thread per channel: the chunks' statistics summed up,
+// mean(K) and V's channel scale max |v_c| / 448, read by every block after.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kHeadDim) column_totals_kernel(Geometry g, QuantizedOperands ops) {
+  const int64_t chunks = QuantizedOperands::chunks(g), pair = blockIdx.x;
+  const float* sums = ops.key_sums + pair * chunks * kHeadDim + threadIdx.x;
+  const float* peaks = ops.value_peaks + pair * chunks * kHeadDim + threadIdx.x;
+  float total = 0.0f, peak = 0.0f;
+#pragma unroll 8
+  for (int64_t c = 0; c < chunks; ++c) {
+    total += sums[c * kHeadDim];
+    peak = fmaxf(peak, peaks[c * kHeadDim]);
+  }
+  ops.key_means[pair * kHeadDim + threadIdx.x] = total / static_cast<float>(g.k_len);
+  ops.v_scales[pair * kHeadDim + threadIdx.x] = peak / kE4m3Max;
+}
+
 // What one INT8 quantization writes: rows of `rows` per pair (zero past
-// `len`), a step per block of `block` rows; `key_sums` (K: subtract the mean) or null (Q).
+// `len`), a step per block of rows; `means` (K: subtract mean(K)) or null (Q).
 struct Int8Blocks {
-  int64_t heads, len, block, blocks, rows, chunks;
-  const float* key_sums;
+  int64_t heads, len, blocks, rows;
+  const float* means;
   int8_t* out;
   float* steps;
 };
 
-// Grid (blocks, heads, batch): x − mean over one block of rows to INT8 with the block's step max |x − mean| / 127.
-template <typename Element, int kHeadDim>
+// Grid (blocks, heads, batch): x − mean over one block of kBlockRows rows to
+// INT8 with the block's step max |x − mean| / 127. A thread keeps its rows of
+// the block in registers between the peak and the rounding: x is read once,
+// all of a thread's loads in flight together.
+template <typename Element, int kHeadDim, int kBlockRows>
 __global__ void __launch_bounds__(kThreads) int8_blocks_kernel(TensorView x_view, Int8Blocks task) {
   constexpr int kRows = rows_at_once<kHeadDim>();
-  __shared__ float mean[kHeadDim], scratch[kThreads / kWarpSize];
+  static_assert(kBlockRows % kRows == 0, "a block's rows must split evenly over the passes");
+  constexpr int kPasses = kBlockRows / kRows;
+  __shared__ float scratch[kThreads / kWarpSize];
   const auto x = DeviceView<const Element>::of(x_view);
   const int64_t block = blockIdx.x, h = blockIdx.y, b = blockIdx.z, pair = b * task.heads + h;
   const int row_lane = threadIdx.x / (kHeadDim / kVector), d0 = threadIdx.x % (kHeadDim / kVector) * kVector;
   const bool aligned = rows_are_16_byte_aligned(x);
-  if (threadIdx.x < kHeadDim) {
-    float total = 0.0f;
-    if (task.key_sums)
-      for (int64_t c = 0; c < task.chunks; ++c) total += task.key_sums[(pair * task.chunks + c) * kHeadDim + threadIdx.x];
-    mean[threadIdx.x] = total / static_cast<float>(task.len);
-  }
-  __syncthreads();
+  const int64_t first = block * kBlockRows + row_lane;  // this thread's first row; its others kRows apart
 
-  const int64_t first = block * task.block;
-  float peak = 0.0f;
-  for (int64_t r = row_lane; r < task.block && first + r < task.len; r += kRows) {
-    float values[kVector];
-    load_vector(x, aligned, b, h, first + r, d0, values);
+  float values[kPasses][kVector];
 #pragma unroll
-    for (int i = 0; i < kVector; ++i) peak = fmaxf(peak, fabsf(values[i] - mean[d0 + i]));
+  for (int pass = 0; pass < kPasses; ++pass) {
+    if (first + pass * kRows < task.len) {
+      load_vector(x, aligned, b, h, first + pass * kRows, d0, values[pass]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVector; ++i) values[pass][i] = 0.0f;
+    }
+  }
+  float mean[kVector] = {};
+  if (task.means) {
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) mean[i] = task.means[pair * kHeadDim + d0 + i];
+  }
+  float peak = 0.0f;
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const bool real = first + pass * kRows < task.len;  // rows past the end quantize to 0 and leave the peak alone
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) {
+      values[pass][i] = real ? values[pass][i] - mean[i] : 0.0f;
+      peak = fmaxf(peak, fabsf(values[pass][i]));
+    }
   }
   const float step = block_max(peak, scratch) / kInt8Max;
-  for (int64_t r = row_lane; r < task.block; r += kRows) {
-    float values[kVector] = {};
-    if (first + r < task.len) load_vector(x, aligned, b, h, first + r, d0, values);
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
     uint32_t packed[2] = {0u, 0u};
 #pragma unroll
     for (int i = 0; i < kVector; ++i) {
-      const float scaled = step > 0.0f && first + r < task.len ? (values[i] - mean[d0 + i]) / step : 0.0f;
+      const float scaled = step > 0.0f ? values[pass][i] / step : 0.0f;
       const int integer = max(-127, min(127, __float2int_rn(scaled)));
       packed[i / 4] |= (static_cast<uint32_t>(integer) & 0xFFu) << (8 * (i % 4));
     }
-    *reinterpret_cast<uint2*>(task.out + (pair * task.rows + first + r) * kHeadDim + d0) =
+    *reinterpret_cast<uint2*>(task.out + (pair * task.rows + first + pass * kRows) * kHeadDim + d0) =
         make_uint2(packed[0], packed[1]);
   }
   if (threadIdx.x == 0) task.steps[pair * task.blocks + block] = step;
@@ -153,15 +186,12 @@ __global__ void __launch_bounds__(kThreads) e4m3_values_kernel(Geometry g, Tenso
   const int64_t block = blockIdx.x, h = blockIdx.y, b = blockIdx.z, pair = b * g.kv_heads + h;
   const int row_lane = threadIdx.x / (kHeadDim / kVector), d0 = threadIdx.x % (kHeadDim / kVector) * kVector;
   const bool aligned = rows_are_16_byte_aligned(v);
-  if (threadIdx.x < kHeadDim) {
-    const int64_t chunks = QuantizedOperands::chunks(g);
-    float peak = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) peak = fmaxf(peak, ops.value_peaks[(pair * chunks + c) * kHeadDim + threadIdx.x]);
-    scale[threadIdx.x] = peak / kE4m3Max;
-    if (block == 0) ops.v_scales[pair * kHeadDim + threadIdx.x] = peak / kE4m3Max;
-  }
+  if (threadIdx.x < kHeadDim) scale[threadIdx.x] = ops.v_scales[pair * kHeadDim + threadIdx.x];
   const int64_t first = block * kBlockK;
-  for (int r = row_lane; r < kBlockK; r += kRows) {
+  static_assert(kBlockK % kRows == 0, "a block's rows must split evenly over the passes");
+#pragma unroll
+  for (int pass = 0; pass < kBlockK / kRows; ++pass) {  // a fixed count, unrolled: the loads in flight together
+    const int r = pass * kRows + row_lane;
     float values[kVector] = {};
     if (first + r < g.k_len) load_vector(v, aligned, b, h, first + r, d0, values);
 #pragma unroll
@@ -187,21 +217,21 @@ __global__ void __launch_bounds__(kThreads) e4m3_values_kernel(Geometry g, Tenso
 
 void quantize_operands(const Geometry& g, const TensorView& q, const TensorView& k, const TensorView& v,
                        const QuantizedOperands& ops, cudaStream_t stream) {
-  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
+  dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
-    constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
+    constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, BK = decltype(block_k)::value;
     const auto kv_grid = [&](int64_t x) {
       return dim3(static_cast<unsigned>(x), static_cast<unsigned>(g.kv_heads), static_cast<unsigned>(g.batch));
     };
     column_stats_kernel<Element, D><<<kv_grid(QuantizedOperands::chunks(g)), kThreads, 0, stream>>>(g, k, v, ops);
-    const Int8Blocks keys{g.kv_heads, g.k_len, g.block_k, g.k_blocks, g.k_rows(), QuantizedOperands::chunks(g),
-                          ops.key_sums, ops.k, ops.k_steps};
-    int8_blocks_kernel<Element, D><<<kv_grid(g.k_blocks), kThreads, 0, stream>>>(k, keys);
+    column_totals_kernel<D><<<static_cast<unsigned>(g.kv_pairs()), D, 0, stream>>>(g, ops);
+    const Int8Blocks keys{g.kv_heads, g.k_len, g.k_blocks, g.k_rows(), ops.key_means, ops.k, ops.k_steps};
+    int8_blocks_kernel<Element, D, BK><<<kv_grid(g.k_blocks), kThreads, 0, stream>>>(k, keys);
     e4m3_values_kernel<Element, D, BK><<<kv_grid(g.k_blocks), kThreads, 0, stream>>>(g, v, ops);
-    const Int8Blocks queries{g.heads, g.q_len, g.block_q, g.q_blocks, g.q_rows(), 0, nullptr, ops.q, ops.q_steps};
+    const Int8Blocks queries{g.heads, g.q_len, g.q_blocks, g.q_rows(), nullptr, ops.q, ops.q_steps};
     const dim3 q_grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.heads),
                       static_cast<unsigned>(g.batch));
-    int8_blocks_kernel<Element, D><<<q_grid, kThreads, 0, stream>>>(q, queries);
+    int8_blocks_kernel<Element, D, BQ><<<q_grid, kThreads, 0, stream>>>(q, queries);
   });
   SLATTN_LAUNCH_CHECK("quantize_operands");
 }

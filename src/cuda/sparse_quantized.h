@@ -34,6 +34,7 @@ struct QuantizedOperands {
   float* v_scales = nullptr;      // (kv pairs, D): max |v_c| / 448
   float* key_sums = nullptr;      // (kv pairs, chunks, D): column sums of K over each chunk of keys
   float* value_peaks = nullptr;   // (kv pairs, chunks, D): column maxima of |V| over each chunk
+  float* key_means = nullptr;     // (kv pairs, D): mean(K), from key_sums
 
   SLATTN_HOST_DEVICE static int64_t chunks(const Geometry& g) { return ceil_div(g.k_len, kStatsChunkRows); }
 
@@ -47,6 +48,7 @@ struct QuantizedOperands {
     ops.v_scales = carver.take<float>(g.kv_pairs() * g.dim);
     ops.key_sums = carver.take<float>(g.kv_pairs() * chunks(g) * g.dim);
     ops.value_peaks = carver.take<float>(g.kv_pairs() * chunks(g) * g.dim);
+    ops.key_means = carver.take<float>(g.kv_pairs() * g.dim);
     return ops;
   }
 };
