@@ -40,6 +40,30 @@ __device__ __forceinline__ void load_vector(const DeviceView<const Element>& x, 
   }
 }
 
+// Channels d0 .. d0 + 7 of rows first, first + kStride, ... (kPasses rows;
+// those from `len` on read row len − 1, for the caller to discard): every
+// load is issued before the first conversion, so a thread waits for memory
+// once, not once a row.
+template <int kPasses, int kStride, typename Element>
+__device__ __forceinline__ void load_rows(const DeviceView<const Element>& x, bool aligned, int64_t b, int64_t h,
+                                          int64_t first, int64_t len, int d0, float (&out)[kPasses][kVector]) {
+  if (!aligned) {
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) load_vector(x, false, b, h, min(first + pass * kStride, len - 1), d0, out[pass]);
+    return;
+  }
+  uint4 raw[kPasses];
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass)
+    raw[pass] = *reinterpret_cast<const uint4*>(&x.at(b, h, min(first + pass * kStride, len - 1), d0));
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const Element* elements = reinterpret_cast<const Element*>(&raw[pass]);
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) out[pass][i] = to_float(elements[i]);
+  }
+}
+
 // The largest value of `x` over the thread block (every thread gets it).
 __device__ float block_max(float x, float* scratch) {
   x = warp_max(x);
@@ -118,8 +142,7 @@ struct Int8Blocks {
 
 // Grid (blocks, heads, batch): x − mean over one block of kBlockRows rows to
 // INT8 with the block's step max |x − mean| / 127. A thread keeps its rows of
-// the block in registers between the peak and the rounding: x is read once,
-// all of a thread's loads in flight together.
+// the block in registers between the peak and the rounding: x is read once.
 template <typename Element, int kHeadDim, int kBlockRows>
 __global__ void __launch_bounds__(kThreads) int8_blocks_kernel(TensorView x_view, Int8Blocks task) {
   constexpr int kRows = rows_at_once<kHeadDim>();
@@ -133,15 +156,7 @@ __global__ void __launch_bounds__(kThreads) int8_blocks_kernel(TensorView x_view
   const int64_t first = block * kBlockRows + row_lane;  // this thread's first row; its others kRows apart
 
   float values[kPasses][kVector];
-#pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass) {
-    if (first + pass * kRows < task.len) {
-      load_vector(x, aligned, b, h, first + pass * kRows, d0, values[pass]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kVector; ++i) values[pass][i] = 0.0f;
-    }
-  }
+  load_rows<kPasses, kRows>(x, aligned, b, h, first, task.len, d0, values);
   float mean[kVector] = {};
   if (task.means) {
 #pragma unroll
@@ -189,13 +204,14 @@ __global__ void __launch_bounds__(kThreads) e4m3_values_kernel(Geometry g, Tenso
   if (threadIdx.x < kHeadDim) scale[threadIdx.x] = ops.v_scales[pair * kHeadDim + threadIdx.x];
   const int64_t first = block * kBlockK;
   static_assert(kBlockK % kRows == 0, "a block's rows must split evenly over the passes");
+  constexpr int kPasses = kBlockK / kRows;
+  float values[kPasses][kVector];
+  load_rows<kPasses, kRows>(v, aligned, b, h, first + row_lane, g.k_len, d0, values);
 #pragma unroll
-  for (int pass = 0; pass < kBlockK / kRows; ++pass) {  // a fixed count, unrolled: the loads in flight together
+  for (int pass = 0; pass < kPasses; ++pass) {
     const int r = pass * kRows + row_lane;
-    float values[kVector] = {};
-    if (first + r < g.k_len) load_vector(v, aligned, b, h, first + r, d0, values);
 #pragma unroll
-    for (int i = 0; i < kVector; ++i) tile[r][d0 + i] = from_float<Element>(values[i]);
+    for (int i = 0; i < kVector; ++i) tile[r][d0 + i] = from_float<Element>(first + r < g.k_len ? values[pass][i] : 0.0f);
   }
   __syncthreads();
   constexpr int kWordsPerChannel = kBlockK / 4;
