@@ -47,8 +47,8 @@ struct SlaForwardParams {
   FeatureWeights feature_weights;  // hedgehog only
   LinearScope linear_scope = LinearScope::marginal;
   // The sparse branch in low bits (SPEC section 6): INT8 Q and K~ per block,
-  // FP8 e4m3 P and V. The CPU path computes it as fake quantization; the
-  // CUDA path refuses it until its low-bit kernels exist.
+  // FP8 e4m3 P and V. The CPU path computes it as fake quantization, Hopper
+  // GPUs on INT8/FP8 tensor cores; other GPUs refuse it (Unsupported).
   bool quantized = false;
 
   bool linear_branch() const { return proj_weight != nullptr || out_linear.defined(); }

@@ -99,7 +99,8 @@ template <typename Element, int kDim, int kBlockQ>
 __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, kQueryBlocksPerSm)
     fused_linear_output_kernel(Geometry g, RoutingPlanView plan, DeviceView<const Element> q, FeatureMap feature_map,
                                LinearScope scope, KeyStates states, const float* weight, const float* bias,
-                               DeviceView<Element> out, DeviceView<Element> out_linear) {
+                               DeviceView<const Element> os, DeviceView<Element> out,
+                               DeviceView<Element> out_linear) {
   using Shared = QueryBlockShared<Element, kDim, kBlockQ>;
   constexpr int kThreads = kBlockQ / kRowsPerWarp * kWarpSize;
   extern __shared__ __align__(16) unsigned char raw[];
@@ -144,9 +145,9 @@ __global__ void __launch_bounds__(kBlockQ / kRowsPerWarp * kWarpSize, kQueryBloc
         const int64_t row = row0 + local0 + accumulator_row(2 * p);
         const int d = half * kHalf + accumulator_col(j, 0);
         if (row >= g.q_len) continue;
-        const float2 os = load_pair(out, b, h, row, d);
-        store_pair(out, b, h, row, d, os.x + projected[j][2 * p] + (bias ? bias[d] : 0.0f),
-                   os.y + projected[j][2 * p + 1] + (bias ? bias[d + 1] : 0.0f));
+        const float2 sparse = load_pair(os, b, h, row, d);
+        store_pair(out, b, h, row, d, sparse.x + projected[j][2 * p] + (bias ? bias[d] : 0.0f),
+                   sparse.y + projected[j][2 * p + 1] + (bias ? bias[d + 1] : 0.0f));
       }
     }
   }
@@ -173,15 +174,16 @@ void key_block_states(const Geometry& g, const TensorView& k, const TensorView& 
 
 void linear_output_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, FeatureMap feature_map,
                          LinearScope scope, const KeyStates& states, const float* weight, const float* bias,
-                         const TensorView& out, const TensorView& out_linear, cudaStream_t stream) {
+                         const TensorView& os, const TensorView& out, const TensorView& out_linear,
+                         cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(g.q_blocks), static_cast<unsigned>(g.q_pairs()));
   dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value;
     launch_with_shared(fused_linear_output_kernel<Element, D, BQ>, grid, BQ / kRowsPerWarp * kWarpSize,
                        query_block_shared_bytes<Element, D, BQ>(g), stream, g, plan, DeviceView<const Element>::of(q),
-                       feature_map, scope, states, weight, bias, DeviceView<Element>::of(out),
-                       DeviceView<Element>::of(out_linear));
+                       feature_map, scope, states, weight, bias, DeviceView<const Element>::of(os),
+                       DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear));
   });
   SLATTN_LAUNCH_CHECK("fused_linear_output_kernel");
 }

@@ -23,10 +23,11 @@ void key_block_states(const Geometry& g, const TensorView& k, const TensorView& 
                       const KeyStates& states, void* low_states, void* phi_k, cudaStream_t stream);
 
 // Per query block m: Ol = φ(Q_m) H_m / (φ(Q_m)·Z_m + ε) (0 where U_m is empty),
-// written to out_linear when defined; with a projection, out += Ol Wᵀ + b in
-// place (out holds Os on entry). weight (D, D) fp32 as (out, in), or null.
+// written to out_linear when defined; with a projection, out = Os + Ol Wᵀ + b
+// (Os read from `os`, which may be out). weight (D, D) fp32 as (out, in), or null.
 void linear_output_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, FeatureMap feature_map,
                          LinearScope scope, const KeyStates& states, const float* weight, const float* bias,
-                         const TensorView& out, const TensorView& out_linear, cudaStream_t stream);
+                         const TensorView& os, const TensorView& out, const TensorView& out_linear,
+                         cudaStream_t stream);
 
 }  // namespace slattn::cuda

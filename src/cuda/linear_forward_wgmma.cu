@@ -49,8 +49,9 @@ struct WgmmaLinear {
 template <typename Element>
 struct LinearOutputArgs {
   const float* denominator;  // φ(q)·Z_m + ε per query row
-  bool project;              // out += Ol Wᵀ + b
+  bool project;              // out = Os + Ol Wᵀ + b
   const float* bias;         // or null
+  DeviceView<const Element> os;  // read with a projection; may be out itself
   DeviceView<Element> out, out_linear;
 };
 
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
       const int unit = warpgroup_thread + i * kWarpgroupThreads;
       const int64_t row = at.m * kBlockQ + warpgroup_row0 + unit / kUnitsPerRow;
       os_units[i] = a.project && row < g.q_len
-                        ? *reinterpret_cast<const uint4*>(&a.out.at(at.b, at.h, row, unit % kUnitsPerRow * 8))
+                        ? *reinterpret_cast<const uint4*>(&a.os.at(at.b, at.h, row, unit % kUnitsPerRow * 8))
                         : make_uint4(0, 0, 0, 0);
     }
     // The loads above are issued before the wait for the item's tiles: their latency overlaps it.
@@ -200,7 +201,8 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
 const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                 FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                 const LinearSetOperands& operands, const float* weight, const float* bias,
-                                const TensorView& out, const TensorView& out_linear, cudaStream_t stream) {
+                                const TensorView& os, const TensorView& out, const TensorView& out_linear,
+                                cudaStream_t stream) {
   SLATTN_CHECK(g.features == g.dim, "linear_output_wgmma: fixed feature maps only");
   const char* refusal = nullptr;
   const int64_t items = g.q_blocks * g.heads * g.batch;
@@ -212,15 +214,17 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
     static const bool available = loaded_for_hopper(kernel);
     refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
     if (refusal != nullptr) return;
-    if (weight && !rows_are_16_byte_aligned(DeviceView<Element>::of(out))) {
-      refusal = "the Hopper linear forward reads and writes out's rows in 16-byte vectors";
+    if (weight && !(rows_are_16_byte_aligned(DeviceView<Element>::of(out)) &&
+                    rows_are_16_byte_aligned(DeviceView<const Element>::of(os)))) {
+      refusal = "the Hopper linear forward reads Os's rows and writes out's in 16-byte vectors";
       return;
     }
     const LinearSetMaps maps = linear_set_maps(g, q.dtype, operands);
     prepare_linear_set_operands(g, plan, q, feature_map, scope, states, weight, operands, stream);
 
     const LinearOutputArgs<Element> args{operands.denominator, weight != nullptr, bias,
-                                         DeviceView<Element>::of(out), DeviceView<Element>::of(out_linear)};
+                                         DeviceView<const Element>::of(os), DeviceView<Element>::of(out),
+                                         DeviceView<Element>::of(out_linear)};
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
     launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, args);
     SLATTN_LAUNCH_CHECK("linear_output_wgmma_kernel");

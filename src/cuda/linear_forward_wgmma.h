@@ -24,7 +24,7 @@
 namespace slattn::cuda {
 
 // Ol of every query block (written to out_linear when defined) and, with a
-// projection, out += Ol Wᵀ + b in place (out holds Os on entry); `states`
+// projection, out = Os + Ol Wᵀ + b (Os read from `os`, which may be out); `states`
 // holds z_n and the totals, operands.block_h h_n (key_block_states); the
 // other operands are prepared here. Returns nullptr, or why it cannot run
 // (nothing launched): no sm_90a code in the build, or too little shared
@@ -32,7 +32,7 @@ namespace slattn::cuda {
 const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                 FeatureMap feature_map, LinearScope scope,
                                 const KeyStates& states, const LinearSetOperands& operands, const float* weight,
-                                const float* bias, const TensorView& out, const TensorView& out_linear,
-                                cudaStream_t stream);
+                                const float* bias, const TensorView& os, const TensorView& out,
+                                const TensorView& out_linear, cudaStream_t stream);
 
 }  // namespace slattn::cuda

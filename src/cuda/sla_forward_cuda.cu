@@ -52,11 +52,15 @@ void run_sparse_forward(const SlaForwardParams& p, const Geometry& g, const Rout
   sparse_forward_quantized(g, plan, args, buf.quantized, stream);
 }
 
-// Os into out, then the linear branch adds Ol Wᵀ + b to it in place.
+// Os, then the linear branch's out = Os + Ol Wᵀ + b. With a projection Os is
+// written once, to out_sparse when asked for (the linear branch reads it
+// there), else to out (the linear branch adds to it in place).
 void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPlanView& plan,
                    const ForwardBuffers& buf, cudaStream_t stream) {
-  SparseForwardArgs sparse{p.q, p.k, p.v, p.out, p.out_sparse, nullptr, static_cast<float*>(p.lse),
-                           static_cast<float>(p.scale)};
+  const bool os_apart = p.proj_weight != nullptr && p.out_sparse.defined();
+  const TensorView& os = os_apart ? p.out_sparse : p.out;
+  SparseForwardArgs sparse{p.q, p.k, p.v, os_apart ? TensorView{} : p.out, p.out_sparse, nullptr,
+                           static_cast<float*>(p.lse), static_cast<float>(p.scale)};
   run_sparse_forward(p, g, plan, sparse, buf, stream);
   if (!p.linear_branch()) return;
   const auto* weight = static_cast<const float*>(p.proj_weight);
@@ -66,7 +70,7 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
                                                  buf.linear_set.block_h, nullptr, stream);
     if (refusal == nullptr)
       refusal = linear_output_wgmma(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states, buf.linear_set,
-                                    weight, bias, p.out, p.out_linear, stream);
+                                    weight, bias, os, p.out, p.out_linear, stream);
     if (refusal == nullptr) return;
     if (requested_mainloop() == Mainloop::wgmma)
       throw Unsupported(detail::concat("SLATTN_CUDA_MAINLOOP=wgmma: ", refusal));
@@ -74,7 +78,7 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
   // The sm_80 kernels read the fp32 states, which the Hopper ones do not write.
   key_block_states(g, p.k, p.v, p.feature_map, buf.key_states, nullptr, nullptr, stream);
   linear_output_fused(g, plan, p.q, p.feature_map, p.linear_scope, buf.key_states,
-                      weight, bias, p.out, p.out_linear, stream);
+                      weight, bias, os, p.out, p.out_linear, stream);
 }
 
 }  // namespace

@@ -181,6 +181,12 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
       accumulators_to_e4m3_fragments<kKeyTile>(score, p);
     }
     s.pipe.q_empty.arrive();  // every product that reads Q is complete
+    // V's channel scales at this thread's accumulator columns, loaded while the last tile's P V runs.
+    const float* v_scales = ops.v_scales + kv_pair_of(at) * kHeadDim;
+    float2 channel_scale[kHeadDim / 8];
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j)
+      channel_scale[j] = *reinterpret_cast<const float2*>(&v_scales[accumulator_col(j, 0)]);
     if (total > 0) {
       const int32_t last = t0 + total - 1;
       wgmma_fence();
@@ -193,11 +199,10 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
 #pragma unroll
         for (int e = 0; e < 4; ++e) out[j][e] += tile_out[j][e];
     }
-    const float* v_scales = ops.v_scales + kv_pair_of(at) * kHeadDim;
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) out[j][e] *= v_scales[accumulator_col(j, e)];
+      for (int e = 0; e < 4; ++e) out[j][e] *= e % 2 ? channel_scale[j].y : channel_scale[j].x;
     for (float& peak : row_max) peak -= kLog2E4m3Max;  // the LSE of P, not of 448 P
     const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
     store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
