@@ -198,14 +198,11 @@ class _EagerSla(torch.autograd.Function):
     (about 0.1-0.2 ms a call, more than the core's launches); here the op runs with gradients off."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = torch.ops.slattn.sla_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
+    def forward(*inputs):
+        return torch.ops.slattn.sla_forward(*inputs)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def sla_forward(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
