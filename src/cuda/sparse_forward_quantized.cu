@@ -11,12 +11,14 @@
 //   448 P to e4m3 in registers, O_tile = P V on FP8 tensor cores into fresh
 //   accumulators (their internal sums are narrower than fp32), O += O_tile in fp32.
 // The epilogue divides by the row sums, which cancels the 448, and applies V's
-// channel scales. On an H100 at the Wan2.1-1.3B shape (128-blocks) the
+// channel scales; Os leaves through the copy engine (forward_output_copies.cuh).
+// On an H100 at the Wan2.1-1.3B shape (128-blocks) the
 // previous design (three 64-row thread blocks per SM, cp.async) took 711 us,
 // this one 597 us (docs/performance.md).
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/forward_output_copies.cuh"
 #include "cuda/key_tile_pipeline.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_forward_steps.cuh"
@@ -45,7 +47,7 @@ __device__ __forceinline__ float small_int_to_float(int32_t x) {
 
 // The shape of the kernel: warpgroups, stages, shared memory. The key tiles
 // are half the bytes of the 16-bit kernel's, so there are more stages.
-template <int kHeadDim, int kBlockQ, int kKeyTile>
+template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
 struct QuantizedForward {
   static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
@@ -53,10 +55,12 @@ struct QuantizedForward {
   using QTile = ByteTile<kBlockQ, kHeadDim>;
   using KeyTile = ByteTile<kKeyTile, kHeadDim>;
   using ValueTile = ByteTile<kHeadDim, kKeyTile>;  // Vᵀ: a row per channel, K-major for the FP8 product
+  using OutTile = SwizzledTile<Element, kBlockQ, kHeadDim>;
   struct Shared {
     QTile q;
     KeyTile k[kStages];
     ValueTile v[kStages];
+    OutTile out;               // Os of the block, normalised, for the copy engine to store
     float tile_step[kStages];  // the INT8 step of each stage's key block, announced with its K
     KeyTilePipeline<kStages> pipe;
   };
@@ -65,13 +69,14 @@ struct QuantizedForward {
 };
 
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
-__global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>::kThreads,
-                                  QuantizedForward<kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
-    sparse_forward_quantized_kernel(const __grid_constant__ QkvTileMaps maps, Geometry g, RoutingPlanView plan,
+__global__ void __launch_bounds__(QuantizedForward<Element, kHeadDim, kBlockQ, kKeyTile>::kThreads,
+                                  QuantizedForward<Element, kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
+    sparse_forward_quantized_kernel(const __grid_constant__ QkvTileMaps maps, const __grid_constant__ RowTileMap os_map,
+                                    bool store_by_copies, Geometry g, RoutingPlanView plan,
                                     SparseForwardArgs a, QuantizedOperands ops) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(127 * 127 * kHeadDim < (1 << 22), "S must stay within small_int_to_float's range");
-  using Config = QuantizedForward<kHeadDim, kBlockQ, kKeyTile>;
+  using Config = QuantizedForward<Element, kHeadDim, kBlockQ, kKeyTile>;
   using Shared = typename Config::Shared;
   using Registers = RegisterSplit<Config::kThreads, Config::kConsumers, Config::kBlocksPerSm>;
   extern __shared__ unsigned char raw[];
@@ -204,10 +209,16 @@ __global__ void __launch_bounds__(QuantizedForward<kHeadDim, kBlockQ, kKeyTile>:
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[j][e] *= e % 2 ? channel_scale[j].y : channel_scale[j].x;
     for (float& peak : row_max) peak -= kLog2E4m3Max;  // the LSE of P, not of 448 P
-    const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
-    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
+    if (store_by_copies) {
+      store_forward_rows_by_copies<Element, kHeadDim, kBlockQ>(g, a, os_map, at, consumer_thread, out, row_max,
+                                                               row_sum, s.out);
+    } else {
+      const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
+      store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
+    }
     t0 += total;
   }
+  if (store_by_copies && consumer_thread % kWarpgroupThreads == 0) wait_bulk_groups<true>();
 #endif
 }
 
@@ -221,7 +232,7 @@ void with_quantized_kernel(const Geometry& g, DType dtype, Fn&& fn) {
   dispatch_sparse_kernel(dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, BK = decltype(block_k)::value;
-    using Config = QuantizedForward<D, BQ, BK>;
+    using Config = QuantizedForward<Element, D, BQ, BK>;
     fn(sparse_forward_quantized_kernel<Element, D, BQ, BK>, Config::kSharedBytes, Config{});
   });
 }
@@ -249,7 +260,10 @@ void sparse_forward_quantized(const Geometry& g, const RoutingPlanView& plan, co
         byte_tile_map(ops.q, g.q_pairs(), g.q_rows(), g.dim, g.block_q, static_cast<int>(g.dim)),
         byte_tile_map(ops.k, g.kv_pairs(), g.k_rows(), g.dim, g.block_k, static_cast<int>(g.dim)),
         byte_tile_map(ops.v, g.kv_pairs(), g.dim, g.k_rows(), static_cast<int>(g.dim), g.block_k)};
-    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, g, plan, args, ops);
+    RowTileMap os_map{};
+    const bool store_by_copies = forward_output_map(args, &os_map);
+    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, os_map, store_by_copies, g, plan, args,
+                       ops);
   });
   SLATTN_LAUNCH_CHECK("sparse_forward_quantized_kernel");
 }

@@ -105,9 +105,28 @@ __device__ __forceinline__ void online_softmax_step(float (&score)[kKeyTiles8][4
   rescale_rows(out, correction);
 }
 
+// The end of the warp's rows (from `warp_row0` on): each row's sum over its
+// quad, its LSE written (natural log; -inf for a row with no critical key),
+// and the factor that normalises its output (0 for such a row).
+__device__ __forceinline__ void finish_forward_rows(const Geometry& g, const SparseForwardArgs& a, int64_t pair,
+                                                    int64_t warp_row0, const float (&row_max)[2],
+                                                    float (&row_sum)[2], float (&inverse)[2]) {
+  const int lane = threadIdx.x % kWarpSize, group = lane / 4, quad = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    const int64_t row = warp_row0 + group + 8 * r;
+    const bool any = row_sum[r] > 0.0f;
+    inverse[r] = any ? 1.0f / row_sum[r] : 0.0f;
+    if (quad == 0 && row < g.q_len)
+      a.lse[pair * g.q_len + row] = any ? (row_max[r] + __log2f(row_sum[r])) * kLn2 : -INFINITY;
+  }
+}
+
 // Normalises the warp's rows (from `warp_row0` on) and writes Os to every
 // destination the caller asked for (out, out_sparse, padded fp32 rows) and
-// the LSE (natural log; -inf for a row with no critical key).
+// the LSE (finish_forward_rows).
 template <typename Element, int kHeadDim>
 __device__ __forceinline__ void store_forward_rows(const Geometry& g, const SparseForwardArgs& a, int64_t b,
                                                    int64_t h, int64_t warp_row0, float (&out)[kHeadDim / 8][4],
@@ -116,18 +135,16 @@ __device__ __forceinline__ void store_forward_rows(const Geometry& g, const Spar
   const int64_t pair = b * g.heads + h;
   const auto out_view = DeviceView<Element>::of(a.out);
   const auto sparse_view = DeviceView<Element>::of(a.out_sparse);
+  float inverse[2];
+  finish_forward_rows(g, a, pair, warp_row0, row_max, row_sum, inverse);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
     const int64_t row = warp_row0 + group + 8 * r;
     if (row >= g.q_len) continue;
-    const bool any = row_sum[r] > 0.0f;
-    const float inverse = any ? 1.0f / row_sum[r] : 0.0f;
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
       const int d = j * 8 + 2 * quad;
-      const float value0 = out[j][2 * r] * inverse, value1 = out[j][2 * r + 1] * inverse;
+      const float value0 = out[j][2 * r] * inverse[r], value1 = out[j][2 * r + 1] * inverse[r];
       if (out_view.defined()) store_pair(out_view, b, h, row, d, value0, value1);
       if (sparse_view.defined()) store_pair(sparse_view, b, h, row, d, value0, value1);
       if (a.os_rows) {
@@ -135,7 +152,6 @@ __device__ __forceinline__ void store_forward_rows(const Geometry& g, const Spar
         a.os_rows[(pair * g.q_rows() + row) * kHeadDim + d + 1] = value1;
       }
     }
-    if (quad == 0) a.lse[pair * g.q_len + row] = any ? (row_max[r] + __log2f(row_sum[r])) * kLn2 : -INFINITY;
   }
 }
 

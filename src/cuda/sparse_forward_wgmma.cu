@@ -4,13 +4,15 @@
 // key blocks) with the tile copy engine into two stages, each completing on
 // an mbarrier; one consumer warpgroup per 64 query rows computes S = Q Kᵀ
 // from shared memory, the online softmax, and O += P V with P in registers,
-// and hands each K and V tile back on its own barrier. Built for sm_90a only;
+// and hands each K and V tile back on its own barrier; Os leaves through the
+// copy engine (forward_output_copies.cuh). Built for sm_90a only;
 // other targets get an empty body that is never launched (sparse_forward
 // checks the loaded binary), and layouts the copy engine cannot describe go
 // to the mma.sync mainloop.
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/forward_output_copies.cuh"
 #include "cuda/key_tile_pipeline.cuh"
 #include "cuda/sparse_forward_steps.cuh"
 #include "cuda/sla_cuda.h"
@@ -34,6 +36,7 @@ struct WgmmaForward {
     QTile q;
     KeyTile k[kStages];
     KeyTile v[kStages];
+    QTile out;  // Os of the block, normalised, for the copy engine to store
     KeyTilePipeline<kStages> pipe;
   };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // aligned to the swizzle atom at run time
@@ -71,8 +74,8 @@ __device__ __forceinline__ void issue_values(float (&out)[kDimTiles8][4], const 
 template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
 __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>::kThreads,
                                   WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
-    sparse_forward_wgmma_kernel(const __grid_constant__ QkvTileMaps maps, Geometry g, RoutingPlanView plan,
-                                    SparseForwardArgs a) {
+    sparse_forward_wgmma_kernel(const __grid_constant__ QkvTileMaps maps, const __grid_constant__ RowTileMap os_map,
+                                bool store_by_copies, Geometry g, RoutingPlanView plan, SparseForwardArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Config = WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>;
   using Shared = typename Config::Shared;
@@ -164,10 +167,16 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
       fence_accumulators(out);
       s.pipe.release_values(last);
     }
-    const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
-    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
+    if (store_by_copies) {
+      store_forward_rows_by_copies<Element, kHeadDim, kBlockQ>(g, a, os_map, at, consumer_thread, out, row_max,
+                                                               row_sum, s.out);
+    } else {
+      const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
+      store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
+    }
     t0 += total;
   }
+  if (store_by_copies && consumer_thread % kWarpgroupThreads == 0) wait_bulk_groups<true>();
 #endif
 }
 
@@ -186,6 +195,7 @@ const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan,
     static const bool available = loaded_for_hopper(kernel);
     const size_t shared = Config::kSharedBytes;
     QkvTileMaps maps;
+    RowTileMap os_map{};
     refusal = hopper_kernel_refusal(available, shared);
     if (refusal != nullptr) return;
     if (!make_row_tile_map(args.q, BQ, &maps.q) || !make_row_tile_map(args.k, KT, &maps.k) ||
@@ -194,7 +204,8 @@ const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan,
                 "contiguous head dim, a 16-byte-aligned start and strides that are multiples of 16 bytes";
       return;
     }
-    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, g, plan, args);
+    const bool store_by_copies = forward_output_map(args, &os_map);
+    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, os_map, store_by_copies, g, plan, args);
   });
   if (refusal == nullptr) SLATTN_LAUNCH_CHECK("sparse_forward_wgmma_kernel");
   return refusal;

@@ -42,6 +42,20 @@ __device__ __forceinline__ void load_row_tile(Tile& tile, const RowTileMap& map,
     tma_load(tile.chunk(chunk), map.map, map.at(chunk * kRowTileBoxCols, row, h, b), full);
 }
 
+// Starts copying rows [tile_row, tile_row + box rows) of `tile` (a
+// SwizzledTile) to rows [row, ...) of the (b, h) slice described by `map`
+// (made for boxes of that many rows; rows past L are left out), in the
+// calling thread's current bulk group.
+template <typename Tile>
+__device__ __forceinline__ void store_row_tile(const RowTileMap& map, const Tile& tile, int tile_row, int64_t row,
+                                               int64_t h, int64_t b) {
+  static_assert(Tile::kChunkCols == kRowTileBoxCols, "a box is a column chunk");
+#pragma unroll
+  for (int chunk = 0; chunk < Tile::kChunks; ++chunk)
+    tma_store(map.map, map.at(chunk * kRowTileBoxCols, row, h, b),
+              const_cast<Tile&>(tile).chunk(chunk) + tile_row * kRowTileBoxCols);
+}
+
 // The maps a sparse forward reads its operands through.
 struct QkvTileMaps {
   RowTileMap q, k, v;

@@ -132,6 +132,39 @@ __device__ __forceinline__ void bulk_load(void* destination, const void* source,
       : "memory"));
 }
 
+// Copies shared memory at `source` to the box at `at` of the tensor described
+// by `map`, rows outside the tensor left out; joins the issuing thread's
+// current bulk group. The threads that wrote `source` must first make their
+// writes visible to the copy engine (fence_shared_for_copies) and meet.
+__device__ __forceinline__ void tma_store(const CUtensorMap& map, const TileCoordinates& at, const void* source) {
+  SLATTN_SM90A(asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(&map)),
+      "r"(shared_address(source)), "r"(at.c[0]), "r"(at.c[1]), "r"(at.c[2]), "r"(at.c[3])
+      : "memory"));
+}
+
+// This thread's shared-memory writes, made visible to the copy engine's reads.
+__device__ __forceinline__ void fence_shared_for_copies() {
+  SLATTN_SM90A(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"));
+}
+
+// Closes the issuing thread's current bulk group of stores.
+__device__ __forceinline__ void commit_bulk_group() {
+  SLATTN_SM90A(asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"));
+}
+
+// Waits until the issuing thread's bulk groups have read their shared memory
+// (it may be written again), or, `written`, until their writes are complete.
+template <bool kWritten>
+__device__ __forceinline__ void wait_bulk_groups() {
+  if constexpr (kWritten) {
+    SLATTN_SM90A(asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"));
+  } else {
+    SLATTN_SM90A(asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"));
+  }
+}
+
 // Registers per thread for the rest of this warpgroup's life (a multiple of 8
 // in [24, 256]); every thread of the warpgroup executes it.
 template <int kRegisters>
