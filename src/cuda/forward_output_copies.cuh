@@ -42,8 +42,8 @@ __device__ __forceinline__ void stage_forward_rows(const Geometry& g, const Spar
 // A consumer warpgroup's epilogue for query block `at` (every thread of the
 // warpgroup calls it): the rows staged in `tile` once the warpgroup's
 // previous store has read them, then one store of the warpgroup's rows,
-// issued by its first thread (`storing_thread`), which must call
-// wait_bulk_groups<true>() before the thread block ends.
+// issued by its first thread (`storing_thread`); drain_forward_stores before
+// the thread block ends.
 template <typename Element, int kHeadDim, int kBlockQ, typename Tile>
 __device__ __forceinline__ void store_forward_rows_by_copies(const Geometry& g, const SparseForwardArgs& a,
                                                              const RowTileMap& map, const QueryItem& at,
@@ -63,6 +63,27 @@ __device__ __forceinline__ void store_forward_rows_by_copies(const Geometry& g, 
     store_row_tile(map, tile, warpgroup_row0, at.m * kBlockQ + warpgroup_row0, at.h, at.b);
     commit_bulk_group();
   }
+}
+
+// The epilogue of a Hopper forward's consumer warpgroup for query block `at`:
+// through the copy engine with `map` when `store_by_copies` (forward_output_map), else plain stores.
+template <typename Element, int kHeadDim, int kBlockQ, typename Tile>
+__device__ __forceinline__ void end_forward_block(const Geometry& g, const SparseForwardArgs& a, const RowTileMap& map,
+                                                  bool store_by_copies, const QueryItem& at, int consumer_thread,
+                                                  float (&out)[kHeadDim / 8][4], const float (&row_max)[2],
+                                                  float (&row_sum)[2], Tile& tile) {
+  if (store_by_copies) {
+    store_forward_rows_by_copies<Element, kHeadDim, kBlockQ>(g, a, map, at, consumer_thread, out, row_max, row_sum,
+                                                             tile);
+  } else {
+    const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
+    store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
+  }
+}
+
+// Before a Hopper forward's thread block ends: its stores through the copy engine complete.
+__device__ __forceinline__ void drain_forward_stores(bool store_by_copies, int consumer_thread) {
+  if (store_by_copies && consumer_thread % kWarpgroupThreads == 0) wait_bulk_groups<true>();
 }
 
 }  // namespace slattn::cuda

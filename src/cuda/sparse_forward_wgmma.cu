@@ -167,16 +167,11 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
       fence_accumulators(out);
       s.pipe.release_values(last);
     }
-    if (store_by_copies) {
-      store_forward_rows_by_copies<Element, kHeadDim, kBlockQ>(g, a, os_map, at, consumer_thread, out, row_max,
-                                                               row_sum, s.out);
-    } else {
-      const int64_t warp_row0 = at.m * kBlockQ + consumer_thread / kWarpSize * kRowsPerWarp;
-      store_forward_rows<Element, kHeadDim>(g, a, at.b, at.h, warp_row0, out, row_max, row_sum);
-    }
+    end_forward_block<Element, kHeadDim, kBlockQ>(g, a, os_map, store_by_copies, at, consumer_thread, out, row_max,
+                                                  row_sum, s.out);
     t0 += total;
   }
-  if (store_by_copies && consumer_thread % kWarpgroupThreads == 0) wait_bulk_groups<true>();
+  drain_forward_stores(store_by_copies, consumer_thread);
 #endif
 }
 
