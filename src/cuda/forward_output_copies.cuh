@@ -2,7 +2,8 @@
 // its normalised rows of Os into a shared tile (SwizzledTile), which the copy
 // engine stores while the next query block's products run. With plain stores
 // every thread block's rows would leave at once, between two blocks'
-// products, and wait on memory together (a tenth of the 16-bit forward's time).
+// products, and wait on memory together (the 16-bit forward took 0.568
+// against 0.533 ms so on an H100 at the Wan2.1-1.3B shape).
 #pragma once
 
 #include "cuda/key_tile_pipeline.cuh"
