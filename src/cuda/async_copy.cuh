@@ -28,9 +28,9 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Orders this thread's ordinary shared-memory writes (cp.async included)
-// before later reads by the tensor cores' asynchronous proxy (wgmma); a
-// barrier follows. Nothing to order before sm_90.
-__device__ __forceinline__ void fence_shared_for_tensor_cores() {
+// before later reads by the asynchronous proxy (wgmma's operands, the tile
+// copy engine's stores); a barrier follows. Nothing to order before sm_90.
+__device__ __forceinline__ void fence_shared_for_async_proxy() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif

@@ -40,10 +40,15 @@ __device__ __forceinline__ void stage_forward_rows(const Geometry& g, const Spar
           pack2<Element>(out[j][2 * r] * inverse[r], out[j][2 * r + 1] * inverse[r]);
 }
 
+// The consumer thread that issues its warpgroup's stores: the first.
+__device__ __forceinline__ bool issues_warpgroup_stores(int consumer_thread) {
+  return consumer_thread % kWarpgroupThreads == 0;
+}
+
 // A consumer warpgroup's epilogue for query block `at` (every thread of the
 // warpgroup calls it): the rows staged in `tile` once the warpgroup's
 // previous store has read them, then one store of the warpgroup's rows,
-// issued by its first thread (`storing_thread`); drain_forward_stores before
+// issued by its first thread (issues_warpgroup_stores); drain_forward_stores before
 // the thread block ends.
 template <typename Element, int kHeadDim, int kBlockQ, typename Tile>
 __device__ __forceinline__ void store_forward_rows_by_copies(const Geometry& g, const SparseForwardArgs& a,
@@ -52,13 +57,13 @@ __device__ __forceinline__ void store_forward_rows_by_copies(const Geometry& g, 
                                                              const float (&row_max)[2], float (&row_sum)[2],
                                                              Tile& tile) {
   const int warpgroup = consumer_thread / kWarpgroupThreads, warpgroup_row0 = warpgroup * kWarpgroupRows;
-  const bool storing_thread = consumer_thread % kWarpgroupThreads == 0;
+  const bool storing_thread = issues_warpgroup_stores(consumer_thread);
   const int tile_row0 = consumer_thread / kWarpSize * kRowsPerWarp;  // the warp's first row in the block
   if (storing_thread) wait_bulk_groups<false>();
   named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
   stage_forward_rows<Element, kHeadDim>(g, a, at.b * g.heads + at.h, at.m * kBlockQ + tile_row0, tile_row0, out,
                                         row_max, row_sum, tile);
-  fence_shared_for_copies();
+  fence_shared_for_async_proxy();
   named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
   if (storing_thread) {
     store_row_tile(map, tile, warpgroup_row0, at.m * kBlockQ + warpgroup_row0, at.h, at.b);
@@ -84,7 +89,7 @@ __device__ __forceinline__ void end_forward_block(const Geometry& g, const Spars
 
 // Before a Hopper forward's thread block ends: its stores through the copy engine complete.
 __device__ __forceinline__ void drain_forward_stores(bool store_by_copies, int consumer_thread) {
-  if (store_by_copies && consumer_thread % kWarpgroupThreads == 0) wait_bulk_groups<true>();
+  if (store_by_copies && issues_warpgroup_stores(consumer_thread)) wait_bulk_groups<true>();
 }
 
 }  // namespace slattn::cuda

@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK>::kT
     s.pipe.wait_keys(t);
     phi_in_place<Config>(keys, rows, a.feature_map, a.phi_k ? a.phi_k + (pair * g.k_len + first) * kHeadDim : nullptr,
                          thread);
-    fence_shared_for_tensor_cores();
+    fence_shared_for_async_proxy();
     named_barrier_sync(1, Config::kConsumerThreads);
 
     float h[kTiles][4] = {};

@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
         }
       }
     }
-    fence_shared_for_tensor_cores();
+    fence_shared_for_async_proxy();
     named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
 
     // P = dOl H_mᵀ and O = φ(Q_m) H_m (for dW), both times den. O is formed without a projection too: a product issued under a condition makes ptxas
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       for (int r = 0; r < 2; ++r)
         s.phi.accumulator_pair(tile_row + 8 * r, j) =
             pack2<Element>(phi[j][2 * r] * inverse[r], phi[j][2 * r + 1] * inverse[r]);
-    fence_shared_for_tensor_cores();
+    fence_shared_for_async_proxy();
     // dq = the sparse branch's dq rows + this, in the output dtype.
     store_sum_with_rows(a.dq, at.b, at.h, row0, g.q_len, a.dq_rows + (pair * g.q_rows() + row0) * kHeadDim + 2 * quad,
                         kHeadDim, grad);

@@ -135,18 +135,13 @@ __device__ __forceinline__ void bulk_load(void* destination, const void* source,
 // Copies shared memory at `source` to the box at `at` of the tensor described
 // by `map`, rows outside the tensor left out; joins the issuing thread's
 // current bulk group. The threads that wrote `source` must first make their
-// writes visible to the copy engine (fence_shared_for_copies) and meet.
+// writes visible to the copy engine (fence_shared_for_async_proxy) and meet.
 __device__ __forceinline__ void tma_store(const CUtensorMap& map, const TileCoordinates& at, const void* source) {
   SLATTN_SM90A(asm volatile(
       "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
           reinterpret_cast<uint64_t>(&map)),
       "r"(shared_address(source)), "r"(at.c[0]), "r"(at.c[1]), "r"(at.c[2]), "r"(at.c[3])
       : "memory"));
-}
-
-// This thread's shared-memory writes, made visible to the copy engine's reads.
-__device__ __forceinline__ void fence_shared_for_copies() {
-  SLATTN_SM90A(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"));
 }
 
 // Closes the issuing thread's current bulk group of stores.
