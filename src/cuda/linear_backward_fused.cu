@@ -272,12 +272,11 @@ bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map) 
   return needed <= max_shared_per_block();
 }
 
-bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
-                           const TensorView& v, FeatureMap feature_map, LinearScope scope,
-                           const LinearGradBuffers& buf, const TensorView& dout, float* dout_rows,
-                           const float* weight, const TensorView& dout_linear, const float* dq_rows,
-                           const float* dk_rows, const float* dv_rows, const TensorView& dq, const TensorView& dk,
-                           const TensorView& dv, cudaStream_t stream) {
+bool linear_backward_fused_queries(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
+                                   const TensorView& k, const TensorView& v, FeatureMap feature_map, LinearScope scope,
+                                   const LinearGradBuffers& buf, const TensorView& dout, float* dout_rows,
+                                   const float* weight, const TensorView& dout_linear, const float* dq_rows,
+                                   const TensorView& dq, cudaStream_t stream) {
   const bool hopper = buf.linear_set.block_h != nullptr;
   // A Hopper kernel that refuses (key_states_wgmma.h, linear_backward_wgmma.h) leaves the rest of the
   // linear backward to the sm_80 kernels, on the fp32 states.
@@ -293,7 +292,6 @@ bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
           stream);
     refuse_if_forced(refusal);
   }
-  const int64_t state = g.features * g.dim;
   const bool dh_low = refusal == nullptr;
   if (!dh_low) {  // on the fp32 states
     if (weight && hopper) feature_rows(dout, g.q_rows(), feature_map, nullptr, dout_rows, stream);
@@ -301,17 +299,33 @@ bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const
     linear_query_grads(g, plan, q, feature_map, scope, buf, dout_rows, weight, dout_linear, dq_rows, dq, stream);
   }
   column_sums(buf.dz_query, g.q_pairs(), g.q_blocks, g.features, buf.dz_total, stream);
-
-  if (dh_low) {
-    // It copies v as the key-block states did and needs less shared memory than the query kernel: it runs.
-    refusal = linear_key_grads_wgmma(g, plan, v, feature_map, scope, buf.linear_set, buf.key_set,
-                                     LinearKeyGradArgs{buf.dz_query, buf.dz_total, dk_rows, dv_rows, dk, dv}, stream);
-    SLATTN_CHECK(refusal == nullptr, "the Hopper key kernel refused after the query kernel ran: ", refusal);
-  } else {  // the sm_80 key kernel, on the fp32 dH_m and their totals
-    column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, state, buf.dh_total, stream);
-    linear_key_grads(g, plan, k, v, feature_map, scope, buf, dk_rows, dv_rows, dk, dv, stream);
-  }
   return dh_low;  // the Hopper query kernel ran
+}
+
+KeyGradLinearTerms linear_backward_fused_key_terms(const Geometry& g, const RoutingPlanView& plan, DType dtype,
+                                                   FeatureMap feature_map, LinearScope scope,
+                                                   const LinearGradBuffers& buf, const TensorView& dk,
+                                                   const TensorView& dv, cudaStream_t stream) {
+  return linear_key_terms_wgmma(g, plan, dtype, feature_map, scope, buf.linear_set, buf.key_set,
+                                LinearKeyGradArgs{buf.dz_query, buf.dz_total, nullptr, nullptr, dk, dv}, stream);
+}
+
+void linear_backward_fused_keys(const Geometry& g, const RoutingPlanView& plan, const TensorView& k,
+                                const TensorView& v, FeatureMap feature_map, LinearScope scope,
+                                const LinearGradBuffers& buf, bool hopper_queries, const float* dk_rows,
+                                const float* dv_rows, const TensorView& dk, const TensorView& dv,
+                                cudaStream_t stream) {
+  if (hopper_queries) {
+    // It copies v as the key-block states did and needs less shared memory than the query kernel: it runs.
+    const char* refusal =
+        linear_key_grads_wgmma(g, plan, v, feature_map, scope, buf.linear_set, buf.key_set,
+                               LinearKeyGradArgs{buf.dz_query, buf.dz_total, dk_rows, dv_rows, dk, dv}, stream);
+    SLATTN_CHECK(refusal == nullptr, "the Hopper key kernel refused after the query kernel ran: ", refusal);
+    return;
+  }
+  // The sm_80 key kernel, on the fp32 dH_m and their totals.
+  column_sums(buf.dh_query, g.q_pairs(), g.q_blocks, g.features * g.dim, buf.dh_total, stream);
+  linear_key_grads(g, plan, k, v, feature_map, scope, buf, dk_rows, dv_rows, dk, dv, stream);
 }
 
 }  // namespace slattn::cuda

@@ -39,20 +39,36 @@ struct LinearGradBuffers {
 
 bool fused_linear_backward_supported(const Geometry& g, FeatureMap feature_map);
 
-// dq, dk, dv = the sparse branch's gradients (dq_rows, dk_rows, dv_rows:
-// padded fp32 rows) + the linear branch's. dout_rows (fp32 rows of dO) and
-// weight (D, D) are given with a projection, else null; dout (dO) is read
-// with a projection; dout_linear may be undefined. With the Hopper kernels'
-// buffers (buffers.linear_set carved) the caller leaves dout_rows unwritten:
-// the Hopper kernels read dout itself, and they are written here only if an
-// sm_80 kernel takes over. Returns whether the Hopper query kernel ran: the
-// Ol rows are then in the input dtype, and dout_rows unwritten.
-bool linear_backward_fused(const Geometry& g, const RoutingPlanView& plan, const TensorView& q, const TensorView& k,
-                           const TensorView& v, FeatureMap feature_map, LinearScope scope,
-                           const LinearGradBuffers& buffers, const TensorView& dout, float* dout_rows,
-                           const float* weight,
-                           const TensorView& dout_linear, const float* dq_rows, const float* dk_rows,
-                           const float* dv_rows, const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                           cudaStream_t stream);
+// The linear branch's gradients in two halves around the sparse dK/dV kernel.
+// The query side: dq = the sparse branch's dq_rows (padded fp32 rows) + the
+// linear branch's, dH_m and dZ_m (and the key-block states, recomputed).
+// dout_rows (fp32 rows of dO) and weight (D, D) are given with a projection,
+// else null; dout (dO) is read with a projection; dout_linear may be
+// undefined. With the Hopper kernels' buffers (buffers.linear_set carved) the
+// caller leaves dout_rows unwritten: the Hopper kernels read dout itself, and
+// they are written here only if an sm_80 kernel takes over. Returns whether
+// the Hopper query kernel ran: the Ol rows are then in the input dtype, and
+// dout_rows unwritten.
+bool linear_backward_fused_queries(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
+                                   const TensorView& k, const TensorView& v, FeatureMap feature_map, LinearScope scope,
+                                   const LinearGradBuffers& buffers, const TensorView& dout, float* dout_rows,
+                                   const float* weight, const TensorView& dout_linear, const float* dq_rows,
+                                   const TensorView& dq, cudaStream_t stream);
+
+// After the Hopper query kernel ran: the key side's terms (dh_n, dz_n) for the
+// sparse dK/dV kernel to add into dk and dv.
+KeyGradLinearTerms linear_backward_fused_key_terms(const Geometry& g, const RoutingPlanView& plan, DType dtype,
+                                                   FeatureMap feature_map, LinearScope scope,
+                                                   const LinearGradBuffers& buffers, const TensorView& dk,
+                                                   const TensorView& dv, cudaStream_t stream);
+
+// Otherwise the key side itself, after the sparse dK/dV kernel: dk, dv =
+// dk_rows, dv_rows + the linear branch's. hopper_queries: what
+// linear_backward_fused_queries returned.
+void linear_backward_fused_keys(const Geometry& g, const RoutingPlanView& plan, const TensorView& k,
+                                const TensorView& v, FeatureMap feature_map, LinearScope scope,
+                                const LinearGradBuffers& buffers, bool hopper_queries, const float* dk_rows,
+                                const float* dv_rows, const TensorView& dk, const TensorView& dv,
+                                cudaStream_t stream);
 
 }  // namespace slattn::cuda

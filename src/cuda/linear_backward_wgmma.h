@@ -21,6 +21,7 @@
 #include "cuda/geometry.h"
 #include "cuda/linear_set_operands.h"
 #include "cuda/linear_states.h"
+#include "cuda/sparse_kernels.h"
 #include "cuda/workspace.h"
 #include "slattn/options.h"
 #include "slattn/plan.h"
@@ -66,6 +67,15 @@ struct LinearKeyGradArgs {
   const float* dv_rows;   // likewise dV
   TensorView dk, dv;      // = those + the linear branch's, in the output dtype
 };
+
+// dh_n (in the room of set's h_n, read only to form H_m before) and dz_n from
+// the query side's dH_m (operands.dh_low) and dZ_m: the key side's terms, for
+// linear_key_grads_wgmma or the sparse dK/dV kernel (sparse_kernels.h) to add
+// (args' rows are not read here).
+KeyGradLinearTerms linear_key_terms_wgmma(const Geometry& g, const RoutingPlanView& plan, DType dtype,
+                                          FeatureMap feature_map, LinearScope scope, const LinearSetOperands& set,
+                                          const LinearKeyGradOperands& operands, const LinearKeyGradArgs& args,
+                                          cudaStream_t stream);
 
 // Per key block: dk and dv, from v and `operands` (phi_k and the dH_m of
 // dh_low filled before; the rest prepared here, with set's indicator; dh_n

@@ -155,11 +155,22 @@ LinearKeyGradOperands LinearKeyGradOperands::carve(WorkspaceCarver& carver, cons
   return o;
 }
 
+KeyGradLinearTerms linear_key_terms_wgmma(const Geometry& g, const RoutingPlanView& plan, DType dtype,
+                                          FeatureMap feature_map, LinearScope scope, const LinearSetOperands& set,
+                                          const LinearKeyGradOperands& operands, const LinearKeyGradArgs& args,
+                                          cudaStream_t stream) {
+  SLATTN_CHECK(g.features == g.dim, "linear_key_terms_wgmma: fixed feature maps only");
+  void* dh_key = set.block_h;  // h_n was read only to form H_m, before: dh_n takes its room (and padding)
+  sum_key_set_grads(g, dtype, set.indicator, operands.dh_low, dh_key, set.cublas_workspace, stream);
+  key_block_dz(g, plan, scope, args.dz_query, args.dz_total, operands.dz_key, stream);
+  return KeyGradLinearTerms{feature_map, operands.phi_k, dh_key, key_blocks_padded(g), operands.dz_key, args.dk,
+                            args.dv};
+}
+
 const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& v,
                                    FeatureMap feature_map, LinearScope scope, const LinearSetOperands& set,
                                    const LinearKeyGradOperands& operands, const LinearKeyGradArgs& args,
                                    cudaStream_t stream) {
-  SLATTN_CHECK(g.features == g.dim, "linear_key_grads_wgmma: fixed feature maps only");
   const char* refusal = nullptr;
   const int64_t items = g.kv_pairs() * g.k_blocks;
   dispatch_sparse_kernel(v.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
@@ -170,23 +181,23 @@ const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& pla
     static const bool available = loaded_for_hopper(kernel);
     refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
     if (refusal != nullptr) return;
-    void* dh_key = set.block_h;  // h_n was read only to form H_m, before: dh_n takes its room (and padding)
     KeyGradMaps maps{};
     if (!make_row_tile_map(v, BK, &maps.v)) {
       refusal = "v's rows do not suit the tile copy engine";
       return;
     }
+    const KeyGradLinearTerms terms =
+        linear_key_terms_wgmma(g, plan, v.dtype, feature_map, scope, set, operands, args, stream);
     const bool packed =
-        make_row_tile_map(dense_rows(operands.phi_k, v.dtype, g.batch, g.kv_heads, g.k_len, D), BK, &maps.phi_k) &&
-        make_row_tile_map(dense_rows(dh_key, v.dtype, 1, g.kv_pairs() * key_blocks_padded(g), D, D), D,
-                          &maps.dh);
+        make_row_tile_map(dense_rows(const_cast<void*>(terms.phi_k), v.dtype, g.batch, g.kv_heads, g.k_len, D), BK,
+                          &maps.phi_k) &&
+        make_row_tile_map(dense_rows(const_cast<void*>(terms.dh_key), v.dtype, 1, g.kv_pairs() * terms.dh_pair_tiles,
+                                     D, D),
+                          D, &maps.dh);
     SLATTN_CHECK(packed, "linear_key_grads_wgmma: the tile copy engine refused a workspace buffer");
-
-    sum_key_set_grads(g, v.dtype, set.indicator, operands.dh_low, dh_key, set.cublas_workspace, stream);
-    key_block_dz(g, plan, scope, args.dz_query, args.dz_total, operands.dz_key, stream);
     const KeyGradKernelArgs<Element> kernel_args{feature_map,
-                                                 key_blocks_padded(g),
-                                                 operands.dz_key,
+                                                 terms.dh_pair_tiles,
+                                                 terms.dz_key,
                                                  args.dk_rows,
                                                  args.dv_rows,
                                                  DeviceView<Element>::of(args.dk),

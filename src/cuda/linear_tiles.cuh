@@ -154,22 +154,40 @@ __device__ __forceinline__ void accumulator_row_dots(const float (&x)[kCols / 8]
 // In place, dφ -> dx through the fixed feature maps (SPEC section 5), from φ
 // alone: softmax φ ⊙ (dφ − dφ·φ); elu+1 has φ = exp(x) <= 1 for x <= 0 and
 // φ = x + 1 > 1 above, so dx = dφ · min(φ, 1); relu dx = dφ where φ > 0.
-// phi holds this warp's rows at the accumulator positions.
-template <int kDim>
-__device__ __forceinline__ void feature_map_backward(FeatureMap feature_map, const float (&phi)[kDim / 8][4],
-                                                     float (&grad)[kDim / 8][4]) {
+// phi_at(j, e) is φ at this thread's accumulator position (j, e) (read on
+// each use: a caller may read it from shared memory rather than hold it).
+template <int kDim, typename PhiAt>
+__device__ __forceinline__ void feature_map_backward_at(FeatureMap feature_map, PhiAt&& phi_at,
+                                                        float (&grad)[kDim / 8][4]) {
   float inner[2] = {0.0f, 0.0f};
-  if (feature_map == FeatureMap::softmax) accumulator_row_dots<kDim>(grad, phi, inner);
+  if (feature_map == FeatureMap::softmax) {
+#pragma unroll
+    for (int j = 0; j < kDim / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) inner[e / 2] += grad[j][e] * phi_at(j, e);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      inner[r] += __shfl_xor_sync(0xffffffffu, inner[r], 1);
+      inner[r] += __shfl_xor_sync(0xffffffffu, inner[r], 2);
+    }
+  }
 #pragma unroll
   for (int j = 0; j < kDim / 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float p = phi[j][e], d = grad[j][e];
+      const float p = phi_at(j, e), d = grad[j][e];
       grad[j][e] = feature_map == FeatureMap::softmax ? p * (d - inner[e / 2])
                    : feature_map == FeatureMap::elu   ? d * fminf(p, 1.0f)
                                                       : (p > 0.0f ? d : 0.0f);
     }
   }
+}
+
+// The same with φ held at the accumulator positions of this warp's rows.
+template <int kDim>
+__device__ __forceinline__ void feature_map_backward(FeatureMap feature_map, const float (&phi)[kDim / 8][4],
+                                                     float (&grad)[kDim / 8][4]) {
+  feature_map_backward_at<kDim>(feature_map, [&](int j, int e) { return phi[j][e]; }, grad);
 }
 
 // Loads this warp's rows of a shared matrix at the accumulator positions, as fp32.

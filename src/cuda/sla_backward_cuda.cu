@@ -1,7 +1,8 @@
 // Backward of SLA on CUDA (SPEC section 5): the sparse gradients over the row
-// and column lists, then the linear branch's (fused for the fixed feature maps,
-// linear_backward_fused.h; through fp32 rows otherwise), the projection's, and
-// the cast of the fp32 accumulators into the gradient tensors.
+// and column lists and the linear branch's (fused for the fixed feature maps,
+// linear_backward_fused.h, its query side between the sparse dQ and dK/dV
+// kernels; through fp32 rows otherwise), the projection's, and the cast of the
+// fp32 accumulators into the gradient tensors.
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/hedgehog.h"
@@ -194,13 +195,25 @@ void sla_backward(const SlaBackwardParams& p, const RoutingPlanView& plan) {
   SparseBackwardArgs sparse{p.q, p.k, p.v, p.out_sparse, p.dout, p.dout_sparse, static_cast<const float*>(p.lse),
                             static_cast<float>(p.scale), buf.dos_rows, dout_rows_deferred ? nullptr : buf.dout_rows,
                             buf.delta, buf.lse_log2, buf.dq_rows, buf.dk_rows, buf.dv_rows};
-  sparse_backward(g, plan, sparse, stream);
+  // The linear query side runs between the sparse dQ and dK/dV kernels, so that the Hopper dK/dV kernel
+  // can add the key side's terms itself (its fp32 rows are then not written, nor read again).
   bool ol_low = false;
-  if (fused_linear) {  // also stores dq, dk, dv
-    ol_low = linear_backward_fused(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, p.dout,
-                                   buf.dout_rows, static_cast<const float*>(p.proj_weight), p.dout_linear,
-                                   buf.dq_rows, buf.dk_rows, buf.dv_rows, p.dq, p.dk, p.dv, stream);
-  } else if (p.linear_branch()) {
+  KeyGradLinearTerms key_terms{};
+  const auto linear_queries = [&](bool can_add) -> const KeyGradLinearTerms* {
+    ol_low = linear_backward_fused_queries(g, plan, p.q, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, p.dout,
+                                           buf.dout_rows, static_cast<const float*>(p.proj_weight), p.dout_linear,
+                                           buf.dq_rows, p.dq, stream);
+    if (!(ol_low && can_add)) return nullptr;
+    key_terms = linear_backward_fused_key_terms(g, plan, p.q.dtype, p.feature_map, p.linear_scope, buf.fused, p.dk,
+                                                p.dv, stream);
+    return &key_terms;
+  };
+  const bool keys_added =
+      sparse_backward(g, plan, sparse, stream, fused_linear ? KeyGradLinearStep(linear_queries) : KeyGradLinearStep());
+  if (fused_linear && !keys_added) {
+    linear_backward_fused_keys(g, plan, p.k, p.v, p.feature_map, p.linear_scope, buf.fused, ol_low, buf.dk_rows,
+                               buf.dv_rows, p.dk, p.dv, stream);
+  } else if (!fused_linear && p.linear_branch()) {
     linear_backward(p, g, plan, buf, stream);
   }
   if (p.proj_weight) projection_backward(p, g, buf, ol_low, stream);

@@ -10,6 +10,10 @@
 //          of its GQA group name query blocks (Q, dOs, and the rows' LSE and
 //          D, copied with them): Sᵀ = K Qᵀ, dPᵀ = V dOsᵀ, dV += Pᵀ dOs,
 //          dK += dSᵀ Q.
+//          With the linear branch's key-side terms (KeyGradLinearTerms), one
+//          more ring entry per key block brings dh_n and φ(K_n): dV +=
+//          φ(K_n) dh_n and dK += φ'(V dh_nᵀ + dz_n) before the final dk and dv
+//          are stored.
 // K in dQ += dS K, and dOs, Q in the dK/dV products, are read MN-major from
 // the same swizzled tiles the first products read K-major. Built for sm_90a
 // only (see sparse_forward_wgmma.cu); layouts the copy engine cannot
@@ -18,6 +22,9 @@
 
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
+#include "cuda/linear_set_operands.h"
+#include "cuda/linear_set_products.cuh"
+#include "cuda/linear_tiles.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_backward_steps.cuh"
 #include "cuda/sparse_mainloops.h"
@@ -48,6 +55,7 @@ struct WgmmaBackward {
   static_assert(kSlices * kSlice == kListedRows, "listed blocks of whole slices");
   using ItemTile = SwizzledTile<Element, kItemRows, kHeadDim>;
   using ListedTile = SwizzledTile<Element, kListedRows, kHeadDim>;
+  using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // dh_n (dK/dV with the linear terms)
   // A listed query block's LSE (log2 units, +inf on pad rows) and D, for dK/dV.
   struct alignas(16) RowStats {
     float lse_log2[kListedRows];
@@ -63,14 +71,33 @@ struct WgmmaBackward {
   static constexpr int kBlocksPerSm = std::min(kMaxBlocksPerSm, blocks_per_sm(kSharedBytes, kConsumers));
   using Registers = RegisterSplit<kThreads, kConsumers, kBlocksPerSm>;
 };
+// dK/dV with the linear terms: the ring entry after a key block's listed
+// query blocks holds dh_n in its first tile and φ(K_n) in its second.
+template <typename Config>
+constexpr bool holds_linear_terms() {
+  return sizeof(typename Config::StateTile) <= sizeof(typename Config::ListedTile) &&
+         sizeof(typename Config::ItemTile) <= sizeof(typename Config::ListedTile);
+}
+
 template <typename Element, int kHeadDim, int kBlockQ, int kBlockK>
 using QueryGrads = WgmmaBackward<Element, kHeadDim, kBlockQ, kBlockK, 2>;
 template <typename Element, int kHeadDim, int kBlockQ, int kBlockK>
 using KeyGrads = WgmmaBackward<Element, kHeadDim, kBlockK, kBlockQ, 1>;
 
-// The maps both kernels read their operands through.
+// The maps both kernels read their operands through; phi_k and dh (boxes of
+// whole dh_n) with the linear terms.
 struct BackwardTileMaps {
-  RowTileMap q, k, v, dos;
+  RowTileMap q, k, v, dos, phi_k, dh;
+};
+
+// KeyGradLinearTerms as the dK/dV kernel reads them; `add` false: none.
+template <typename Element>
+struct KeyLinearArgs {
+  bool add = false;
+  FeatureMap feature_map = FeatureMap::elu;
+  int64_t dh_pair_tiles = 0;
+  const float* dz_key = nullptr;
+  DeviceView<Element> dk, dv;
 };
 
 // acc (64 x kSlice) = A · Bᵀ over kHeadDim: A the warpgroup's 64 rows of a
@@ -209,10 +236,14 @@ __global__ void __launch_bounds__(QueryGrads<Element, kHeadDim, kBlockQ, kBlockK
 // query head of the group and each query block of its column list, once a
 // stage is free, Q with the block's LSE and D rows (one barrier) and dOs
 // (the other).
+// With the linear terms (add_linear), each item is followed by one more ring
+// entry, dh_n on its "queries" barrier and φ(K_n) on the other, and K and V
+// are copied even for a key block no query block chose.
 template <typename Config>
 __device__ __forceinline__ void produce_key_items(typename Config::Shared& s, const BackwardTileMaps& maps,
                                                   const Geometry& g, const RoutingPlanView& plan,
-                                                  const SparseBackwardArgs& a) {
+                                                  const SparseBackwardArgs& a, bool add_linear,
+                                                  int64_t dh_pair_tiles) {
   constexpr int kBlockK = Config::kConsumers * kWarpgroupRows;
   constexpr int kBlockQ = Config::kSlices * kSlice;
   constexpr uint32_t kStatsBytes = kBlockQ * sizeof(float);
@@ -228,7 +259,7 @@ __device__ __forceinline__ void produce_key_items(typename Config::Shared& s, co
     if (leader) {
       if (use > 0) s.pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's K and V
       s.pipe.item_tiles = listed;
-      if (listed > 0) {
+      if (listed > 0 || add_linear) {
         s.pipe.q_full.arrive_expect_bytes(2 * sizeof(typename Config::ItemTile));
         load_row_tile(s.own[0], maps.k, at.n * kBlockK, at.kv, at.b, s.pipe.q_full);
         load_row_tile(s.own[1], maps.v, at.n * kBlockK, at.kv, at.b, s.pipe.q_full);
@@ -255,7 +286,70 @@ __device__ __forceinline__ void produce_key_items(typename Config::Shared& s, co
             ++t;
           });
     }
+    if constexpr (holds_linear_terms<Config>()) {
+      if (add_linear && leader) {
+        const int stage = s.pipe.stage(t);
+        auto& dh = *reinterpret_cast<typename Config::StateTile*>(&s.first[stage]);
+        auto& phi_k = *reinterpret_cast<typename Config::ItemTile*>(&s.second[stage]);
+        SharedBarrier& states = s.pipe.keys_slot(t);
+        states.arrive_expect_bytes(sizeof(dh));
+        load_row_tile(dh, maps.dh, 0, (at.b * g.kv_heads + at.kv) * dh_pair_tiles + at.n, 0, states);
+        SharedBarrier& features = s.pipe.values_slot(t);
+        features.arrive_expect_bytes(sizeof(phi_k));
+        load_row_tile(phi_k, maps.phi_k, at.n * kBlockK, at.kv, at.b, features);
+      }
+      if (add_linear) ++t;
+    }
   }
+}
+
+// The dK/dV kernel's end of an item with the linear terms: ring entry t
+// holds dh_n and φ(K_n) (produce_key_items); dk and dv hold the sparse
+// branch's sums (dk before its scale). Stores the final dv, then dk, at the
+// thread's rows `row` and row + 8 of the block (`key` the first one's index
+// in the sequence); hands back K and V once V's last product is complete.
+template <typename Config, typename Element, int kTiles>
+__device__ __forceinline__ void store_with_linear_terms(typename Config::Shared& s, int32_t t, const KeyItem& at,
+                                                        int warpgroup_row0, int row, int64_t key, const Geometry& g,
+                                                        float scale, const KeyLinearArgs<Element>& linear,
+                                                        float (&dk)[kTiles][4], float (&dv)[kTiles][4]) {
+  constexpr int kHeadDim = kTiles * 8;
+  const int stage = s.pipe.stage(t);
+  s.pipe.wait_keys(t);
+  s.pipe.wait_values(t);
+  const auto& dh = *reinterpret_cast<const typename Config::StateTile*>(&s.first[stage]);
+  const auto& phi_k = *reinterpret_cast<const typename Config::ItemTile*>(&s.second[stage]);
+  const auto& v = s.own[1];
+  run_products([&] { issue_rows_times<1, StateRead::as_stored>(dv, phi_k, dh, warpgroup_row0); }, dv);
+  store_accumulator_rows(linear.dv, at.b, at.kv, key, g.k_len, dv);
+
+  float dk_phi[kTiles][4] = {};  // V dh_nᵀ
+  run_products([&] { issue_rows_times<1, StateRead::transposed>(dk_phi, v, dh, warpgroup_row0); }, dk_phi);
+  s.pipe.q_empty.arrive();  // every product that reads K and V is complete
+  const float* dz = linear.dz_key + ((at.b * g.kv_heads + at.kv) * g.k_blocks + at.n) * kHeadDim +
+                    2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+    const float2 dz_pair = *reinterpret_cast<const float2*>(dz + 8 * j);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      dk_phi[j][2 * r] += dz_pair.x;
+      dk_phi[j][2 * r + 1] += dz_pair.y;
+    }
+  }
+  // φ(K) read where the chain rule needs it, not held: dk, dKφ and φ at once would not fit the registers.
+  const auto phi_at = [&](int j, int e) {
+    const float2 pair = unpack2<Element>(phi_k.accumulator_pair(row + 8 * (e / 2), j));
+    return e % 2 == 0 ? pair.x : pair.y;
+  };
+  feature_map_backward_at<kHeadDim>(linear.feature_map, phi_at, dk_phi);
+  s.pipe.release_keys(t);
+  s.pipe.release_values(t);
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_phi[j][e] += scale * dk[j][e];
+  store_accumulator_rows(linear.dk, at.b, at.kv, key, g.k_len, dk_phi);
 }
 
 // grid: persistent over key blocks; dK and dV of one key block per item.
@@ -263,7 +357,7 @@ template <typename Element, int kHeadDim, int kBlockQ, int kBlockK>
 __global__ void __launch_bounds__(KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>::kThreads,
                                   KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>::kBlocksPerSm)
     sparse_dkv_wgmma_kernel(const __grid_constant__ BackwardTileMaps maps, Geometry g, RoutingPlanView plan,
-                            SparseBackwardArgs a) {
+                            SparseBackwardArgs a, KeyLinearArgs<Element> linear) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Config = KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>;
   extern __shared__ unsigned char raw[];
@@ -276,7 +370,7 @@ __global__ void __launch_bounds__(KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>:
   using Registers = typename Config::Registers;
   if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
-    if (threadIdx.x < kWarpSize) produce_key_items<Config>(s, maps, g, plan, a);
+    if (threadIdx.x < kWarpSize) produce_key_items<Config>(s, maps, g, plan, a, linear.add, linear.dh_pair_tiles);
     return;
   }
 
@@ -321,9 +415,18 @@ __global__ void __launch_bounds__(KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>:
       s.pipe.release_keys(t);
       s.pipe.release_values(t);
     }
+    const int64_t key0 = at.n * kBlockK + local0;
+    if constexpr (holds_linear_terms<Config>()) {
+      if (linear.add) {
+        const int row = local0 + accumulator_row(0);
+        store_with_linear_terms<Config>(s, t0 + total, at, warpgroup_row0, row, at.n * kBlockK + row, g, a.scale,
+                                        linear, dk, dv);
+        t0 += total + 1;
+        continue;
+      }
+    }
     s.pipe.q_empty.arrive();  // every product that reads K and V is complete
     t0 += total;
-    const int64_t key0 = at.n * kBlockK + local0;
     const int64_t warp_rows = ((at.b * g.kv_heads + at.kv) * g.k_rows() + key0) * kHeadDim;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -353,7 +456,7 @@ TensorView dos_rows_view(const Geometry& g, const SparseBackwardArgs& args) {
 }  // namespace
 
 const char* sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
-                                  cudaStream_t stream) {
+                                  const KeyGradLinearStep& between, bool* terms_added, cudaStream_t stream) {
   const char* refusal = nullptr;
   dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
@@ -386,9 +489,26 @@ const char* sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan
     launch_with_shared(dq_kernel, dq_grid, QueryConfig::kThreads, QueryConfig::kSharedBytes, stream, maps, g, plan,
                        args);
     SLATTN_LAUNCH_CHECK("sparse_dq_wgmma_kernel");
+    const KeyGradLinearTerms* terms = between ? between(holds_linear_terms<KeyConfig>()) : nullptr;
+    SLATTN_CHECK(terms == nullptr || holds_linear_terms<KeyConfig>(),
+                 "sparse_backward_wgmma: linear terms for a dK/dV kernel that cannot hold them");
+    KeyLinearArgs<Element> linear;
+    if (terms != nullptr) {
+      void* phi_k = const_cast<void*>(terms->phi_k);
+      void* dh_key = const_cast<void*>(terms->dh_key);
+      const bool packed =
+          make_row_tile_map(dense_rows(phi_k, args.q.dtype, g.batch, g.kv_heads, g.k_len, D), BK, &maps.phi_k) &&
+          make_row_tile_map(dense_rows(dh_key, args.q.dtype, 1, g.kv_pairs() * terms->dh_pair_tiles, D, D), D,
+                            &maps.dh);
+      SLATTN_CHECK(packed, "sparse_backward_wgmma: the tile copy engine refused a workspace buffer");
+      linear = {true, terms->feature_map, terms->dh_pair_tiles, terms->dz_key, DeviceView<Element>::of(terms->dk),
+                DeviceView<Element>::of(terms->dv)};
+    }
+    *terms_added = terms != nullptr;
     const auto dkv_grid = static_cast<unsigned>(
         std::min<int64_t>(g.k_blocks * g.kv_heads * g.batch, sms * KeyConfig::kBlocksPerSm));
-    launch_with_shared(dkv_kernel, dkv_grid, KeyConfig::kThreads, KeyConfig::kSharedBytes, stream, maps, g, plan, args);
+    launch_with_shared(dkv_kernel, dkv_grid, KeyConfig::kThreads, KeyConfig::kSharedBytes, stream, maps, g, plan, args,
+                       linear);
     SLATTN_LAUNCH_CHECK("sparse_dkv_wgmma_kernel");
   });
   return refusal;

@@ -107,14 +107,17 @@ void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const Sparse
                   [&] { sparse_forward_mma(g, plan, args, stream); });
 }
 
-void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
-                     cudaStream_t stream) {
+bool sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                     cudaStream_t stream, const KeyGradLinearStep& between) {
   check_sparse_support(g);
-  run_on_mainloop([&] { return sparse_backward_wgmma(g, plan, args, stream); },
+  bool terms_added = false;
+  run_on_mainloop([&] { return sparse_backward_wgmma(g, plan, args, between, &terms_added, stream); },
                   [&] {
                     sparse_delta(g, args, stream);
                     sparse_backward_mma(g, plan, args, stream);
+                    if (between) SLATTN_CHECK(between(false) == nullptr, "sparse_backward: linear terms refused");
                   });
+  return terms_added;
 }
 
 void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream) {

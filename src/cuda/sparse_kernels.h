@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <functional>
 #include <type_traits>
 
 #include "cuda/geometry.h"
@@ -39,11 +40,33 @@ struct SparseBackwardArgs {
   float* delta;      // D_i per padded query row (written)
   float* lse_log2_rows;  // LSE · log2(e) per padded query row, +inf on pad rows (written)
   float* dq_rows;    // (written)
-  float* dk_rows;    // (written)
-  float* dv_rows;    // (written)
+  float* dk_rows;    // (written, unless the dK/dV kernel adds the linear terms below)
+  float* dv_rows;    // likewise
 };
-void sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
-                     cudaStream_t stream);
+
+// The linear branch's key-side terms (the fixed feature maps, SPEC section 5),
+// which the Hopper dK/dV kernel can add itself before it stores dk and dv in
+// their dtype (in place of its fp32 rows and a kernel of the linear branch's
+// that adds them): per key block n, dV += φ(K_n) dh_n and dK += φ'(V_n dh_nᵀ +
+// dz_n). Operands in the input dtype unless said.
+struct KeyGradLinearTerms {
+  FeatureMap feature_map;
+  const void* phi_k;       // (kv pairs, Lk, F): φ(K)
+  const void* dh_key;      // (kv pairs * dh_pair_tiles, F, D): dh_n
+  int64_t dh_pair_tiles;   // dh_n tiles per kv pair
+  const float* dz_key;     // (kv pairs * Nk, F) fp32: dz_n
+  TensorView dk, dv;       // the final gradients
+};
+
+// Called once, after the dQ kernel (before the dK/dV kernel on Hopper, after
+// it on the mma.sync path): the linear terms for the dK/dV kernel to add, or null. `can_add` says whether this dK/dV kernel can
+// (the Hopper one, when its stages hold dh_n and φ(K_n)); when it cannot the
+// call must return null (the caller adds them to the fp32 rows later).
+using KeyGradLinearStep = std::function<const KeyGradLinearTerms*(bool can_add)>;
+
+// Returns whether the dK/dV kernel added `between`'s terms (dk and dv stored; their rows not written).
+bool sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
+                     cudaStream_t stream, const KeyGradLinearStep& between = {});
 
 // The first step of sparse_backward: dos_rows (when not null), dout_rows (likewise) and delta.
 void sparse_delta(const Geometry& g, const SparseBackwardArgs& args, cudaStream_t stream);

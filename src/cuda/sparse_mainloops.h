@@ -65,9 +65,11 @@ const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan,
 // The dQ and dK/dV kernels, after sparse_delta.
 void sparse_backward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
                          cudaStream_t stream);
-// Launches sparse_delta (without dOs rows when the kernels read dout itself) and the Hopper dQ and dK/dV
-// kernels and returns nullptr, or returns why they cannot run (nothing launched), as sparse_forward_wgmma.
+// Launches sparse_delta (without dOs rows when the kernels read dout itself), the Hopper dQ kernel,
+// calls `between` (when given) and launches the dK/dV kernel, with the terms it returned (*terms_added says
+// whether there were any); returns nullptr, or returns why the kernels cannot run (nothing launched, nothing
+// called), as sparse_forward_wgmma.
 const char* sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,
-                                  cudaStream_t stream);
+                                  const KeyGradLinearStep& between, bool* terms_added, cudaStream_t stream);
 
 }  // namespace slattn::cuda

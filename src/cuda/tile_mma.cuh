@@ -146,6 +146,20 @@ __device__ __forceinline__ void store_pair(const DeviceView<Element>& view, int6
 }
 
 // out at the thread's accumulator rows `row` and row + 8 (rows from `end` on
+// skipped) = acc, stored in out's dtype.
+template <typename Element, int kTiles>
+__device__ __forceinline__ void store_accumulator_rows(const DeviceView<Element>& out, int64_t b, int64_t h,
+                                                       int64_t row, int64_t end, const float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row + 8 * r >= end) continue;
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+      store_pair(out, b, h, row + 8 * r, j * 8 + 2 * int(threadIdx.x % 4), acc[j][2 * r], acc[j][2 * r + 1]);
+  }
+}
+
+// out at the thread's accumulator rows `row` and row + 8 (rows from `end` on
 // skipped) = acc + fp32 `rows` (pitch apart, at the thread's first row and
 // column), stored in out's dtype: a branch's gradient rows plus another's.
 // A row's pairs are all loaded before the first store: out might alias

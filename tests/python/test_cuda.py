@@ -219,6 +219,34 @@ def test_plan_from_block_map_on_the_gpu(rng):
     assert_within_baseline(out_gpu.cpu(), exact.out, baseline.out)
 
 
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("dim,block", [(64, 64), (128, 128), (128, 64)])
+def test_key_blocks_no_query_block_chose(rng, feature_map, dim, block):
+    """Key blocks in no row list: the dK/dV kernel has no listed block for them, yet their linear terms (dV =
+    φ(K) dh_n, dK through φ) are whole; with 128-row blocks the kernel adds those terms itself, at (128, 64) the
+    linear branch's own key kernel does."""
+    q, k, v, w, b = layer(rng, heads=2, q_len=4 * block, k_len=5 * block - 7, dim=dim)
+    block_map = torch.zeros((1, 2, 4, 5), dtype=torch.int8)
+    block_map[..., 0] = 1
+    block_map[:, 0, :, 2] = 1
+    block_map[:, 1, 1, 3] = -1  # columns 1, 3 and 4 (ragged) in no row list of either head
+    plan = slattn.plan_from_block_map(block_map.cuda(), block_q=block, block_k=block, k_len=k.shape[2])
+    leaves = [cuda_leaf(t) for t in (q, k, v, w, b)]
+    out = slattn.sparse_linear_attention(*leaves, feature_map=feature_map, plan=plan)
+    options = dict(block_q=block, block_k=block, feature_map=feature_map, block_map=block_map)
+    exact_leaves = [t.double().requires_grad_() for t in (q, k, v, w, b)]
+    low_leaves = [t.clone().requires_grad_() for t in (q, k, v, w, b)]
+    exact = reference.sla(*exact_leaves, **options)
+    baseline = reference.sla(*low_leaves, **options)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=rng).to(q.dtype)
+    out.backward(grad.cuda())
+    exact.out.backward(grad.double())
+    baseline.out.backward(grad)
+    assert_within_baseline(out.detach().cpu(), exact.out, baseline.out, name="out")
+    for name, actual, ref, low in zip(("dq", "dk", "dv", "dw", "db"), leaves, exact_leaves, low_leaves):
+        assert_within_baseline(actual.grad.cpu(), ref.grad, low.grad, name=name)
+
+
 def test_cuda_graph_capture_of_forward_and_backward(rng):
     q, k, v, w, b = (cuda_leaf(t) for t in layer(rng, heads=2, q_len=256, k_len=256))
     plan = slattn.route(q, k, topk=0.25)
