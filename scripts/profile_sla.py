@@ -23,14 +23,15 @@ def kernel_intervals(prof) -> list[tuple[float, float, str]]:
                   if e.device_type == DeviceType.CUDA)
 
 
-def split_at_pauses(intervals, pause_us: float) -> list[list[tuple[float, float, str]]]:
-    """The calls of one profiling session, told apart by the pauses put between them."""
-    groups = []
-    for interval in intervals:
-        if not groups or interval[0] - max(end for _, end, _ in groups[-1]) > pause_us:
-            groups.append([])
-        groups[-1].append(interval)
-    return groups
+def profiled_intervals(fn, grad_enabled: bool) -> list[tuple[float, float, str]]:
+    """The GPU intervals of one call, in a profiling session of its own (a host
+    pause inside a call cannot split it, nor merge two calls)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.set_grad_enabled(grad_enabled):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_intervals(prof)
 
 
 def busy_us(intervals) -> float:
@@ -87,20 +88,10 @@ def main() -> None:
         return slattn.route(q, k, topk=topk, block_q=block, block_k=block)
 
     calls = {"routing": route, "forward": forward, "fwd+bwd": step}
-    pause_s = 0.02  # between the calls, to tell their kernels apart
     with torch.no_grad():
         route(), forward()
     step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for name, fn in calls.items():
-            with torch.set_grad_enabled(name == "fwd+bwd"):
-                fn()
-            torch.cuda.synchronize()
-            time.sleep(pause_s)
-    groups = split_at_pauses(kernel_intervals(prof), pause_us=0.5e6 * pause_s)
-    if len(groups) != len(calls):
-        raise RuntimeError(f"expected {len(calls)} groups of kernels, found {len(groups)}")
+    groups = [profiled_intervals(fn, name == "fwd+bwd") for name, fn in calls.items()]
     print("forward+backward, GPU time per kernel:")
     print(kernel_table(groups[-1]))
     for (name, fn), group in zip(calls.items(), groups):

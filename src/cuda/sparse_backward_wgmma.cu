@@ -45,8 +45,9 @@ using SliceFragments = uint32_t[kSlice / 16][4];
 // kListedRows rows in two stages. The producer keeps 24 registers, so that
 // two consumers get 240 each: the dK and dV accumulators need them (which
 // also holds a dK/dV block to one per SM).
-template <typename Element, int kHeadDim, int kItemRows, int kListedRows, int kMaxBlocksPerSm>
+template <typename Element, int kDim, int kItemRows, int kListedRows, int kMaxBlocksPerSm>
 struct WgmmaBackward {
+  static constexpr int kHeadDim = kDim;
   static constexpr int kConsumers = kItemRows / kWarpgroupRows;
   static constexpr int kConsumerThreads = kConsumers * kWarpgroupThreads;
   static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
@@ -90,13 +91,18 @@ struct BackwardTileMaps {
   RowTileMap q, k, v, dos, phi_k, dh;
 };
 
-// KeyGradLinearTerms as the dK/dV kernel reads them; `add` false: none.
-template <typename Element>
-struct KeyLinearArgs {
+// What the dK/dV kernel's producer copies of KeyGradLinearTerms; `add` false: none.
+struct KeyLinearTiles {
   bool add = false;
-  FeatureMap feature_map = FeatureMap::elu;
   int64_t dh_pair_tiles = 0;
   const float* dz_key = nullptr;
+};
+
+// KeyGradLinearTerms as the dK/dV kernel reads them.
+template <typename Element>
+struct KeyLinearArgs {
+  KeyLinearTiles tiles;
+  FeatureMap feature_map = FeatureMap::elu;
   DeviceView<Element> dk, dv;
 };
 
@@ -236,14 +242,14 @@ __global__ void __launch_bounds__(QueryGrads<Element, kHeadDim, kBlockQ, kBlockK
 // query head of the group and each query block of its column list, once a
 // stage is free, Q with the block's LSE and D rows (one barrier) and dOs
 // (the other).
-// With the linear terms (add_linear), each item is followed by one more ring
-// entry, dh_n on its "queries" barrier and φ(K_n) on the other, and K and V
-// are copied even for a key block no query block chose.
+// With the linear terms (linear.add), each item is followed by one more ring
+// entry, dh_n and dz_n (in the stage's row statistics) on its "queries"
+// barrier and φ(K_n) on the other, and K and V are copied even for a key
+// block no query block chose.
 template <typename Config>
 __device__ __forceinline__ void produce_key_items(typename Config::Shared& s, const BackwardTileMaps& maps,
                                                   const Geometry& g, const RoutingPlanView& plan,
-                                                  const SparseBackwardArgs& a, bool add_linear,
-                                                  int64_t dh_pair_tiles) {
+                                                  const SparseBackwardArgs& a, const KeyLinearTiles& linear) {
   constexpr int kBlockK = Config::kConsumers * kWarpgroupRows;
   constexpr int kBlockQ = Config::kSlices * kSlice;
   constexpr uint32_t kStatsBytes = kBlockQ * sizeof(float);
@@ -259,7 +265,7 @@ __device__ __forceinline__ void produce_key_items(typename Config::Shared& s, co
     if (leader) {
       if (use > 0) s.pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's K and V
       s.pipe.item_tiles = listed;
-      if (listed > 0 || add_linear) {
+      if (listed > 0 || linear.add) {
         s.pipe.q_full.arrive_expect_bytes(2 * sizeof(typename Config::ItemTile));
         load_row_tile(s.own[0], maps.k, at.n * kBlockK, at.kv, at.b, s.pipe.q_full);
         load_row_tile(s.own[1], maps.v, at.n * kBlockK, at.kv, at.b, s.pipe.q_full);
@@ -287,18 +293,22 @@ __device__ __forceinline__ void produce_key_items(typename Config::Shared& s, co
           });
     }
     if constexpr (holds_linear_terms<Config>()) {
-      if (add_linear && leader) {
+      if (linear.add && leader) {
+        constexpr uint32_t kDzBytes = Config::kHeadDim * sizeof(float);
         const int stage = s.pipe.stage(t);
+        const int64_t kv_pair = at.b * g.kv_heads + at.kv;
         auto& dh = *reinterpret_cast<typename Config::StateTile*>(&s.first[stage]);
         auto& phi_k = *reinterpret_cast<typename Config::ItemTile*>(&s.second[stage]);
         SharedBarrier& states = s.pipe.keys_slot(t);
-        states.arrive_expect_bytes(sizeof(dh));
-        load_row_tile(dh, maps.dh, 0, (at.b * g.kv_heads + at.kv) * dh_pair_tiles + at.n, 0, states);
+        states.arrive_expect_bytes(sizeof(dh) + kDzBytes);
+        load_row_tile(dh, maps.dh, 0, kv_pair * linear.dh_pair_tiles + at.n, 0, states);
+        bulk_load(s.stats[stage].lse_log2, linear.dz_key + (kv_pair * g.k_blocks + at.n) * Config::kHeadDim, kDzBytes,
+                  states);
         SharedBarrier& features = s.pipe.values_slot(t);
         features.arrive_expect_bytes(sizeof(phi_k));
         load_row_tile(phi_k, maps.phi_k, at.n * kBlockK, at.kv, at.b, features);
       }
-      if (add_linear) ++t;
+      if (linear.add) ++t;
     }
   }
 }
@@ -320,14 +330,16 @@ __device__ __forceinline__ void store_with_linear_terms(typename Config::Shared&
   const auto& dh = *reinterpret_cast<const typename Config::StateTile*>(&s.first[stage]);
   const auto& phi_k = *reinterpret_cast<const typename Config::ItemTile*>(&s.second[stage]);
   const auto& v = s.own[1];
-  run_products([&] { issue_rows_times<1, StateRead::as_stored>(dv, phi_k, dh, warpgroup_row0); }, dv);
-  store_accumulator_rows(linear.dv, at.b, at.kv, key, g.k_len, dv);
-
   float dk_phi[kTiles][4] = {};  // V dh_nᵀ
-  run_products([&] { issue_rows_times<1, StateRead::transposed>(dk_phi, v, dh, warpgroup_row0); }, dk_phi);
-  s.pipe.q_empty.arrive();  // every product that reads K and V is complete
-  const float* dz = linear.dz_key + ((at.b * g.kv_heads + at.kv) * g.k_blocks + at.n) * kHeadDim +
-                    2 * (threadIdx.x % 4);
+  run_products(
+      [&] {
+        issue_rows_times<1, StateRead::transposed>(dk_phi, v, dh, warpgroup_row0);
+        issue_rows_times<1, StateRead::as_stored>(dv, phi_k, dh, warpgroup_row0);
+      },
+      dk_phi, dv);
+  s.pipe.q_empty.arrive();  // every product that reads K and V is complete: the next item's copies may start
+  store_accumulator_rows(linear.dv, at.b, at.kv, key, g.k_len, dv);
+  const float* dz = s.stats[stage].lse_log2 + 2 * (threadIdx.x % 4);  // dz_n
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) {
     const float2 dz_pair = *reinterpret_cast<const float2*>(dz + 8 * j);
@@ -370,7 +382,7 @@ __global__ void __launch_bounds__(KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>:
   using Registers = typename Config::Registers;
   if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
-    if (threadIdx.x < kWarpSize) produce_key_items<Config>(s, maps, g, plan, a, linear.add, linear.dh_pair_tiles);
+    if (threadIdx.x < kWarpSize) produce_key_items<Config>(s, maps, g, plan, a, linear.tiles);
     return;
   }
 
@@ -417,7 +429,7 @@ __global__ void __launch_bounds__(KeyGrads<Element, kHeadDim, kBlockQ, kBlockK>:
     }
     const int64_t key0 = at.n * kBlockK + local0;
     if constexpr (holds_linear_terms<Config>()) {
-      if (linear.add) {
+      if (linear.tiles.add) {
         const int row = local0 + accumulator_row(0);
         store_with_linear_terms<Config>(s, t0 + total, at, warpgroup_row0, row, at.n * kBlockK + row, g, a.scale,
                                         linear, dk, dv);
@@ -501,7 +513,7 @@ const char* sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan
           make_row_tile_map(dense_rows(dh_key, args.q.dtype, 1, g.kv_pairs() * terms->dh_pair_tiles, D, D), D,
                             &maps.dh);
       SLATTN_CHECK(packed, "sparse_backward_wgmma: the tile copy engine refused a workspace buffer");
-      linear = {true, terms->feature_map, terms->dh_pair_tiles, terms->dz_key, DeviceView<Element>::of(terms->dk),
+      linear = {{true, terms->dh_pair_tiles, terms->dz_key}, terms->feature_map, DeviceView<Element>::of(terms->dk),
                 DeviceView<Element>::of(terms->dv)};
     }
     *terms_added = terms != nullptr;
