@@ -72,28 +72,43 @@ struct KeyTilePipeline {
 };
 
 // The barriers of kernels whose items copy all their tiles at once and walk
-// no list (produce_whole_items): the producer announces an item's copies on
-// `full` once the consumers have arrived on `empty` for the item before it.
-struct ItemBarriers {
-  SharedBarrier full, empty;
+// no list (produce_whole_items), with kStages items' tiles in shared memory:
+// the producer announces item u's copies on full[u % kStages] once the
+// consumers have arrived on empty[u % kStages] for item u - kStages (u counts
+// a thread block's items).
+template <int kStages>
+struct ItemStages {
+  SharedBarrier full[kStages], empty[kStages];
 
   // By thread 0 of the block, before its first __syncthreads.
   __device__ void init(uint32_t consumers) {
-    full.init(1);
-    empty.init(consumers);
+    for (int stage = 0; stage < kStages; ++stage) {
+      full[stage].init(1);
+      empty[stage].init(consumers);
+    }
     fence_barrier_init();
   }
+
+  static __device__ __forceinline__ int stage(int32_t use) { return use % kStages; }
+  static __device__ __forceinline__ uint32_t parity(int32_t use) { return (use / kStages) & 1; }
+
+  // Consumers: wait for item `use`'s tiles; hand its stage back once every read of them is complete.
+  __device__ __forceinline__ void wait_full(int32_t use) { full[stage(use)].wait(parity(use)); }
+  __device__ __forceinline__ void release(int32_t use) { empty[stage(use)].arrive(); }
 };
 
 // The producer's part over the items of this thread block (items is their
-// count over the grid), on one thread: load_item(item, barrier) announces the
-// item's bytes on the barrier and starts its copies.
-template <typename LoadItem>
-__device__ __forceinline__ void produce_whole_items(ItemBarriers& barriers, int64_t items, LoadItem&& load_item) {
+// count over the grid), on one thread: load_item(item, stage, barrier)
+// announces the item's bytes on the barrier and starts its copies into the
+// stage's tiles.
+template <int kStages, typename LoadItem>
+__device__ __forceinline__ void produce_whole_items(ItemStages<kStages>& stages, int64_t items, LoadItem&& load_item) {
   int32_t use = 0;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
-    if (use > 0) barriers.empty.wait((use - 1) & 1);  // the consumers are done with the last item's tiles
-    load_item(item, barriers.full);
+    const int stage = ItemStages<kStages>::stage(use);
+    // The consumers are done with the tiles of the item kStages before.
+    if (use >= kStages) stages.empty[stage].wait(ItemStages<kStages>::parity(use) ^ 1);
+    load_item(item, stage, stages.full[stage]);
   }
 }
 

@@ -34,7 +34,7 @@ struct WgmmaKeyGrads {
     KTile v;
     KTile phi;
     StateTile dh;  // the B of the item's two products
-    ItemBarriers item;
+    ItemStages<1> item;
   };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
   if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first thread
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
     if (threadIdx.x != 0) return;
-    produce_whole_items(s.item, items, [&](int64_t item, SharedBarrier& full) {
+    produce_whole_items(s.item, items, [&](int64_t item, int, SharedBarrier& full) {
       const int64_t kv_pair = item / g.k_blocks, n = item % g.k_blocks;
       const int64_t b = kv_pair / g.kv_heads, kv = kv_pair % g.kv_heads;
       full.arrive_expect_bytes(2 * sizeof(KTile) + sizeof(StateTile));
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
     const int64_t kv_pair = item / g.k_blocks, n = item % g.k_blocks;
     const int64_t b = kv_pair / g.kv_heads, kv = kv_pair % g.kv_heads;
-    s.item.full.wait(use & 1);
+    s.item.wait_full(use);
     float dk[kTiles][4] = {};  // V dh_nᵀ
     float dv[kTiles][4] = {};  // φ(K) dh_n
     fence_accumulators(dk);  // zeroed before the products read them: else ptxas serialises the products
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
         phi[j][2 * r] = pair_phi.x;
         phi[j][2 * r + 1] = pair_phi.y;
       }
-    s.item.empty.arrive();  // every read of V, φ(K) and dh_n is complete
+    s.item.release(use);  // every read of V, φ(K) and dh_n is complete
 
     const int64_t key0 = n * kBlockK + tile_row;  // the thread's first key; the second is 8 on
     // dv = the sparse branch's dv rows + φ(K) dh_n, in the output dtype.

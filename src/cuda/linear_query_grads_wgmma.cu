@@ -1,7 +1,8 @@
 // The query side of the linear backward on Hopper (linear_backward_wgmma.h):
 // one warp-specialised, persistent kernel over the query blocks. Its producer
 // thread copies per query block φ(Q_m), dO_m (with a projection) and H_m (the
-// linear set's product, linear_set_states.h). One consumer warpgroup per 64
+// linear set's product, linear_set_states.h), into two stages with two
+// consumer warpgroups (the next block's copies overlap this one's work). One consumer warpgroup per 64
 // query rows reads its rows' den and its columns of Z_m
 // (linear_set_operands.h), forms dOl = dO W (+ the returned Ol's gradient)
 // and stores it over dO in the input dtype, then issues P = dOl H_mᵀ and
@@ -35,16 +36,20 @@ struct WgmmaQueryGrads {
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
   using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;
   using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // H_m (F x D), or W as (out, in)
+  // The next block's tiles copied during this one's work; with one consumer warpgroup two thread blocks
+  // share an SM instead.
+  static constexpr int kStages = kConsumers > 1 ? 2 : 1;
   struct Shared {
-    QTile phi;    // φ(Q_m); after the products φ(Q_m) / den
-    QTile dol;    // dO_m as copied, then dOl_m
-    StateTile h;  // H_m
+    QTile phi[kStages];    // φ(Q_m); after the products φ(Q_m) / den
+    QTile dol[kStages];    // dO_m as copied, then dOl_m
+    StateTile h[kStages];  // H_m
     StateTile w;
-    ItemBarriers item;
+    ItemStages<kStages> item;
     SharedBarrier w_full;
-    float row_dots[kBlockQ];  // φ(q_i)·P_i / den_i = c_i den_i, for dZ_m
+    float row_dots[kStages][kBlockQ];  // φ(q_i)·P_i / den_i = c_i den_i, for dZ_m
   };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
+  static_assert(kSharedBytes <= kHopperSharedPerBlock, "the stages fit a Hopper thread block");
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
 };
 
@@ -98,12 +103,12 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       s.w_full.arrive_expect_bytes(sizeof(StateTile));
       load_row_tile(s.w, maps.set.w, 0, 0, 0, s.w_full);
     }
-    produce_whole_items(s.item, items, [&](int64_t item, SharedBarrier& full) {
+    produce_whole_items(s.item, items, [&](int64_t item, int stage, SharedBarrier& full) {
       const QueryItem at = QueryItem::of(item, g);
       full.arrive_expect_bytes(sizeof(QTile) * (a.project ? 2 : 1) + sizeof(StateTile));
-      load_row_tile(s.phi, maps.set.phi_q, at.m * kBlockQ, at.h, at.b, full);
-      if (a.project) load_row_tile(s.dol, maps.dout, at.m * kBlockQ, at.h, at.b, full);
-      load_row_tile(s.h, maps.set.set_h, 0, (at.b * g.heads + at.h) * g.q_blocks + at.m, 0, full);
+      load_row_tile(s.phi[stage], maps.set.phi_q, at.m * kBlockQ, at.h, at.b, full);
+      if (a.project) load_row_tile(s.dol[stage], maps.dout, at.m * kBlockQ, at.h, at.b, full);
+      load_row_tile(s.h[stage], maps.set.set_h, 0, (at.b * g.heads + at.h) * g.q_blocks + at.m, 0, full);
     });
     return;
   }
@@ -134,7 +139,11 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       z[j][1] = pair_z.y;
     }
     const bool empty = a.set_size[pair * g.q_blocks + at.m] == 0;  // U_m is empty: Ol = 0, and no gradient flows
-    s.item.full.wait(use & 1);
+    s.item.wait_full(use);
+    const int stage = s.item.stage(use);
+    auto &phi_tile = s.phi[stage], &dol_tile = s.dol[stage];
+    const auto& h_tile = s.h[stage];
+    float* row_dots = s.row_dots[stage];
     float inverse[2];  // 1 / den, 0 past the sequence and for an empty U_m
 #pragma unroll
     for (int r = 0; r < 2; ++r) inverse[r] = row0 + 8 * r < g.q_len && !empty ? 1.0f / den[r] : 0.0f;
@@ -145,7 +154,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
         s.w_full.wait(0);
         fence_accumulators(dol);  // zeroed before the product reads them: else ptxas serialises the products
         wgmma_fence();
-        issue_rows_times<1, StateRead::as_stored>(dol, s.dol, s.w, warpgroup_row0);
+        issue_rows_times<1, StateRead::as_stored>(dol, dol_tile, s.w, warpgroup_row0);
         wgmma_commit();
         wgmma_wait<0>();
         fence_accumulators(dol);
@@ -158,7 +167,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
         for (int j = 0; j < kTiles; ++j) {
           const float2 extra = returned ? load_pair(a.dout_linear, at.b, at.h, row, j * 8 + 2 * quad)
                                         : make_float2(0.0f, 0.0f);
-          s.dol.accumulator_pair(tile_row + 8 * r, j) =
+          dol_tile.accumulator_pair(tile_row + 8 * r, j) =
               pack2<Element>(dol[j][2 * r] + extra.x, dol[j][2 * r + 1] + extra.y);
         }
       }
@@ -173,8 +182,8 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     fence_accumulators(grad);
     fence_accumulators(out);
     wgmma_fence();
-    issue_rows_times<1, StateRead::transposed>(grad, s.dol, s.h, warpgroup_row0);
-    issue_rows_times<1, StateRead::as_stored>(out, s.phi, s.h, warpgroup_row0);
+    issue_rows_times<1, StateRead::transposed>(grad, dol_tile, h_tile, warpgroup_row0);
+    issue_rows_times<1, StateRead::as_stored>(out, phi_tile, h_tile, warpgroup_row0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(grad);
@@ -196,7 +205,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     for (int j = 0; j < kTiles; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float2 pair_phi = unpack2<Element>(s.phi.accumulator_pair(tile_row + 8 * r, j));
+        const float2 pair_phi = unpack2<Element>(phi_tile.accumulator_pair(tile_row + 8 * r, j));
         phi[j][2 * r] = pair_phi.x;
         phi[j][2 * r + 1] = pair_phi.y;
       }
@@ -206,7 +215,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       c[r] = dots[r] * inverse[r] * inverse[r];
-      if (quad == 0) s.row_dots[tile_row + 8 * r] = dots[r] * inverse[r];
+      if (quad == 0) row_dots[tile_row + 8 * r] = dots[r] * inverse[r];
     }
 #pragma unroll
     for (int j = 0; j < kTiles; ++j)
@@ -217,7 +226,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
     for (int j = 0; j < kTiles; ++j)  // φ / den over φ: A of dH_m (every product reading φ is done)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        s.phi.accumulator_pair(tile_row + 8 * r, j) =
+        phi_tile.accumulator_pair(tile_row + 8 * r, j) =
             pack2<Element>(phi[j][2 * r] * inverse[r], phi[j][2 * r + 1] * inverse[r]);
     fence_shared_for_async_proxy();
     // dq = the sparse branch's dq rows + this, in the output dtype.
@@ -230,7 +239,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       float dh[kTiles][4] = {};
       fence_accumulators(dh);
       wgmma_fence();
-      issue_columns_times(dh, s.phi, block, s.dol);
+      issue_columns_times(dh, phi_tile, block, dol_tile);
       wgmma_commit();
       wgmma_wait<0>();
       fence_accumulators(dh);
@@ -251,9 +260,9 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       const int feature = consumer_thread / kSplits * 2, split = consumer_thread % kSplits;
       float2 sum = make_float2(0.0f, 0.0f);
       for (int i = split; i < kBlockQ; i += kSplits) {
-        const float2 phi = unpack2<Element>(*reinterpret_cast<const uint32_t*>(s.phi.unit(i, feature / 8) + feature % 8));
-        sum.x += s.row_dots[i] * phi.x;
-        sum.y += s.row_dots[i] * phi.y;
+        const float2 phi = unpack2<Element>(*reinterpret_cast<const uint32_t*>(phi_tile.unit(i, feature / 8) + feature % 8));
+        sum.x += row_dots[i] * phi.x;
+        sum.y += row_dots[i] * phi.y;
       }
 #pragma unroll
       for (int offset = kSplits / 2; offset > 0; offset /= 2) {
@@ -264,7 +273,7 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
         *reinterpret_cast<float2*>(a.dz_query + (pair * g.q_blocks + at.m) * kHeadDim + feature) =
             make_float2(-sum.x, -sum.y);
     }
-    s.item.empty.arrive();  // every read of this item's tiles is complete
+    s.item.release(use);  // every read of this item's tiles is complete
   }
 #endif
 }
