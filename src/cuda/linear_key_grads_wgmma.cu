@@ -127,16 +127,7 @@ __global__ void __launch_bounds__(WgmmaKeyGrads<Element, kHeadDim, kBlockK>::kTh
                         kHeadDim, dv);
 
     // dKφ = V dh_nᵀ + dz_n, through φ into dk.
-    const float* dz = a.dz_key + item * kHeadDim + 2 * quad;
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-      const float2 dz_pair = *reinterpret_cast<const float2*>(dz + 8 * j);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        dk[j][2 * r] += dz_pair.x;
-        dk[j][2 * r + 1] += dz_pair.y;
-      }
-    }
+    add_to_every_row(dk, a.dz_key + item * kHeadDim + 2 * quad);
     feature_map_backward<kHeadDim>(a.feature_map, phi, dk);
     store_sum_with_rows(a.dk, b, kv, key0, g.k_len, a.dk_rows + (kv_pair * g.k_rows() + key0) * kHeadDim + 2 * quad,
                         kHeadDim, dk);  // dk = the sparse branch's dk rows + this

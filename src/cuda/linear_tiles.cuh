@@ -151,6 +151,21 @@ __device__ __forceinline__ void accumulator_row_dots(const float (&x)[kCols / 8]
   }
 }
 
+// acc += a row vector on every row: x points at the vector's column
+// 2 (lane % 4), the thread's first accumulator column (dz_n added to dKφ).
+template <int kTiles>
+__device__ __forceinline__ void add_to_every_row(float (&acc)[kTiles][4], const float* x) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+    const float2 pair = *reinterpret_cast<const float2*>(x + 8 * j);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      acc[j][2 * r] += pair.x;
+      acc[j][2 * r + 1] += pair.y;
+    }
+  }
+}
+
 // In place, dφ -> dx through the fixed feature maps (SPEC section 5), from φ
 // alone: softmax φ ⊙ (dφ − dφ·φ); elu+1 has φ = exp(x) <= 1 for x <= 0 and
 // φ = x + 1 > 1 above, so dx = dφ · min(φ, 1); relu dx = dφ where φ > 0.

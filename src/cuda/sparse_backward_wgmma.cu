@@ -339,16 +339,7 @@ __device__ __forceinline__ void store_with_linear_terms(typename Config::Shared&
       dk_phi, dv);
   s.pipe.q_empty.arrive();  // every product that reads K and V is complete: the next item's copies may start
   store_accumulator_rows(linear.dv, at.b, at.kv, key, g.k_len, dv);
-  const float* dz = s.stats[stage].lse_log2 + 2 * (threadIdx.x % 4);  // dz_n
-#pragma unroll
-  for (int j = 0; j < kTiles; ++j) {
-    const float2 dz_pair = *reinterpret_cast<const float2*>(dz + 8 * j);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      dk_phi[j][2 * r] += dz_pair.x;
-      dk_phi[j][2 * r + 1] += dz_pair.y;
-    }
-  }
+  add_to_every_row(dk_phi, s.stats[stage].lse_log2 + 2 * (threadIdx.x % 4));  // dz_n
   // φ(K) read where the chain rule needs it, not held: dk, dKφ and φ at once would not fit the registers.
   const auto phi_at = [&](int j, int e) {
     const float2 pair = unpack2<Element>(phi_k.accumulator_pair(row + 8 * (e / 2), j));
