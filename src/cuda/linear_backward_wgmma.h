@@ -77,6 +77,11 @@ KeyGradLinearTerms linear_key_terms_wgmma(const Geometry& g, const RoutingPlanVi
                                           const LinearKeyGradOperands& operands, const LinearKeyGradArgs& args,
                                           cudaStream_t stream);
 
+// The tile maps of the terms' φ(K) (boxes of block_k rows) and dh_n (boxes of
+// whole states); false if the copy engine refuses either buffer.
+bool key_term_maps(const Geometry& g, DType dtype, const KeyGradLinearTerms& terms, RowTileMap* phi_k,
+                   RowTileMap* dh);
+
 // Per key block: dk and dv, from v and `operands` (phi_k and the dH_m of
 // dh_low filled before; the rest prepared here, with set's indicator; dh_n
 // takes the room of set's h_n, which was read only to form H_m). Returns nullptr, or why it

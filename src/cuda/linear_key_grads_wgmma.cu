@@ -158,6 +158,16 @@ KeyGradLinearTerms linear_key_terms_wgmma(const Geometry& g, const RoutingPlanVi
                             args.dv};
 }
 
+bool key_term_maps(const Geometry& g, DType dtype, const KeyGradLinearTerms& terms, RowTileMap* phi_k,
+                   RowTileMap* dh) {
+  void* phi_rows = const_cast<void*>(terms.phi_k);
+  void* dh_tiles = const_cast<void*>(terms.dh_key);
+  return make_row_tile_map(dense_rows(phi_rows, dtype, g.batch, g.kv_heads, g.k_len, g.features),
+                           static_cast<int>(g.block_k), phi_k) &&
+         make_row_tile_map(dense_rows(dh_tiles, dtype, 1, g.kv_pairs() * terms.dh_pair_tiles, g.features, g.dim),
+                           static_cast<int>(g.features), dh);
+}
+
 const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& plan, const TensorView& v,
                                    FeatureMap feature_map, LinearScope scope, const LinearSetOperands& set,
                                    const LinearKeyGradOperands& operands, const LinearKeyGradArgs& args,
@@ -179,13 +189,8 @@ const char* linear_key_grads_wgmma(const Geometry& g, const RoutingPlanView& pla
     }
     const KeyGradLinearTerms terms =
         linear_key_terms_wgmma(g, plan, v.dtype, feature_map, scope, set, operands, args, stream);
-    const bool packed =
-        make_row_tile_map(dense_rows(const_cast<void*>(terms.phi_k), v.dtype, g.batch, g.kv_heads, g.k_len, D), BK,
-                          &maps.phi_k) &&
-        make_row_tile_map(dense_rows(const_cast<void*>(terms.dh_key), v.dtype, 1, g.kv_pairs() * terms.dh_pair_tiles,
-                                     D, D),
-                          D, &maps.dh);
-    SLATTN_CHECK(packed, "linear_key_grads_wgmma: the tile copy engine refused a workspace buffer");
+    SLATTN_CHECK(key_term_maps(g, v.dtype, terms, &maps.phi_k, &maps.dh),
+                 "linear_key_grads_wgmma: the tile copy engine refused a workspace buffer");
     const KeyGradKernelArgs<Element> kernel_args{feature_map,
                                                  terms.dh_pair_tiles,
                                                  terms.dz_key,

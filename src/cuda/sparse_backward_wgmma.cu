@@ -22,7 +22,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/key_tile_pipeline.cuh"
-#include "cuda/linear_set_operands.h"
+#include "cuda/linear_backward_wgmma.h"
 #include "cuda/linear_set_products.cuh"
 #include "cuda/linear_tiles.cuh"
 #include "cuda/sla_cuda.h"
@@ -295,6 +295,7 @@ __device__ __forceinline__ void produce_key_items(typename Config::Shared& s, co
     if constexpr (holds_linear_terms<Config>()) {
       if (linear.add && leader) {
         constexpr uint32_t kDzBytes = Config::kHeadDim * sizeof(float);
+        static_assert(sizeof(s.stats[0].lse_log2) >= kDzBytes, "dz_n fits a stage's row statistics");
         const int stage = s.pipe.stage(t);
         const int64_t kv_pair = at.b * g.kv_heads + at.kv;
         auto& dh = *reinterpret_cast<typename Config::StateTile*>(&s.first[stage]);
@@ -497,13 +498,8 @@ const char* sparse_backward_wgmma(const Geometry& g, const RoutingPlanView& plan
                  "sparse_backward_wgmma: linear terms for a dK/dV kernel that cannot hold them");
     KeyLinearArgs<Element> linear;
     if (terms != nullptr) {
-      void* phi_k = const_cast<void*>(terms->phi_k);
-      void* dh_key = const_cast<void*>(terms->dh_key);
-      const bool packed =
-          make_row_tile_map(dense_rows(phi_k, args.q.dtype, g.batch, g.kv_heads, g.k_len, D), BK, &maps.phi_k) &&
-          make_row_tile_map(dense_rows(dh_key, args.q.dtype, 1, g.kv_pairs() * terms->dh_pair_tiles, D, D), D,
-                            &maps.dh);
-      SLATTN_CHECK(packed, "sparse_backward_wgmma: the tile copy engine refused a workspace buffer");
+      SLATTN_CHECK(key_term_maps(g, args.q.dtype, *terms, &maps.phi_k, &maps.dh),
+                   "sparse_backward_wgmma: the tile copy engine refused a workspace buffer");
       linear = {{true, terms->dh_pair_tiles, terms->dz_key}, terms->feature_map, DeviceView<Element>::of(terms->dk),
                 DeviceView<Element>::of(terms->dv)};
     }

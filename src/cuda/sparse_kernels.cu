@@ -115,7 +115,10 @@ bool sparse_backward(const Geometry& g, const RoutingPlanView& plan, const Spars
                   [&] {
                     sparse_delta(g, args, stream);
                     sparse_backward_mma(g, plan, args, stream);
-                    if (between) SLATTN_CHECK(between(false) == nullptr, "sparse_backward: linear terms refused");
+                    if (between) {  // no dK/dV kernel here adds linear terms: the caller adds them to the rows
+                      const KeyGradLinearTerms* terms = between(false);
+                      SLATTN_CHECK(terms == nullptr, "sparse_backward: linear terms for the mma.sync dK/dV kernel");
+                    }
                   });
   return terms_added;
 }

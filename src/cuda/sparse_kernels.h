@@ -59,9 +59,10 @@ struct KeyGradLinearTerms {
 };
 
 // Called once, after the dQ kernel (before the dK/dV kernel on Hopper, after
-// it on the mma.sync path): the linear terms for the dK/dV kernel to add, or null. `can_add` says whether this dK/dV kernel can
-// (the Hopper one, when its stages hold dh_n and φ(K_n)); when it cannot the
-// call must return null (the caller adds them to the fp32 rows later).
+// it on the mma.sync path): the linear terms for the dK/dV kernel to add, or
+// null. `can_add` says whether this dK/dV kernel can (the Hopper one, when
+// its stages hold dh_n and φ(K_n)); when it cannot the call must return null
+// (the caller adds them to the fp32 rows later).
 using KeyGradLinearStep = std::function<const KeyGradLinearTerms*(bool can_add)>;
 
 // Returns whether the dK/dV kernel added `between`'s terms (dk and dv stored; their rows not written).
