@@ -8,6 +8,7 @@
 # Hopper linear backward's two; scripts/ncu_stalls.py), not part of all; ab: this tree against ab-baseline/ (scripts/ab_baseline.sh REV, carried to the GPU machine)
 # in one machine session, profile and bench at the 1.3B shape, not part of all). Any other word (say, build)
 # only builds.
+# The bench steps print their whole table (the JSON files may not all come back: logs count too).
 # Optional Python packages the GPU machine lacks (diffusers) may be put as
 # wheels in .whl/; they are installed to /tmp/site for this run.
 set -uo pipefail
@@ -94,13 +95,13 @@ if want bench; then
   echo "== bench"
   for blocks in 64 128; do
     timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --block-q "$blocks" --block-k "$blocks" \
-      --out-dir "$LOGS/bench-$blocks" --repeats 5 2>&1 | tail -7 || status=1
+      --out-dir "$LOGS/bench-$blocks" --repeats 5 2>&1 | grep -v -i warn | tail -12 || status=1
   done
 fi
 if want bench14b; then
   echo "== bench, Wan2.1-14B 720p shape"
   timeout 400 slattn bench --device cuda --shape 1,40,75600,128 --block-q 128 --block-k 128 \
-    --out-dir "$LOGS/bench-14b" --repeats 3 2>&1 | tail -7 || status=1
+    --out-dir "$LOGS/bench-14b" --repeats 3 2>&1 | grep -v -i warn | tail -12 || status=1
 fi
 if [[ " $STEPS " == *" ab "* ]]; then
   # Machine instances differ by 10-20%: a change is measured against its baseline on the same one.

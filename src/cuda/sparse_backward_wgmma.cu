@@ -42,9 +42,9 @@ using SliceFragments = uint32_t[kSlice / 16][4];
 
 // The shape of both kernels: a producer warpgroup (one warp of it copies),
 // an item of kItemRows rows (one consumer warpgroup per 64), listed blocks of
-// kListedRows rows in two stages. The producer keeps 24 registers, so that
-// two consumers get 240 each: the dK and dV accumulators need them (which
-// also holds a dK/dV block to one per SM).
+// kListedRows rows in two stages. The producer keeps 40 registers, so that
+// two consumers get 232 each (RegisterSplit): the dK and dV accumulators need
+// them (which also holds a dK/dV block to one per SM).
 template <typename Element, int kDim, int kItemRows, int kListedRows, int kMaxBlocksPerSm>
 struct WgmmaBackward {
   static constexpr int kHeadDim = kDim;
