@@ -4,8 +4,10 @@
 // states, linear_set_states.h) and W in the input dtype
 // (linear_set_operands.h), then one warp-specialised, persistent kernel. Its
 // producer thread copies per query block φ(Q_m) and H_m with the tile copy
-// engine; each consumer warpgroup (64 query rows) issues O = φ(Q) H_m. The epilogue writes Ol = O / den and adds Ol Wᵀ + b (a register-A product with
-// W) to the output: Os, read in 16-byte units before the wait for the
+// engine (one stage: a second measured no faster, the block's Os being read
+// before the wait for its tiles already); each consumer warpgroup (64 query
+// rows) issues O = φ(Q) H_m. The epilogue writes Ol = O / den and adds
+// Ol Wᵀ + b (a register-A product with W) to the output: Os, read in 16-byte units before the wait for the
 // block's tiles, gets it in shared memory and goes back in 16-byte units.
 // Built for sm_90a only; other targets get an empty body that is never
 // launched.
@@ -29,19 +31,15 @@ namespace {
 template <typename Element, int kHeadDim, int kBlockQ>
 struct WgmmaLinear {
   static constexpr int kConsumers = kBlockQ / kWarpgroupRows;
-  // One: a second stage, for the next block's tiles during this one's work, measured no faster (the
-  // block's Os is read before the wait for its tiles already); with one consumer warpgroup two thread
-  // blocks share an SM.
-  static constexpr int kStages = 1;
   static constexpr int kThreads = (1 + kConsumers) * kWarpgroupThreads;
   using QTile = SwizzledTile<Element, kBlockQ, kHeadDim>;       // φ(Q_m), or the block's output rows
   using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;  // H_m (F x D), or W as (out, in)
   struct Shared {
-    QTile q[kStages];
+    QTile q;
     QTile staged;  // the block's Os rows, then Os + Ol Wᵀ + b: the output read and written in 16-byte units
-    StateTile h[kStages];
+    StateTile h;
     StateTile w;
-    ItemStages<kStages> item;
+    ItemStages<1> item;
     SharedBarrier w_full;
   };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
@@ -97,11 +95,11 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
       s.w_full.arrive_expect_bytes(sizeof(StateTile));
       load_row_tile(s.w, maps.w, 0, 0, 0, s.w_full);
     }
-    produce_whole_items(s.item, items, [&](int64_t item, int stage, SharedBarrier& full) {
+    produce_whole_items(s.item, items, [&](int64_t item, int, SharedBarrier& full) {
       const QueryItem at = QueryItem::of(item, g);
       full.arrive_expect_bytes(sizeof(QTile) + sizeof(StateTile));
-      load_row_tile(s.q[stage], maps.phi_q, at.m * kBlockQ, at.h, at.b, full);
-      load_row_tile(s.h[stage], maps.set_h, 0, (at.b * g.heads + at.h) * g.q_blocks + at.m, 0, full);
+      load_row_tile(s.q, maps.phi_q, at.m * kBlockQ, at.h, at.b, full);
+      load_row_tile(s.h, maps.set_h, 0, (at.b * g.heads + at.h) * g.q_blocks + at.m, 0, full);
     });
     return;
   }
@@ -138,10 +136,9 @@ __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThre
     }
     // The loads above are issued before the wait for the item's tiles: their latency overlaps it.
     s.item.wait_full(use);
-    const int stage = s.item.stage(use);
     float out[kHeadDim / 8][4] = {};
     wgmma_fence();
-    issue_rows_times<1, StateRead::as_stored>(out, s.q[stage], s.h[stage], warpgroup_row0);
+    issue_rows_times<1, StateRead::as_stored>(out, s.q, s.h, warpgroup_row0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(out);

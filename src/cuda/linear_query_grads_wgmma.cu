@@ -2,8 +2,8 @@
 // one warp-specialised, persistent kernel over the query blocks. Its producer
 // thread copies per query block φ(Q_m), dO_m (with a projection) and H_m (the
 // linear set's product, linear_set_states.h), into two stages with two
-// consumer warpgroups (the next block's copies overlap this one's work). One consumer warpgroup per 64
-// query rows reads its rows' den and its columns of Z_m
+// consumer warpgroups (the next block's copies overlap this one's work). One
+// consumer warpgroup per 64 query rows reads its rows' den and its columns of Z_m
 // (linear_set_operands.h), forms dOl = dO W (+ the returned Ol's gradient)
 // and stores it over dO in the input dtype, then issues P = dOl H_mᵀ and
 // (for dW) O = φ(Q) H_m. It writes Ol, forms dQφ = P / den − c Z_m through φ
@@ -260,7 +260,8 @@ __global__ void __launch_bounds__(WgmmaQueryGrads<Element, kHeadDim, kBlockQ>::k
       const int feature = consumer_thread / kSplits * 2, split = consumer_thread % kSplits;
       float2 sum = make_float2(0.0f, 0.0f);
       for (int i = split; i < kBlockQ; i += kSplits) {
-        const float2 phi = unpack2<Element>(*reinterpret_cast<const uint32_t*>(phi_tile.unit(i, feature / 8) + feature % 8));
+        const auto* unit = phi_tile.unit(i, feature / 8);
+        const float2 phi = unpack2<Element>(*reinterpret_cast<const uint32_t*>(unit + feature % 8));
         sum.x += row_dots[i] * phi.x;
         sum.y += row_dots[i] * phi.y;
       }

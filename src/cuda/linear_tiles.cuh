@@ -135,20 +135,28 @@ __device__ void query_block_output(const Geometry& g, int64_t row0, bool non_emp
 }
 
 // Σ over this warp's columns of x ⊙ y for its two accumulator rows (g and
-// g + 8), summed over the quad that shares them.
-template <int kCols>
-__device__ __forceinline__ void accumulator_row_dots(const float (&x)[kCols / 8][4], const float (&y)[kCols / 8][4],
-                                                     float (&dot)[2]) {
+// g + 8), summed over the quad that shares them; y_at(j, e) is y at the
+// accumulator position (j, e).
+template <int kCols, typename YAt>
+__device__ __forceinline__ void accumulator_row_dots_at(const float (&x)[kCols / 8][4], YAt&& y_at,
+                                                        float (&dot)[2]) {
   dot[0] = dot[1] = 0.0f;
 #pragma unroll
   for (int j = 0; j < kCols / 8; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dot[e / 2] += x[j][e] * y[j][e];
+    for (int e = 0; e < 4; ++e) dot[e / 2] += x[j][e] * y_at(j, e);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
     dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
   }
+}
+
+// The same with y held at the accumulator positions.
+template <int kCols>
+__device__ __forceinline__ void accumulator_row_dots(const float (&x)[kCols / 8][4], const float (&y)[kCols / 8][4],
+                                                     float (&dot)[2]) {
+  accumulator_row_dots_at<kCols>(x, [&](int j, int e) { return y[j][e]; }, dot);
 }
 
 // acc += a row vector on every row: x points at the vector's column
@@ -175,17 +183,7 @@ template <int kDim, typename PhiAt>
 __device__ __forceinline__ void feature_map_backward_at(FeatureMap feature_map, PhiAt&& phi_at,
                                                         float (&grad)[kDim / 8][4]) {
   float inner[2] = {0.0f, 0.0f};
-  if (feature_map == FeatureMap::softmax) {
-#pragma unroll
-    for (int j = 0; j < kDim / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) inner[e / 2] += grad[j][e] * phi_at(j, e);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      inner[r] += __shfl_xor_sync(0xffffffffu, inner[r], 1);
-      inner[r] += __shfl_xor_sync(0xffffffffu, inner[r], 2);
-    }
-  }
+  if (feature_map == FeatureMap::softmax) accumulator_row_dots_at<kDim>(grad, phi_at, inner);
 #pragma unroll
   for (int j = 0; j < kDim / 8; ++j) {
 #pragma unroll

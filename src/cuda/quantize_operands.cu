@@ -49,7 +49,8 @@ __device__ __forceinline__ void load_rows(const DeviceView<const Element>& x, bo
                                           int64_t first, int64_t len, int d0, float (&out)[kPasses][kVector]) {
   if (!aligned) {
 #pragma unroll
-    for (int pass = 0; pass < kPasses; ++pass) load_vector(x, false, b, h, min(first + pass * kStride, len - 1), d0, out[pass]);
+    for (int pass = 0; pass < kPasses; ++pass)
+      load_vector(x, false, b, h, min(first + pass * kStride, len - 1), d0, out[pass]);
     return;
   }
   uint4 raw[kPasses];
@@ -211,7 +212,8 @@ __global__ void __launch_bounds__(kThreads) e4m3_values_kernel(Geometry g, Tenso
   for (int pass = 0; pass < kPasses; ++pass) {
     const int r = pass * kRows + row_lane;
 #pragma unroll
-    for (int i = 0; i < kVector; ++i) tile[r][d0 + i] = from_float<Element>(first + r < g.k_len ? values[pass][i] : 0.0f);
+    for (int i = 0; i < kVector; ++i)
+      tile[r][d0 + i] = from_float<Element>(first + r < g.k_len ? values[pass][i] : 0.0f);
   }
   __syncthreads();
   constexpr int kWordsPerChannel = kBlockK / 4;
