@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/feature_tiles.cuh"
 #include "cuda/key_tile_pipeline.cuh"
 #include "cuda/linear_set_states.h"
 #include "cuda/linear_kernels.h"
@@ -74,52 +75,19 @@ struct KeyStateArgs {
 template <typename Config, typename Tile, typename Element>
 __device__ __forceinline__ void phi_in_place(Tile& keys, int rows, FeatureMap feature_map, Element* phi_rows,
                                              int thread) {
-  constexpr int kValues = Config::kUnitsPerThread * 8;
-  const int first_unit = thread % Config::kLanesPerRow * Config::kUnitsPerThread;
+  using Row = FeatureTileRow<Config::kLanesPerRow, Config::kUnitsPerThread>;
+  const int first_unit = Row::first_unit(thread);
   for (int row = thread / Config::kLanesPerRow; row < Config::kRows; row += Config::kRowsPerPass) {
-    float x[kValues];
-#pragma unroll
-    for (int u = 0; u < Config::kUnitsPerThread; ++u) {
-      const uint4 unit = *reinterpret_cast<const uint4*>(keys.unit(row, first_unit + u));
-      const uint32_t words[4] = {unit.x, unit.y, unit.z, unit.w};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float2 pair = unpack2<Element>(words[w]);
-        x[8 * u + 2 * w] = pair.x;
-        x[8 * u + 2 * w + 1] = pair.y;
-      }
-    }
-    if (feature_map == FeatureMap::softmax) {  // over the row's features, as query_features_kernel
-      float peak = x[0];
-#pragma unroll
-      for (int i = 1; i < kValues; ++i) peak = fmaxf(peak, x[i]);
-      if constexpr (Config::kLanesPerRow == 2) peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, 1));
-      float total = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kValues; ++i) {
-        x[i] = __expf(x[i] - peak);
-        total += x[i];
-      }
-      if constexpr (Config::kLanesPerRow == 2) total += __shfl_xor_sync(0xffffffffu, total, 1);
-      const float inverse = 1.0f / total;
-#pragma unroll
-      for (int i = 0; i < kValues; ++i) x[i] *= inverse;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kValues; ++i)
-        x[i] = feature_map == FeatureMap::elu ? (x[i] > 0.0f ? x[i] + 1.0f : __expf(x[i])) : fmaxf(x[i], 0.0f);
-    }
+    float x[Row::kValues];
+    Row::load(keys, row, first_unit, x);
+    Row::apply(feature_map, x);
     const bool live = row < rows;
+    Row::store(keys, row, first_unit, x, live);
+    if (phi_rows && live) {
 #pragma unroll
-    for (int u = 0; u < Config::kUnitsPerThread; ++u) {
-      uint4 unit;
-      unit.x = live ? pack2<Element>(x[8 * u], x[8 * u + 1]) : 0u;
-      unit.y = live ? pack2<Element>(x[8 * u + 2], x[8 * u + 3]) : 0u;
-      unit.z = live ? pack2<Element>(x[8 * u + 4], x[8 * u + 5]) : 0u;
-      unit.w = live ? pack2<Element>(x[8 * u + 6], x[8 * u + 7]) : 0u;
-      *reinterpret_cast<uint4*>(keys.unit(row, first_unit + u)) = unit;
-      if (phi_rows && live)
-        *reinterpret_cast<uint4*>(phi_rows + int64_t(row) * Config::kDim + (first_unit + u) * 8) = unit;
+      for (int u = 0; u < Config::kUnitsPerThread; ++u)
+        *reinterpret_cast<uint4*>(phi_rows + int64_t(row) * Config::kDim + (first_unit + u) * 8) =
+            Row::template packed_unit<Element>(x, u, true);
     }
   }
 }

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/geometry.h"
@@ -178,12 +179,21 @@ __device__ __forceinline__ void walk_row_list(const int32_t* list, int32_t count
 // then, per key block n of the row list, once its stage is free, records
 // where the tile starts and calls load_keys(stage, item, n, value, barrier)
 // and load_values(stage, item, n, barrier), which announce and start their
-// copies (value: lane_value(item, n), read ahead by the walk).
-template <int kStages, typename LoadQuery, typename LaneValue, typename LoadKeys, typename LoadValues>
+// copies (value: lane_value(item, n), read ahead by the walk). With a
+// load_tail (not NoTail), every item ends with one more ring entry, after
+// its key tiles and not counted among them: load_tail(stage, item, keys,
+// values) fills the stage's two tiles, announcing on its two barriers; and
+// the query tile is copied even for an item without key blocks (the
+// consumers' use of the tail reads it).
+struct NoTail {};
+
+template <int kStages, typename LoadQuery, typename LaneValue, typename LoadKeys, typename LoadValues,
+          typename LoadTail = NoTail>
 __device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, const Geometry& g,
                                               const RoutingPlanView& plan, LoadQuery&& load_query,
                                               LaneValue&& lane_value, LoadKeys&& load_keys,
-                                              LoadValues&& load_values) {
+                                              LoadValues&& load_values, LoadTail&& load_tail = NoTail{}) {
+  constexpr bool kTail = !std::is_same_v<std::decay_t<LoadTail>, NoTail>;
   const int64_t items = g.q_blocks * g.heads * g.batch;
   int32_t t = 0;  // key tiles copied so far, over all items (counted on lane 0)
   int32_t use = 0;
@@ -194,7 +204,7 @@ __device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, co
     if (threadIdx.x % kWarpSize == 0) {
       if (use > 0) pipe.q_empty.wait((use - 1) & 1);  // the consumers are done with the last item's query tile
       pipe.item_tiles = count;
-      if (count > 0) {
+      if (count > 0 || kTail) {
         load_query(at, pipe.q_full);
       } else {
         pipe.q_full.arrive();
@@ -210,6 +220,13 @@ __device__ __forceinline__ void produce_items(KeyTilePipeline<kStages>& pipe, co
           load_values(stage, at, n, pipe.values_slot(t));
           ++t;
         });
+    if constexpr (kTail) {
+      if (threadIdx.x % kWarpSize == 0) {
+        SharedBarrier& keys = pipe.keys_slot(t);
+        load_tail(pipe.stage(t), at, keys, pipe.values_slot(t));
+        ++t;
+      }
+    }
   }
 }
 

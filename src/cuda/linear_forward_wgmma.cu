@@ -56,19 +56,6 @@ struct LinearOutputArgs {
   DeviceView<Element> out, out_linear;
 };
 
-// projected = Ol Wᵀ with Ol in registers (A) and W (out, in) read K-major. Issued and committed.
-template <typename StateTile, int kDimTiles8>
-__device__ __forceinline__ void issue_projection(float (&projected)[kDimTiles8][4],
-                                                 const uint32_t (&ol)[kDimTiles8 / 2][4], const StateTile& w) {
-  using Element = std::remove_cv_t<std::remove_reference_t<decltype(w.data[0])>>;
-  uint64_t w_desc = k_major_descriptor(w);
-  opaque(w_desc);
-#pragma unroll
-  for (int step = 0; step < kDimTiles8 / 2; ++step)
-    wgmma_rs<Element, kDimTiles8 * 8, 0>(projected, ol[step], w_desc + k_major_offset<StateTile>(0, step), step > 0);
-  wgmma_commit();
-}
-
 template <typename Element, int kHeadDim, int kBlockQ>
 __global__ void __launch_bounds__(WgmmaLinear<Element, kHeadDim, kBlockQ>::kThreads,
                                   WgmmaLinear<Element, kHeadDim, kBlockQ>::kBlocksPerSm)

@@ -282,11 +282,20 @@ bool use_hopper_linear(FeatureMap feature_map) {
   return !has_feature_weights(feature_map) && requested_mainloop() != Mainloop::mma && current_device_is_hopper();
 }
 
+void prepare_linear_set_states(const Geometry& g, const RoutingPlanView& plan, DType dtype, LinearScope scope,
+                               const KeyStates& states, const float* weight, const LinearSetOperands& operands,
+                               cudaStream_t stream) {
+  SLATTN_CHECK(g.features == g.dim, "prepare_linear_set_states: fixed feature maps only");
+  listed_sums<MapLine::row>(g, plan, scope, states.z, states.total_z, operands.set_z, stream);
+  linear_set_indicator(g, plan, scope, dtype, operands.indicator, operands.set_size, stream);
+  sum_set_states(g, dtype, operands.indicator, operands.block_h, operands.set_h, operands.cublas_workspace, stream);
+  if (weight) round_to_dtype(weight, operands.weight, dtype, g.dim * g.dim, stream);
+}
+
 void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                  FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                  const float* weight, const LinearSetOperands& operands, cudaStream_t stream) {
-  SLATTN_CHECK(g.features == g.dim, "prepare_linear_set_operands: fixed feature maps only");
-  listed_sums<MapLine::row>(g, plan, scope, states.z, states.total_z, operands.set_z, stream);
+  prepare_linear_set_states(g, plan, q.dtype, scope, states, weight, operands, stream);
   dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto, auto) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value;
@@ -296,9 +305,6 @@ void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan,
                                                   static_cast<Element*>(operands.phi_q), operands.denominator);
     SLATTN_LAUNCH_CHECK("query_features_kernel");
   });
-  linear_set_indicator(g, plan, scope, q.dtype, operands.indicator, operands.set_size, stream);
-  sum_set_states(g, q.dtype, operands.indicator, operands.block_h, operands.set_h, operands.cublas_workspace, stream);
-  if (weight) round_to_dtype(weight, operands.weight, q.dtype, g.dim * g.dim, stream);
 }
 
 LinearSetMaps linear_set_maps(const Geometry& g, DType dtype, const LinearSetOperands& operands) {

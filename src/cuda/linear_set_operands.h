@@ -36,9 +36,14 @@ struct LinearSetOperands {
   static LinearSetOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
 };
 
-// Fills set_z, phi_q, denominator, indicator, set_size and set_h from q,
-// `states` and block_h (after key_block_states), and weight from the fp32 W
-// (out, in) when not null.
+// Fills set_z, indicator, set_size and set_h from `states` and block_h (after
+// key_block_states), and weight from the fp32 W (out, in) when not null: what
+// the sparse forward's linear epilogue reads (ForwardLinearTerms).
+void prepare_linear_set_states(const Geometry& g, const RoutingPlanView& plan, DType dtype, LinearScope scope,
+                               const KeyStates& states, const float* weight, const LinearSetOperands& operands,
+                               cudaStream_t stream);
+
+// prepare_linear_set_states, then phi_q and denominator from q.
 void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                  FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                  const float* weight, const LinearSetOperands& operands, cudaStream_t stream);

@@ -2,7 +2,8 @@
 // linear_backward_wgmma.cu): the warpgroup's 64 rows of a row tile (φ(Q),
 // dO or dOl, read K-major) times a D x D state tile (H_m, dh_n or W) read as
 // stored, rows along K (MN-major, as V is in P V), or transposed (K-major);
-// and a tile's columns times another's. Issued, not committed.
+// a tile's columns times another's (issued, not committed); and the
+// projection Ol Wᵀ from register fragments.
 #pragma once
 
 #include <type_traits>
@@ -49,6 +50,19 @@ __device__ __forceinline__ void issue_columns_times(float (&acc)[kTiles][4], con
   for (int step = 0; step < kRows / 16; ++step)
     wgmma_ss<Element, kTiles * 8, 1, 1>(acc, left_desc + ((chunk * LeftTile::kChunkBytes) >> 4) + mn_major_offset(step),
                                         right_desc + mn_major_offset(step), true);
+}
+
+// projected = Ol Wᵀ with Ol in registers (A) and W (out, in) read K-major. Issued and committed.
+template <typename StateTile, int kDimTiles8>
+__device__ __forceinline__ void issue_projection(float (&projected)[kDimTiles8][4],
+                                                 const uint32_t (&ol)[kDimTiles8 / 2][4], const StateTile& w) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(w.data[0])>>;
+  uint64_t w_desc = k_major_descriptor(w);
+  opaque(w_desc);
+#pragma unroll
+  for (int step = 0; step < kDimTiles8 / 2; ++step)
+    wgmma_rs<Element, kDimTiles8 * 8, 0>(projected, ol[step], w_desc + k_major_offset<StateTile>(0, step), step > 0);
+  wgmma_commit();
 }
 
 }  // namespace slattn::cuda

@@ -8,6 +8,7 @@
 #include "cuda/key_states_wgmma.h"
 #include "cuda/linear_forward_fused.h"
 #include "cuda/linear_forward_wgmma.h"
+#include "cuda/linear_set_operands.h"
 #include "cuda/linear_states.h"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_kernels.h"
@@ -52,6 +53,27 @@ void run_sparse_forward(const SlaForwardParams& p, const Geometry& g, const Rout
   sparse_forward_quantized(g, plan, args, buf.quantized, stream);
 }
 
+// The sparse forward with, on Hopper, the linear branch in its epilogue
+// (ForwardLinearTerms): the key-block states and the linear set's sums run
+// first, once the kernel is sure to add them. Returns whether it did (else
+// the sparse kernel wrote Os alone, as `sparse` asks).
+bool sparse_forward_with_linear_terms(const SlaForwardParams& p, const Geometry& g, const RoutingPlanView& plan,
+                                      const SparseForwardArgs& sparse, const ForwardBuffers& buf,
+                                      cudaStream_t stream) {
+  const ForwardLinearTerms terms{p.feature_map, buf.linear_set.set_h, buf.linear_set.set_z, buf.linear_set.weight,
+                                 static_cast<const float*>(p.proj_bias), p.out_linear};
+  const ForwardLinearStep before{p.out, [&]() -> const ForwardLinearTerms* {
+                                   if (key_block_states_wgmma(g, p.k, p.v, p.feature_map, buf.key_states,
+                                                              buf.linear_set.block_h, nullptr, stream) != nullptr)
+                                     return nullptr;
+                                   prepare_linear_set_states(g, plan, p.q.dtype, p.linear_scope, buf.key_states,
+                                                             static_cast<const float*>(p.proj_weight),
+                                                             buf.linear_set, stream);
+                                   return &terms;
+                                 }};
+  return sparse_forward(g, plan, sparse, stream, before);
+}
+
 // Os, then the linear branch's out = Os + Ol Wᵀ + b. With a projection Os is
 // written once, to out_sparse when asked for (the linear branch reads it
 // there), else to out (the linear branch adds to it in place).
@@ -61,7 +83,11 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
   const TensorView& os = os_apart ? p.out_sparse : p.out;
   SparseForwardArgs sparse{p.q, p.k, p.v, os_apart ? TensorView{} : p.out, p.out_sparse, nullptr,
                            static_cast<float*>(p.lse), static_cast<float>(p.scale)};
-  run_sparse_forward(p, g, plan, sparse, buf, stream);
+  if (p.linear_branch() && p.proj_weight && buf.linear_set.block_h && !p.quantized) {
+    if (sparse_forward_with_linear_terms(p, g, plan, sparse, buf, stream)) return;
+  } else {
+    run_sparse_forward(p, g, plan, sparse, buf, stream);
+  }
   if (!p.linear_branch()) return;
   const auto* weight = static_cast<const float*>(p.proj_weight);
   const auto* bias = static_cast<const float*>(p.proj_bias);

@@ -12,8 +12,10 @@
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/forward_linear_epilogue.cuh"
 #include "cuda/forward_output_copies.cuh"
 #include "cuda/key_tile_pipeline.cuh"
+#include "cuda/linear_set_operands.h"
 #include "cuda/sparse_forward_steps.cuh"
 #include "cuda/sla_cuda.h"
 #include "cuda/sparse_mainloops.h"
@@ -38,6 +40,10 @@ struct WgmmaForward {
     KeyTile v[kStages];
     QTile out;  // Os of the block, normalised, for the copy engine to store
     KeyTilePipeline<kStages> pipe;
+    // With the linear terms: Z_m of the block (copied with Q), φ(q)·Z_m + ε of its rows, the projection's b.
+    alignas(16) float z_m[kHeadDim];
+    float den[kBlockQ];
+    float bias[kHeadDim];
   };
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;  // aligned to the swizzle atom at run time
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
@@ -71,11 +77,13 @@ __device__ __forceinline__ void issue_values(float (&out)[kDimTiles8][4], const 
   wgmma_commit();
 }
 
-template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile>
+// kLinear: the kernel adds the linear terms in its epilogue (forward_linear_epilogue.cuh).
+template <typename Element, int kHeadDim, int kBlockQ, int kKeyTile, bool kLinear>
 __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>::kThreads,
                                   WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
     sparse_forward_wgmma_kernel(const __grid_constant__ QkvTileMaps maps, const __grid_constant__ RowTileMap os_map,
-                                bool store_by_copies, Geometry g, RoutingPlanView plan, SparseForwardArgs a) {
+                                bool store_by_copies, Geometry g, RoutingPlanView plan, SparseForwardArgs a,
+                                const __grid_constant__ ForwardLinearKernelArgs<Element> linear) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Config = WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>;
   using Shared = typename Config::Shared;
@@ -86,25 +94,39 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
 
   if (threadIdx.x == 0) s.pipe.init(Config::kConsumers * kWarpgroupThreads);
+  if (kLinear && threadIdx.x < kHeadDim) s.bias[threadIdx.x] = linear.bias ? linear.bias[threadIdx.x] : 0.0f;
   __syncthreads();
   if (threadIdx.x < kWarpgroupThreads) {  // the producer: its first warp
     if constexpr (Registers::kHandOver) release_registers_to<Registers::kProducer>();
     if (threadIdx.x >= kWarpSize) return;
-    produce_items(
-        s.pipe, g, plan,
-        [&](const QueryItem& at, SharedBarrier& full) {
-          full.arrive_expect_bytes(sizeof(QTile));
-          load_row_tile(s.q, maps.q, at.m * kBlockQ, at.h, at.b, full);
-        },
-        [](const QueryItem&, int32_t) { return 0; },
-        [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
-          full.arrive_expect_bytes(sizeof(KeyTile));
-          load_row_tile(s.k[stage], maps.k, n * g.block_k, at.h / g.group(), at.b, full);
-        },
-        [&](int stage, const QueryItem& at, int32_t n, SharedBarrier& full) {
-          full.arrive_expect_bytes(sizeof(KeyTile));
-          load_row_tile(s.v[stage], maps.v, n * g.block_k, at.h / g.group(), at.b, full);
-        });
+    const auto load_query = [&](const QueryItem& at, SharedBarrier& full) {
+      constexpr uint32_t kZBytes = kLinear ? sizeof(s.z_m) : 0;
+      full.arrive_expect_bytes(sizeof(QTile) + kZBytes);
+      load_row_tile(s.q, maps.q, at.m * kBlockQ, at.h, at.b, full);
+      if constexpr (kLinear)
+        bulk_load(s.z_m, linear.set_z + ((at.b * g.heads + at.h) * g.q_blocks + at.m) * kHeadDim, kZBytes, full);
+    };
+    const auto lane_value = [](const QueryItem&, int32_t) { return 0; };
+    const auto load_keys = [&](int stage, const QueryItem& at, int32_t n, int, SharedBarrier& full) {
+      full.arrive_expect_bytes(sizeof(KeyTile));
+      load_row_tile(s.k[stage], maps.k, n * g.block_k, at.h / g.group(), at.b, full);
+    };
+    const auto load_values = [&](int stage, const QueryItem& at, int32_t n, SharedBarrier& full) {
+      full.arrive_expect_bytes(sizeof(KeyTile));
+      load_row_tile(s.v[stage], maps.v, n * g.block_k, at.h / g.group(), at.b, full);
+    };
+    if constexpr (kLinear) {  // H_m into the tail stage's K tile, W into its V tile
+      static_assert(kKeyTile == kHeadDim, "a key tile holds a D x D state");
+      produce_items(s.pipe, g, plan, load_query, lane_value, load_keys, load_values,
+                    [&](int stage, const QueryItem& at, SharedBarrier& keys, SharedBarrier& values) {
+                      keys.arrive_expect_bytes(sizeof(KeyTile));
+                      load_row_tile(s.k[stage], linear.set_h, 0, (at.b * g.heads + at.h) * g.q_blocks + at.m, 0, keys);
+                      values.arrive_expect_bytes(sizeof(KeyTile));
+                      load_row_tile(s.v[stage], linear.w, 0, 0, 0, values);
+                    });
+    } else {
+      produce_items(s.pipe, g, plan, load_query, lane_value, load_keys, load_values);
+    }
     return;
   }
 
@@ -124,6 +146,75 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
                                            correction);
   };
   int32_t t0 = 0;  // the ring position of this item's first tile
+  // With the linear terms, after an item's walk (forward_linear_epilogue.cuh): the last P V issued, φ(Q)
+  // formed while it runs, Os staged and stored, then the tail stage's products Ol = φ(Q) H_m (into `out`,
+  // free by then) and Ol Wᵀ, and out = Os + Ol Wᵀ + b stored.
+  // (Generic, so that only the kernel with the terms instantiates it.)
+  [[maybe_unused]] auto end_block_with_linear_terms = [&](const QueryItem& at, int32_t total, auto& out,
+                                                          const auto& p, float(&row_max)[2], float(&row_sum)[2]) {
+    const int warpgroup = consumer_thread / kWarpgroupThreads, warpgroup_thread = consumer_thread % kWarpgroupThreads;
+    const bool storing_thread = issues_warpgroup_stores(consumer_thread);
+    const int warp_row = consumer_thread / kWarpSize * kRowsPerWarp;  // the warp's first row in the block
+    const int tile_row = warp_row + threadIdx.x % kWarpSize / 4;       // the thread's first row in the block
+    const int64_t pair = at.b * g.heads + at.h, block_row0 = at.m * kBlockQ;
+    const int32_t tail = t0 + total;
+    const auto form_features = [&] {  // the last S = Q Kᵀ of the warpgroup is complete
+      queries_to_features<kHeadDim>(s.q, warpgroup_row0, warpgroup_thread, linear.feature_map, s.z_m, s.den);
+      fence_shared_for_async_proxy();
+    };
+    if (total > 0) {
+      s.pipe.wait_values(tail - 1);
+      wgmma_fence();
+      issue_values(out, p, s.v[s.pipe.stage(tail - 1)]);
+      form_features();  // while P V runs
+      wgmma_wait<0>();
+      fence_accumulators(out);
+      s.pipe.release_values(tail - 1);
+    } else {
+      form_features();
+    }
+    if (storing_thread) wait_bulk_groups<false>();  // the last block's store has read the output tile
+    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);  // and φ(Q) and den are written
+    stage_forward_rows<Element, kHeadDim>(g, a, pair, block_row0 + warp_row, warp_row, out, row_max, row_sum, s.out);
+    fence_shared_for_async_proxy();
+    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
+    if (storing_thread && linear.store_sparse) {
+      store_row_tile(linear.out_sparse, s.out, warpgroup_row0, block_row0 + warpgroup_row0, at.h, at.b);
+      commit_bulk_group();
+    }
+
+    const int stage = s.pipe.stage(tail);
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.0f;
+    s.pipe.wait_keys(tail);
+    wgmma_fence();
+    issue_rows_times<1, StateRead::as_stored>(out, s.q, s.k[stage], warpgroup_row0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_accumulators(out);
+    s.pipe.release_keys(tail);
+    s.pipe.q_empty.arrive();  // every product that reads Q is complete
+    divide_by_denominators(out, s.den, tile_row, linear, at, block_row0 + tile_row, g.q_len);
+
+    uint32_t ol[kHeadDim / 16][4];  // rounded to the input dtype for the product (SPEC section 4)
+    accumulators_to_fragments<Element, kHeadDim>(out, ol);
+    float projected[kHeadDim / 8][4];
+    s.pipe.wait_values(tail);
+    wgmma_fence();
+    issue_projection(projected, ol, s.v[stage]);
+    wgmma_wait<0>();
+    fence_accumulators(projected);
+    s.pipe.release_values(tail);
+    if (storing_thread && linear.store_sparse) wait_bulk_groups<false>();  // Os is read out of the tile
+    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
+    add_projection<Element>(s.out, tile_row, projected, s.bias);
+    fence_shared_for_async_proxy();
+    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
+    if (storing_thread) {
+      store_row_tile(linear.out, s.out, warpgroup_row0, block_row0 + warpgroup_row0, at.h, at.b);
+      commit_bulk_group();
+    }
+  };
   int32_t use = 0;
   const int64_t items = g.q_blocks * g.heads * g.batch;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
@@ -157,36 +248,69 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
       rescale_rows(out, correction);
       accumulators_to_fragments<Element, kKeyTile>(score, p);
     }
-    s.pipe.q_empty.arrive();  // every product that reads Q is complete
-    if (total > 0) {
-      const int32_t last = t0 + total - 1;
-      s.pipe.wait_values(last);
-      wgmma_fence();
-      issue_values(out, p, s.v[s.pipe.stage(last)]);
-      wgmma_wait<0>();
-      fence_accumulators(out);
-      s.pipe.release_values(last);
+    if constexpr (kLinear) {
+      end_block_with_linear_terms(at, total, out, p, row_max, row_sum);
+      t0 += total + 1;
+    } else {
+      s.pipe.q_empty.arrive();  // every product that reads Q is complete
+      if (total > 0) {
+        const int32_t last = t0 + total - 1;
+        s.pipe.wait_values(last);
+        wgmma_fence();
+        issue_values(out, p, s.v[s.pipe.stage(last)]);
+        wgmma_wait<0>();
+        fence_accumulators(out);
+        s.pipe.release_values(last);
+      }
+      end_forward_block<Element, kHeadDim, kBlockQ>(g, a, os_map, store_by_copies, at, consumer_thread, out, row_max,
+                                                    row_sum, s.out);
+      t0 += total;
     }
-    end_forward_block<Element, kHeadDim, kBlockQ>(g, a, os_map, store_by_copies, at, consumer_thread, out, row_max,
-                                                  row_sum, s.out);
-    t0 += total;
   }
-  drain_forward_stores(store_by_copies, consumer_thread);
+  drain_forward_stores(store_by_copies || kLinear, consumer_thread);
 #endif
+}
+
+// The kernel's view of the terms `before` prepares (for an instantiation whose key tiles hold a D x D
+// state), or false (`before` not called when the copy engine cannot write out or out_sparse).
+template <typename Element, int kHeadDim>
+bool prepare_linear_terms(const Geometry& g, const SparseForwardArgs& args, const ForwardLinearStep& before,
+                          ForwardLinearKernelArgs<Element>* linear) {
+  if (!before || args.os_rows != nullptr) return false;
+  linear->store_sparse = args.out_sparse.defined();
+  if (!make_row_tile_map(before.out, kWarpgroupRows, &linear->out) ||
+      (linear->store_sparse && !make_row_tile_map(args.out_sparse, kWarpgroupRows, &linear->out_sparse)))
+    return false;
+  const ForwardLinearTerms* terms = before.prepare();
+  if (terms == nullptr) return false;
+  const DType dtype = args.q.dtype;
+  const bool packed =
+      make_row_tile_map(dense_rows(const_cast<void*>(terms->set_h), dtype, 1, g.q_pairs() * g.q_blocks, kHeadDim,
+                                   kHeadDim),
+                        kHeadDim, &linear->set_h) &&
+      make_row_tile_map(dense_rows(const_cast<void*>(terms->weight), dtype, 1, 1, kHeadDim, kHeadDim), kHeadDim,
+                        &linear->w);
+  SLATTN_CHECK(packed, "sparse_forward_wgmma: the tile copy engine refused H_m or W");
+  linear->feature_map = terms->feature_map;
+  linear->set_z = terms->set_z;
+  linear->bias = terms->bias;
+  linear->out_linear = DeviceView<Element>::of(terms->out_linear);
+  return true;
 }
 
 }  // namespace
 
 const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                                 cudaStream_t stream) {
+                                 const ForwardLinearStep& before, bool* terms_added, cudaStream_t stream) {
   const char* refusal = nullptr;
   const int64_t items = g.q_blocks * g.heads * g.batch;
+  *terms_added = false;
   dispatch_sparse_kernel(args.q.dtype, g, [&](auto tag, auto head_dim, auto block_q, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BQ = decltype(block_q)::value, KT = decltype(block_k)::value;
     using Config = WgmmaForward<Element, D, BQ, KT>;
     const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
-    const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT>;
+    const auto kernel = sparse_forward_wgmma_kernel<Element, D, BQ, KT, false>;
     static const bool available = loaded_for_hopper(kernel);
     const size_t shared = Config::kSharedBytes;
     QkvTileMaps maps;
@@ -199,8 +323,18 @@ const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan,
                 "contiguous head dim, a 16-byte-aligned start and strides that are multiples of 16 bytes";
       return;
     }
+    ForwardLinearKernelArgs<Element> linear{};
+    if constexpr (KT == D) {
+      if (prepare_linear_terms<Element, D>(g, args, before, &linear)) {
+        launch_with_shared(sparse_forward_wgmma_kernel<Element, D, BQ, KT, true>, grid, Config::kThreads, shared,
+                           stream, maps, os_map, false, g, plan, args, linear);
+        *terms_added = true;
+        return;
+      }
+    }
     const bool store_by_copies = forward_output_map(args, &os_map);
-    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, os_map, store_by_copies, g, plan, args);
+    launch_with_shared(kernel, grid, Config::kThreads, shared, stream, maps, os_map, store_by_copies, g, plan, args,
+                       linear);
   });
   if (refusal == nullptr) SLATTN_LAUNCH_CHECK("sparse_forward_wgmma_kernel");
   return refusal;

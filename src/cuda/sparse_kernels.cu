@@ -100,11 +100,13 @@ void run_on_mainloop(Hopper&& hopper, Mma&& mma) {
 
 }  // namespace
 
-void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                    cudaStream_t stream) {
+bool sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                    cudaStream_t stream, const ForwardLinearStep& before) {
   check_sparse_support(g);
-  run_on_mainloop([&] { return sparse_forward_wgmma(g, plan, args, stream); },
+  bool terms_added = false;
+  run_on_mainloop([&] { return sparse_forward_wgmma(g, plan, args, before, &terms_added, stream); },
                   [&] { sparse_forward_mma(g, plan, args, stream); });
+  return terms_added;
 }
 
 bool sparse_backward(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,

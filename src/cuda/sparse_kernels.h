@@ -24,8 +24,35 @@ struct SparseForwardArgs {
   float* lse;             // (B, Hq, Lq)
   float scale;
 };
-void sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                    cudaStream_t stream);
+
+// The linear branch and the projection (the fixed feature maps, SPEC sections
+// 3 and 4), which the Hopper forward can add itself in each query block's
+// epilogue: out = Os + Ol Wᵀ + b with Ol = φ(Q_m) H_m / (φ(q)·Z_m + ε), φ(Q)
+// formed from the query tile it copied. Os still goes to args.out_sparse when
+// defined; args.out is not written. Operands in the input dtype unless said.
+struct ForwardLinearTerms {
+  FeatureMap feature_map;
+  const void* set_h;    // (q pairs * Mq, F, D): H_m
+  const float* set_z;   // (q pairs * Mq, F) fp32: Z_m
+  const void* weight;   // (D, D): W as (out, in)
+  const float* bias;    // (D) fp32, or null
+  TensorView out_linear;  // Ol (written when defined)
+};
+
+// Where the linear terms go (SLA's output), and how to prepare them: called
+// once, before the Hopper forward's kernel, when that kernel can add them
+// (its ring stages hold H_m and W: block_k = D, and the copy engine can write
+// out); returns them, or null (the kernel then writes Os alone).
+struct ForwardLinearStep {
+  TensorView out;
+  std::function<const ForwardLinearTerms*()> prepare;
+
+  explicit operator bool() const { return static_cast<bool>(prepare); }
+};
+
+// Returns whether the kernel added `before`'s terms (out written as SLA's output).
+bool sparse_forward(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
+                    cudaStream_t stream, const ForwardLinearStep& before = {});
 
 struct SparseBackwardArgs {
   TensorView q, k, v;

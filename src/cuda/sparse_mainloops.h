@@ -56,11 +56,12 @@ DeviceView<const Element> dos_view(const Geometry& g, const void* dos_rows) {
 
 void sparse_forward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
                         cudaStream_t stream);
-// Launches the Hopper forward and returns nullptr, or returns why it cannot run (nothing launched):
-// no sm_90a code in the build, too little shared memory, or a layout of q, k or v
-// that the tile copy engine cannot describe. The mma.sync mainloop serves all of these.
+// Launches the Hopper forward and returns nullptr, or returns why it cannot run (nothing launched, `before`
+// not called): no sm_90a code in the build, too little shared memory, or a layout of q, k or v that the
+// tile copy engine cannot describe. The mma.sync mainloop serves all of these. Calls `before` (when given)
+// if the kernel can add the linear terms, and adds those it returns (*terms_added says whether it did).
 const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan, const SparseForwardArgs& args,
-                                 cudaStream_t stream);
+                                 const ForwardLinearStep& before, bool* terms_added, cudaStream_t stream);
 
 // The dQ and dK/dV kernels, after sparse_delta.
 void sparse_backward_mma(const Geometry& g, const RoutingPlanView& plan, const SparseBackwardArgs& args,

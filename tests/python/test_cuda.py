@@ -247,6 +247,40 @@ def test_key_blocks_no_query_block_chose(rng, feature_map, dim, block):
         assert_within_baseline(actual.grad.cpu(), ref.grad, low.grad, name=name)
 
 
+@pytest.mark.parametrize("dim,block", [(64, 64), (128, 128), (128, 64)])
+def test_query_blocks_without_critical_blocks_and_both_branches(rng, dim, block):
+    """Query blocks whose row lists are empty: Os is 0 there and the LSE -inf, yet Ol is whole. With block_k = D
+    the Hopper forward adds the linear branch in its epilogue (φ(Q) formed from the query tile it copies even for
+    such a block), at (128, 64) the linear branch's own kernel does; both return Os and Ol as asked."""
+    q, k, v, w, b = layer(rng, heads=2, q_len=4 * block - 5, k_len=3 * block + 9, dim=dim)
+    block_map = torch.zeros((1, 2, 4, 4), dtype=torch.int8)
+    block_map[:, :, 0, 1] = 1
+    block_map[:, 0, 2, :2] = 1
+    block_map[:, 1, 3, 3] = 1
+    block_map[:, 1, 1, 0] = -1  # head 0: query blocks 1 and 3 without a critical block; head 1: blocks 1 and 2
+    plan = slattn.plan_from_block_map(block_map.cuda(), block_q=block, block_k=block, q_len=q.shape[2],
+                                      k_len=k.shape[2])
+    leaves = [cuda_leaf(t) for t in (q, k, v, w, b)]
+    out, lse = slattn.sparse_linear_attention(*leaves, plan=plan, return_lse=True)
+    os_, ol, _ = slattn.sparse_linear_attention(*(t.detach() for t in leaves), plan=plan, return_branches=True)
+    options = dict(block_q=block, block_k=block, block_map=block_map)
+    exact_leaves = [t.double().requires_grad_() for t in (q, k, v, w, b)]
+    low_leaves = [t.clone().requires_grad_() for t in (q, k, v, w, b)]
+    exact = reference.sla(*exact_leaves, **options)
+    baseline = reference.sla(*low_leaves, **options)
+    assert_within_baseline(out.detach().cpu(), exact.out, baseline.out, name="out")
+    assert_within_baseline(os_.cpu(), exact.sparse, baseline.sparse, name="Os")
+    assert_within_baseline(ol.cpu(), exact.linear, baseline.linear, name="Ol")
+    assert torch.equal(torch.isfinite(lse.detach().cpu()), torch.isfinite(exact.lse))
+    assert not torch.isfinite(exact.lse).all()  # the case holds rows without a critical key
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=rng).to(q.dtype)
+    out.backward(grad.cuda())
+    exact.out.backward(grad.double())
+    baseline.out.backward(grad)
+    for name, actual, ref, low in zip(("dq", "dk", "dv", "dw", "db"), leaves, exact_leaves, low_leaves):
+        assert_within_baseline(actual.grad.cpu(), ref.grad, low.grad, name=name)
+
+
 def test_cuda_graph_capture_of_forward_and_backward(rng):
     q, k, v, w, b = (cuda_leaf(t) for t in layer(rng, heads=2, q_len=256, k_len=256))
     plan = slattn.route(q, k, topk=0.25)

@@ -1,0 +1,99 @@
+// The linear branch and the projection in the Hopper sparse forward's
+// epilogue (ForwardLinearTerms, sparse_kernels.h), per query block and
+// consumer warpgroup (64 rows): φ(Q) formed in place in the query tile with
+// the rows' denominators φ(q)·Z_m + ε (while the block's last P V runs), Os
+// staged in the output tile (and stored to out_sparse), Ol = φ(Q) H_m / den,
+// Ol Wᵀ, and out = Os + Ol Wᵀ + b formed over the staged Os and stored by the
+// copy engine. The producer copies H_m and W into one more ring stage per
+// query block (produce_items' tail). Os is rounded to the input dtype before
+// the sum, as the separate linear kernel reads it (linear_forward_wgmma.cu).
+#pragma once
+
+#include "cuda/feature_tiles.cuh"
+#include "cuda/forward_output_copies.cuh"
+#include "cuda/linear_set_products.cuh"
+#include "cuda/sparse_kernels.h"
+#include "cuda/tensor_map.h"
+#include "cuda/tile_mma.cuh"
+
+namespace slattn::cuda {
+
+// ForwardLinearTerms as the kernel reads them.
+template <typename Element>
+struct ForwardLinearKernelArgs {
+  RowTileMap set_h;       // H_m as (1, q pairs * Mq, F, D): boxes of whole states
+  RowTileMap w;           // W (out, in): one box
+  RowTileMap out;         // boxes of a warpgroup's rows
+  RowTileMap out_sparse;  // likewise, when store_sparse
+  bool store_sparse;
+  FeatureMap feature_map;
+  const float* set_z;
+  const float* bias;
+  DeviceView<Element> out_linear;
+};
+
+// φ of the warpgroup's rows [row0, row0 + 64) of the query tile, in place, two
+// threads a row, and den[row] = φ(q)·Z_m + ε with φ in fp32 (as
+// query_features_kernel); z_m: the block's Z_m in shared memory.
+template <int kHeadDim, typename QTile>
+__device__ __forceinline__ void queries_to_features(QTile& q, int row0, int warpgroup_thread, FeatureMap feature_map,
+                                                    const float* z_m, float* den) {
+  constexpr int kLanesPerRow = 2;
+  using Row = FeatureTileRow<kLanesPerRow, kHeadDim / 8 / kLanesPerRow>;
+  static_assert(kWarpgroupThreads == kLanesPerRow * kWarpgroupRows, "one pass over the warpgroup's rows");
+  const int row = row0 + warpgroup_thread / kLanesPerRow, first = Row::first_unit(warpgroup_thread);
+  float x[Row::kValues];
+  Row::load(q, row, first, x);
+  Row::apply(feature_map, x);
+  Row::store(q, row, first, x, true);
+  const auto* z = reinterpret_cast<const float4*>(z_m + first * 8);
+  float dot = 0.0f;
+#pragma unroll
+  for (int i = 0; i < Row::kValues / 4; ++i) {
+    const float4 zi = z[i];
+    dot += x[4 * i] * zi.x + x[4 * i + 1] * zi.y + x[4 * i + 2] * zi.z + x[4 * i + 3] * zi.w;
+  }
+  dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+  if (warpgroup_thread % kLanesPerRow == 0) den[row] = dot + static_cast<float>(kLinearEpsilon);
+}
+
+// Ol = acc / den on the thread's rows (tile rows tile_row and tile_row + 8 of
+// the block, sequence rows row and row + 8), written to out_linear when asked.
+template <typename Element, int kDimTiles8>
+__device__ __forceinline__ void divide_by_denominators(float (&acc)[kDimTiles8][4], const float* den, int tile_row,
+                                                       const ForwardLinearKernelArgs<Element>& a, const QueryItem& at,
+                                                       int64_t row, int64_t q_len) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float inverse = 1.0f / den[tile_row + 8 * r];
+#pragma unroll
+    for (int j = 0; j < kDimTiles8; ++j) {
+      acc[j][2 * r] *= inverse;
+      acc[j][2 * r + 1] *= inverse;
+      if (a.out_linear.defined() && row + 8 * r < q_len)
+        store_pair(a.out_linear, at.b, at.h, row + 8 * r, j * 8 + 2 * quad, acc[j][2 * r], acc[j][2 * r + 1]);
+    }
+  }
+}
+
+// The staged Os rows of the thread (tile rows tile_row, tile_row + 8) become Os + projected + b, in place
+// (bias: b in shared memory).
+template <typename Element, int kDimTiles8, typename Tile>
+__device__ __forceinline__ void add_projection(Tile& tile, int tile_row, const float (&projected)[kDimTiles8][4],
+                                               const float* bias) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < kDimTiles8; ++j) {
+    const int d = j * 8 + 2 * quad;
+    const float2 b = *reinterpret_cast<const float2*>(bias + d);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      uint32_t& pair = tile.accumulator_pair(tile_row + 8 * r, j);
+      const float2 os = unpack2<Element>(pair);
+      pair = pack2<Element>(os.x + projected[j][2 * r] + b.x, os.y + projected[j][2 * r + 1] + b.y);
+    }
+  }
+}
+
+}  // namespace slattn::cuda
