@@ -95,7 +95,7 @@ if want bench; then
   echo "== bench"
   for blocks in 64 128; do
     timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --block-q "$blocks" --block-k "$blocks" \
-      --out-dir "$LOGS/bench-$blocks" --repeats 5 2>&1 | grep -v -i warn | tail -12 || status=1
+      --out-dir "$LOGS/bench-$blocks" --repeats 20 2>&1 | grep -v -i warn | tail -12 || status=1
   done
 fi
 if want bench14b; then
@@ -110,7 +110,7 @@ if [[ " $STEPS " == *" ab "* ]]; then
     timeout 200 python3 scripts/profile_sla.py 1,12,32760,128 0.05 128 2>&1 | tee "$LOGS/ab-$1-profile.log" \
       | grep -v -i warn || status=1
     timeout 300 slattn bench --device cuda --shape 1,12,32760,128 --block-q 128 --block-k 128 \
-      --out-dir "$LOGS/ab-$1-bench" --repeats 5 2>&1 | grep -A1 "^shape" || status=1
+      --out-dir "$LOGS/ab-$1-bench" --repeats 20 2>&1 | grep -A1 "^shape" || status=1
   }
   if [ "$status" -ne 0 ]; then
     echo "ab: skipped, an earlier step failed"
