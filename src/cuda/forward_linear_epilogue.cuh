@@ -1,12 +1,13 @@
 // The linear branch and the projection in the Hopper sparse forward's
 // epilogue (ForwardLinearTerms, sparse_kernels.h), per query block and
 // consumer warpgroup (64 rows): φ(Q) formed in place in the query tile with
-// the rows' denominators φ(q)·Z_m + ε (while the block's last P V runs), Os
-// staged in the output tile (and stored to out_sparse), Ol = φ(Q) H_m / den,
-// Ol Wᵀ, and out = Os + Ol Wᵀ + b formed over the staged Os and stored by the
-// copy engine. The producer copies H_m and W into one more ring stage per
-// query block (produce_items' tail). Os is rounded to the input dtype before
-// the sum, as the separate linear kernel reads it (linear_forward_wgmma.cu).
+// the rows' denominators φ(q)·Z_m + ε (while the block's last P V runs, Z_m
+// copied with Q), Os staged in the output tile (and stored to out_sparse),
+// Ol Wᵀ = φ(Q) (H_m Wᵀ) / den, and out = Os + Ol Wᵀ + b formed over the
+// staged Os and stored by the copy engine. The producer copies H_m Wᵀ into
+// one more ring stage per query block (produce_items' tail). Os is rounded to
+// the input dtype before the sum, as the separate linear kernel reads it
+// (linear_forward_wgmma.cu).
 #pragma once
 
 #include "cuda/feature_tiles.cuh"
@@ -19,17 +20,14 @@
 namespace slattn::cuda {
 
 // ForwardLinearTerms as the kernel reads them.
-template <typename Element>
 struct ForwardLinearKernelArgs {
-  RowTileMap set_h;       // H_m as (1, q pairs * Mq, F, D): boxes of whole states
-  RowTileMap w;           // W (out, in): one box
+  RowTileMap set_h;       // H_m Wᵀ as (1, q pairs * Mq, F, D): boxes of whole states
   RowTileMap out;         // boxes of a warpgroup's rows
   RowTileMap out_sparse;  // likewise, when store_sparse
   bool store_sparse;
   FeatureMap feature_map;
   const float* set_z;
   const float* bias;
-  DeviceView<Element> out_linear;
 };
 
 // φ of the warpgroup's rows [row0, row0 + 64) of the query tile, in place, two
@@ -57,13 +55,9 @@ __device__ __forceinline__ void queries_to_features(QTile& q, int row0, int warp
   if (warpgroup_thread % kLanesPerRow == 0) den[row] = dot + static_cast<float>(kLinearEpsilon);
 }
 
-// Ol = acc / den on the thread's rows (tile rows tile_row and tile_row + 8 of
-// the block, sequence rows row and row + 8), written to out_linear when asked.
-template <typename Element, int kDimTiles8>
-__device__ __forceinline__ void divide_by_denominators(float (&acc)[kDimTiles8][4], const float* den, int tile_row,
-                                                       const ForwardLinearKernelArgs<Element>& a, const QueryItem& at,
-                                                       int64_t row, int64_t q_len) {
-  const int quad = threadIdx.x % 4;
+// acc / den on the thread's rows (tile rows tile_row and tile_row + 8 of the block).
+template <int kDimTiles8>
+__device__ __forceinline__ void divide_by_denominators(float (&acc)[kDimTiles8][4], const float* den, int tile_row) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float inverse = 1.0f / den[tile_row + 8 * r];
@@ -71,8 +65,6 @@ __device__ __forceinline__ void divide_by_denominators(float (&acc)[kDimTiles8][
     for (int j = 0; j < kDimTiles8; ++j) {
       acc[j][2 * r] *= inverse;
       acc[j][2 * r + 1] *= inverse;
-      if (a.out_linear.defined() && row + 8 * r < q_len)
-        store_pair(a.out_linear, at.b, at.h, row + 8 * r, j * 8 + 2 * quad, acc[j][2 * r], acc[j][2 * r + 1]);
     }
   }
 }

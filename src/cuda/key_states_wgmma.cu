@@ -10,12 +10,14 @@
 #include "cuda/key_states_wgmma.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/feature_tiles.cuh"
 #include "cuda/key_tile_pipeline.cuh"
 #include "cuda/linear_set_states.h"
 #include "cuda/linear_kernels.h"
+#include "cuda/linear_set_operands.h"
 #include "cuda/linear_set_products.cuh"
 #include "cuda/sparse_kernels.h"
 #include "cuda/sparse_mainloops.h"
@@ -26,26 +28,34 @@
 namespace slattn::cuda {
 namespace {
 
-template <typename Element, int kHeadDim, int kBlockK, int kStages>
+struct NoTile {};
+
+template <typename Element, int kHeadDim, int kBlockK, int kStages, bool kProject>
 struct KeyStateShared {
   using KeyTile = SwizzledTile<Element, kBlockK, kHeadDim>;
   using StateTile = SwizzledTile<Element, kHeadDim, kHeadDim>;
   KeyTile k[kStages];  // K_n as copied, then φ(K_n) in place
   KeyTile v[kStages];
-  StateTile h;                    // h_n rounded, on its way out
+  StateTile h;                    // h_n (or h_n Wᵀ) rounded, on its way out
+  std::conditional_t<kProject, StateTile, NoTile> w;  // W (out, in), when projecting
   KeyTilePipeline<kStages> pipe;  // K and V of a stage complete its "keys" barrier
+  SharedBarrier w_full;
   float z_half[2][kHeadDim];      // z_n over each half of the block's keys
 };
 
-template <typename Element, int kHeadDim, int kBlockK>
+// kProject: the kernel writes h_n Wᵀ (h_n rounded to the input dtype first), for the
+// sparse forward's linear epilogue, which then needs no projection of its own.
+template <typename Element, int kHeadDim, int kBlockK, bool kProject>
 struct WgmmaKeyStates {
   static constexpr int kDim = kHeadDim, kRows = kBlockK;
   static constexpr int kConsumers = kHeadDim / kWarpgroupRows;  // a warpgroup per 64 features of h_n
   static constexpr int kConsumerThreads = kConsumers * kWarpgroupThreads;
   static constexpr int kThreads = kConsumerThreads + kWarpSize;  // the producer warp last
   static constexpr int kStages =
-      sizeof(KeyStateShared<Element, kHeadDim, kBlockK, 3>) + kSwizzleAtomBytes <= kHopperSharedPerBlock ? 3 : 2;
-  using Shared = KeyStateShared<Element, kHeadDim, kBlockK, kStages>;
+      sizeof(KeyStateShared<Element, kHeadDim, kBlockK, 3, kProject>) + kSwizzleAtomBytes <= kHopperSharedPerBlock
+          ? 3
+          : 2;
+  using Shared = KeyStateShared<Element, kHeadDim, kBlockK, kStages, kProject>;
   static constexpr size_t kSharedBytes = sizeof(Shared) + kSwizzleAtomBytes;
   static constexpr int kBlocksPerSm = blocks_per_sm(kSharedBytes, kConsumers);
   // φ of a row by kLanesPerRow neighbouring threads, 8 units (64 features) each.
@@ -59,6 +69,7 @@ struct WgmmaKeyStates {
 
 struct KeyValueMaps {
   RowTileMap k, v;  // boxes of block_k rows
+  RowTileMap w;     // one box, when projecting
 };
 
 template <typename Element>
@@ -92,24 +103,31 @@ __device__ __forceinline__ void phi_in_place(Tile& keys, int rows, FeatureMap fe
   }
 }
 
-template <typename Element, int kHeadDim, int kBlockK>
-__global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK>::kThreads,
-                                  WgmmaKeyStates<Element, kHeadDim, kBlockK>::kBlocksPerSm)
+template <typename Element, int kHeadDim, int kBlockK, bool kProject>
+__global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK, kProject>::kThreads,
+                                  WgmmaKeyStates<Element, kHeadDim, kBlockK, kProject>::kBlocksPerSm)
     key_block_states_wgmma_kernel(const __grid_constant__ KeyValueMaps maps, Geometry g, KeyStateArgs<Element> a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Config = WgmmaKeyStates<Element, kHeadDim, kBlockK>;
+  using Config = WgmmaKeyStates<Element, kHeadDim, kBlockK, kProject>;
   using Shared = typename Config::Shared;
   using KeyTile = typename Shared::KeyTile;
   using StateTile = typename Shared::StateTile;
   constexpr int kTiles = kHeadDim / 8;  // accumulator tiles of a row of h_n
   extern __shared__ unsigned char raw[];
   Shared& s = *reinterpret_cast<Shared*>(align_shared(raw, kSwizzleAtomBytes));
-  if (threadIdx.x == 0) s.pipe.init(Config::kConsumerThreads);
+  if (threadIdx.x == 0) {
+    s.w_full.init(1);
+    s.pipe.init(Config::kConsumerThreads);
+  }
   __syncthreads();
   const int64_t items = g.kv_pairs() * g.k_blocks;
 
   if (threadIdx.x >= Config::kConsumerThreads) {  // the producer warp: its first lane copies
     if (threadIdx.x != Config::kConsumerThreads) return;
+    if constexpr (kProject) {
+      s.w_full.arrive_expect_bytes(sizeof(StateTile));
+      load_row_tile(s.w, maps.w, 0, 0, 0, s.w_full);
+    }
     produce_one_stage_items(s.pipe, items, 2 * sizeof(KeyTile), [&](int64_t item, int stage, SharedBarrier& full) {
       const KeyItem at = KeyItem::of(item, g);
       load_row_tile(s.k[stage], maps.k, at.n * kBlockK, at.kv, at.b, full);
@@ -148,6 +166,15 @@ __global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK>::kT
     wgmma_wait<0>();
     fence_accumulators(h);
     s.pipe.release_keys(t);
+    if constexpr (kProject) {  // h_n Wᵀ, h_n rounded as the A fragments, into h's accumulators
+      uint32_t rounded[kTiles / 2][4];
+      accumulators_to_fragments<Element, kHeadDim>(h, rounded);
+      s.w_full.wait(0);
+      wgmma_fence();
+      issue_projection(h, rounded, s.w);
+      wgmma_wait<0>();
+      fence_accumulators(h);
+    }
 
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -165,31 +192,47 @@ __global__ void __launch_bounds__(WgmmaKeyStates<Element, kHeadDim, kBlockK>::kT
 #endif
 }
 
+// The kernel for one instantiation: its shape, availability and launch.
+template <typename Element, int D, int BK, bool kProject>
+const char* launch_key_states(const Geometry& g, const TensorView& k, const TensorView& v, const void* weight,
+                              const KeyStateArgs<Element>& args, cudaStream_t stream) {
+  using Config = WgmmaKeyStates<Element, D, BK, kProject>;
+  const auto kernel = key_block_states_wgmma_kernel<Element, D, BK, kProject>;
+  static const bool available = loaded_for_hopper(kernel);
+  if (const char* refusal = hopper_kernel_refusal(available, Config::kSharedBytes)) return refusal;
+  KeyValueMaps maps{};
+  if (!make_row_tile_map(k, BK, &maps.k) || !make_row_tile_map(v, BK, &maps.v))
+    return "k's or v's rows do not suit the tile copy engine";
+  if (kProject)
+    SLATTN_CHECK(make_row_tile_map(dense_rows(const_cast<void*>(weight), k.dtype, 1, 1, D, D), D, &maps.w),
+                 "key_block_states_wgmma: the tile copy engine refused W");
+  const int64_t items = g.kv_pairs() * g.k_blocks;
+  const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
+  launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, args);
+  SLATTN_LAUNCH_CHECK("key_block_states_wgmma_kernel");
+  return nullptr;
+}
+
 }  // namespace
 
 const char* key_block_states_wgmma(const Geometry& g, const TensorView& k, const TensorView& v, FeatureMap feature_map,
-                                   const KeyStates& states, void* low_states, void* phi_k, cudaStream_t stream) {
+                                   const KeyStates& states, void* low_states, void* phi_k, cudaStream_t stream,
+                                   const void* weight) {
   SLATTN_CHECK(g.features == g.dim, "key_block_states_wgmma: fixed feature maps only");
+  SLATTN_CHECK(weight == nullptr || g.block_k == g.dim, "key_block_states_wgmma: W only where block_k = D");
   const char* refusal = nullptr;
-  const int64_t items = g.kv_pairs() * g.k_blocks;
   dispatch_sparse_kernel(k.dtype, g, [&](auto tag, auto head_dim, auto, auto block_k) {
     using Element = decltype(tag);
     constexpr int D = decltype(head_dim)::value, BK = decltype(block_k)::value;
-    using Config = WgmmaKeyStates<Element, D, BK>;
-    const auto kernel = key_block_states_wgmma_kernel<Element, D, BK>;
-    static const bool available = loaded_for_hopper(kernel);
-    refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
-    if (refusal != nullptr) return;
-    KeyValueMaps maps{};
-    if (!make_row_tile_map(k, BK, &maps.k) || !make_row_tile_map(v, BK, &maps.v)) {
-      refusal = "k's or v's rows do not suit the tile copy engine";
-      return;
-    }
     const KeyStateArgs<Element> args{feature_map, states.z, static_cast<Element*>(low_states), key_blocks_padded(g),
                                      static_cast<Element*>(phi_k)};
-    const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
-    launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, args);
-    SLATTN_LAUNCH_CHECK("key_block_states_wgmma_kernel");
+    if constexpr (BK == D) {
+      if (weight) {
+        refusal = launch_key_states<Element, D, BK, true>(g, k, v, weight, args, stream);
+        return;
+      }
+    }
+    refusal = launch_key_states<Element, D, BK, false>(g, k, v, nullptr, args, stream);
   });
   if (refusal != nullptr) return refusal;
   column_sums(states.z, g.kv_pairs(), g.k_blocks, g.features, states.total_z, stream);

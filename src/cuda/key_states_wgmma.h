@@ -18,10 +18,13 @@ namespace slattn::cuda {
 // Fills states.z and states.total_z (states.h and states.total_h, the fp32
 // states of the sm_80 kernels, are not written), h_n into low_states (k's
 // dtype, padded as linear_set_states.h says) and, when not null, φ(K) into
-// phi_k ((kv pairs, Lk, F) dense, k's dtype). Returns nullptr, or why it cannot run (nothing
-// launched): no sm_90a code, too little shared memory, or a layout of k or v
-// the tile copy engine cannot read.
+// phi_k ((kv pairs, Lk, F) dense, k's dtype). With `weight` (W (out, in) in
+// k's dtype, block_k = D) it writes h_n Wᵀ in place of h_n: the states of the
+// linear branch already projected (Ol Wᵀ = φ(Q) H_m Wᵀ / den). Returns nullptr,
+// or why it cannot run (nothing launched): no sm_90a code, too little shared
+// memory, or a layout of k or v the tile copy engine cannot read.
 const char* key_block_states_wgmma(const Geometry& g, const TensorView& k, const TensorView& v, FeatureMap feature_map,
-                                   const KeyStates& states, void* low_states, void* phi_k, cudaStream_t stream);
+                                   const KeyStates& states, void* low_states, void* phi_k, cudaStream_t stream,
+                                   const void* weight = nullptr);
 
 }  // namespace slattn::cuda

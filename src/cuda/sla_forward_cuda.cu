@@ -54,21 +54,23 @@ void run_sparse_forward(const SlaForwardParams& p, const Geometry& g, const Rout
 }
 
 // The sparse forward with, on Hopper, the linear branch in its epilogue
-// (ForwardLinearTerms): the key-block states and the linear set's sums run
-// first, once the kernel is sure to add them. Returns whether it did (else
-// the sparse kernel wrote Os alone, as `sparse` asks).
+// (ForwardLinearTerms): W rounded, the key-block states projected (h_n Wᵀ)
+// and the linear set's sums run first, once the kernel is sure to add them.
+// Returns whether it did (else the sparse kernel wrote Os alone, as `sparse`
+// asks).
 bool sparse_forward_with_linear_terms(const SlaForwardParams& p, const Geometry& g, const RoutingPlanView& plan,
                                       const SparseForwardArgs& sparse, const ForwardBuffers& buf,
                                       cudaStream_t stream) {
-  const ForwardLinearTerms terms{p.feature_map, buf.linear_set.set_h, buf.linear_set.set_z, buf.linear_set.weight,
-                                 static_cast<const float*>(p.proj_bias), p.out_linear};
+  const LinearSetOperands& set = buf.linear_set;
+  const ForwardLinearTerms terms{p.feature_map, set.set_h, set.set_z, static_cast<const float*>(p.proj_bias)};
   const ForwardLinearStep before{p.out, [&]() -> const ForwardLinearTerms* {
+                                   round_to_dtype(static_cast<const float*>(p.proj_weight), set.weight, p.q.dtype,
+                                                  g.dim * g.dim, stream);
                                    if (key_block_states_wgmma(g, p.k, p.v, p.feature_map, buf.key_states,
-                                                              buf.linear_set.block_h, nullptr, stream) != nullptr)
+                                                              set.block_h, nullptr, stream, set.weight) != nullptr)
                                      return nullptr;
                                    prepare_linear_set_states(g, plan, p.q.dtype, p.linear_scope, buf.key_states,
-                                                             static_cast<const float*>(p.proj_weight),
-                                                             buf.linear_set, stream);
+                                                             nullptr, set, stream);
                                    return &terms;
                                  }};
   return sparse_forward(g, plan, sparse, stream, before);
@@ -83,7 +85,8 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
   const TensorView& os = os_apart ? p.out_sparse : p.out;
   SparseForwardArgs sparse{p.q, p.k, p.v, os_apart ? TensorView{} : p.out, p.out_sparse, nullptr,
                            static_cast<float*>(p.lse), static_cast<float>(p.scale)};
-  if (p.linear_branch() && p.proj_weight && buf.linear_set.block_h && !p.quantized) {
+  // Ol itself (out_linear) is not formed there: its products carry W.
+  if (p.linear_branch() && p.proj_weight && buf.linear_set.block_h && !p.quantized && !p.out_linear.defined()) {
     if (sparse_forward_with_linear_terms(p, g, plan, sparse, buf, stream)) return;
   } else {
     run_sparse_forward(p, g, plan, sparse, buf, stream);

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
                                   WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>::kBlocksPerSm)
     sparse_forward_wgmma_kernel(const __grid_constant__ QkvTileMaps maps, const __grid_constant__ RowTileMap os_map,
                                 bool store_by_copies, Geometry g, RoutingPlanView plan, SparseForwardArgs a,
-                                const __grid_constant__ ForwardLinearKernelArgs<Element> linear) {
+                                const __grid_constant__ ForwardLinearKernelArgs linear) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Config = WgmmaForward<Element, kHeadDim, kBlockQ, kKeyTile>;
   using Shared = typename Config::Shared;
@@ -115,14 +115,13 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
       full.arrive_expect_bytes(sizeof(KeyTile));
       load_row_tile(s.v[stage], maps.v, n * g.block_k, at.h / g.group(), at.b, full);
     };
-    if constexpr (kLinear) {  // H_m into the tail stage's K tile, W into its V tile
+    if constexpr (kLinear) {  // H_m Wᵀ into the tail stage's K tile; its V tile holds nothing
       static_assert(kKeyTile == kHeadDim, "a key tile holds a D x D state");
       produce_items(s.pipe, g, plan, load_query, lane_value, load_keys, load_values,
                     [&](int stage, const QueryItem& at, SharedBarrier& keys, SharedBarrier& values) {
                       keys.arrive_expect_bytes(sizeof(KeyTile));
                       load_row_tile(s.k[stage], linear.set_h, 0, (at.b * g.heads + at.h) * g.q_blocks + at.m, 0, keys);
-                      values.arrive_expect_bytes(sizeof(KeyTile));
-                      load_row_tile(s.v[stage], linear.w, 0, 0, 0, values);
+                      values.arrive();
                     });
     } else {
       produce_items(s.pipe, g, plan, load_query, lane_value, load_keys, load_values);
@@ -147,8 +146,8 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
   };
   int32_t t0 = 0;  // the ring position of this item's first tile
   // With the linear terms, after an item's walk (forward_linear_epilogue.cuh): the last P V issued, φ(Q)
-  // formed while it runs, Os staged and stored, then the tail stage's products Ol = φ(Q) H_m (into `out`,
-  // free by then) and Ol Wᵀ, and out = Os + Ol Wᵀ + b stored.
+  // formed while it runs, Os staged and stored, then the tail stage's product φ(Q) (H_m Wᵀ) (into `out`,
+  // free by then) and out = Os + Ol Wᵀ + b stored.
   // (Generic, so that only the kernel with the terms instantiates it.)
   [[maybe_unused]] auto end_block_with_linear_terms = [&](const QueryItem& at, int32_t total, auto& out,
                                                           const auto& p, float(&row_max)[2], float(&row_sum)[2]) {
@@ -194,20 +193,12 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
     fence_accumulators(out);
     s.pipe.release_keys(tail);
     s.pipe.q_empty.arrive();  // every product that reads Q is complete
-    divide_by_denominators(out, s.den, tile_row, linear, at, block_row0 + tile_row, g.q_len);
-
-    uint32_t ol[kHeadDim / 16][4];  // rounded to the input dtype for the product (SPEC section 4)
-    accumulators_to_fragments<Element, kHeadDim>(out, ol);
-    float projected[kHeadDim / 8][4];
-    s.pipe.wait_values(tail);
-    wgmma_fence();
-    issue_projection(projected, ol, s.v[stage]);
-    wgmma_wait<0>();
-    fence_accumulators(projected);
+    s.pipe.wait_values(tail);  // an empty tile: its barriers keep their phases with the ring's
     s.pipe.release_values(tail);
+    divide_by_denominators(out, s.den, tile_row);  // Ol Wᵀ
     if (storing_thread && linear.store_sparse) wait_bulk_groups<false>();  // Os is read out of the tile
     named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
-    add_projection<Element>(s.out, tile_row, projected, s.bias);
+    add_projection<Element>(s.out, tile_row, out, s.bias);
     fence_shared_for_async_proxy();
     named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
     if (storing_thread) {
@@ -273,9 +264,9 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
 
 // The kernel's view of the terms `before` prepares (for an instantiation whose key tiles hold a D x D
 // state), or false (`before` not called when the copy engine cannot write out or out_sparse).
-template <typename Element, int kHeadDim>
+template <int kHeadDim>
 bool prepare_linear_terms(const Geometry& g, const SparseForwardArgs& args, const ForwardLinearStep& before,
-                          ForwardLinearKernelArgs<Element>* linear) {
+                          ForwardLinearKernelArgs* linear) {
   if (!before || args.os_rows != nullptr) return false;
   linear->store_sparse = args.out_sparse.defined();
   if (!make_row_tile_map(before.out, kWarpgroupRows, &linear->out) ||
@@ -284,17 +275,13 @@ bool prepare_linear_terms(const Geometry& g, const SparseForwardArgs& args, cons
   const ForwardLinearTerms* terms = before.prepare();
   if (terms == nullptr) return false;
   const DType dtype = args.q.dtype;
-  const bool packed =
-      make_row_tile_map(dense_rows(const_cast<void*>(terms->set_h), dtype, 1, g.q_pairs() * g.q_blocks, kHeadDim,
-                                   kHeadDim),
-                        kHeadDim, &linear->set_h) &&
-      make_row_tile_map(dense_rows(const_cast<void*>(terms->weight), dtype, 1, 1, kHeadDim, kHeadDim), kHeadDim,
-                        &linear->w);
-  SLATTN_CHECK(packed, "sparse_forward_wgmma: the tile copy engine refused H_m or W");
+  SLATTN_CHECK(make_row_tile_map(dense_rows(const_cast<void*>(terms->set_h), dtype, 1, g.q_pairs() * g.q_blocks,
+                                          kHeadDim, kHeadDim),
+                               kHeadDim, &linear->set_h),
+               "sparse_forward_wgmma: the tile copy engine refused H_m Wᵀ");
   linear->feature_map = terms->feature_map;
   linear->set_z = terms->set_z;
   linear->bias = terms->bias;
-  linear->out_linear = DeviceView<Element>::of(terms->out_linear);
   return true;
 }
 
@@ -323,9 +310,9 @@ const char* sparse_forward_wgmma(const Geometry& g, const RoutingPlanView& plan,
                 "contiguous head dim, a 16-byte-aligned start and strides that are multiples of 16 bytes";
       return;
     }
-    ForwardLinearKernelArgs<Element> linear{};
+    ForwardLinearKernelArgs linear{};
     if constexpr (KT == D) {
-      if (prepare_linear_terms<Element, D>(g, args, before, &linear)) {
+      if (prepare_linear_terms<D>(g, args, before, &linear)) {
         launch_with_shared(sparse_forward_wgmma_kernel<Element, D, BQ, KT, true>, grid, Config::kThreads, shared,
                            stream, maps, os_map, false, g, plan, args, linear);
         *terms_added = true;

@@ -27,22 +27,21 @@ struct SparseForwardArgs {
 
 // The linear branch and the projection (the fixed feature maps, SPEC sections
 // 3 and 4), which the Hopper forward can add itself in each query block's
-// epilogue: out = Os + Ol Wᵀ + b with Ol = φ(Q_m) H_m / (φ(q)·Z_m + ε), φ(Q)
-// formed from the query tile it copied. Os still goes to args.out_sparse when
-// defined; args.out is not written. Operands in the input dtype unless said.
+// epilogue: out = Os + Ol Wᵀ + b with Ol Wᵀ = φ(Q_m) (H_m Wᵀ) / (φ(q)·Z_m + ε),
+// φ(Q) formed from the query tile it copied. Os still goes to args.out_sparse
+// when defined; args.out is not written.
 struct ForwardLinearTerms {
   FeatureMap feature_map;
-  const void* set_h;    // (q pairs * Mq, F, D): H_m
-  const float* set_z;   // (q pairs * Mq, F) fp32: Z_m
-  const void* weight;   // (D, D): W as (out, in)
-  const float* bias;    // (D) fp32, or null
-  TensorView out_linear;  // Ol (written when defined)
+  const void* set_h;   // (q pairs * Mq, F, D), the input dtype: H_m Wᵀ
+  const float* set_z;  // (q pairs * Mq, F): Z_m
+  const float* bias;   // (D), or null
 };
 
 // Where the linear terms go (SLA's output), and how to prepare them: called
 // once, before the Hopper forward's kernel, when that kernel can add them
-// (its ring stages hold H_m and W: block_k = D, and the copy engine can write
-// out); returns them, or null (the kernel then writes Os alone).
+// (a ring stage's key tile holds a D x D state: block_k = D, and the copy
+// engine can write out); returns them, or null (the kernel then writes Os
+// alone).
 struct ForwardLinearStep {
   TensorView out;
   std::function<const ForwardLinearTerms*()> prepare;
