@@ -27,6 +27,8 @@ constexpr int kChannelsPerThread = 4;  // block sums: one 8-byte load of bf16 / 
 constexpr int kSumThreads = 256;
 constexpr int kMeansThreads = 256;  // block means: a warp per block
 constexpr int kListWarps = 4;       // column lists: a warp per column
+constexpr int kKeyMeanThreads = 1024;
+constexpr int kKeyMeanStaged = 4096;  // block sums (doubles) a pass of key_mean_kernel stages: 32 KB
 constexpr unsigned kAllLanes = 0xffffffffu;
 constexpr uintptr_t kWorkspaceAlignment = 16;  // the approximate scores copy 16-byte runs of their operands
 // Norms are computed in fp64 to within 2^-44 (D <= 256); this factor makes them upper bounds.
@@ -116,18 +118,29 @@ __global__ void __launch_bounds__(kSumThreads) block_sums_kernel(const __grid_co
   for (int i = 0; i < kChannelsPerThread; ++i) s.sums[index * a.dim + c0 + i] = sums[i];
 }
 
-// grid (kv heads, batch), one thread per channel: the mean of K over all rows,
-// as the sum of its block sums in order. Also clears the norm maximum that
-// block_means_kernel gathers.
-__global__ void key_mean_kernel(const double* k_sums, int64_t k_blocks, int64_t k_len, double* k_mean,
-                                float* k_norm_max) {
+// grid (kv heads, batch): the mean of K over all rows, as the sum of its
+// block sums in order, one thread per channel; the block's threads first
+// stage a pass of kKeyMeanStaged sums in shared memory together (one
+// dependent load per block sum kept 12 thread blocks waiting on memory).
+// Also clears the norm maximum that block_means_kernel gathers.
+__global__ void __launch_bounds__(kKeyMeanThreads)
+    key_mean_kernel(const double* k_sums, int64_t k_blocks, int64_t k_len, int64_t dim, double* k_mean,
+                    float* k_norm_max) {
+  __shared__ double staged[kKeyMeanStaged];
   const int64_t pair = blockIdx.y * gridDim.x + blockIdx.x;
-  const int64_t c = threadIdx.x;
-  const int64_t dim = blockDim.x;
+  const double* sums = k_sums + pair * k_blocks * dim;
+  const int64_t total = k_blocks * dim, pass = kKeyMeanStaged / dim * dim;
+  const int c = threadIdx.x;
   double sum = 0.0;
-#pragma unroll 8
-  for (int64_t n = 0; n < k_blocks; ++n) sum = rm::add(sum, k_sums[(pair * k_blocks + n) * dim + c]);
-  k_mean[pair * dim + c] = rm::div(sum, static_cast<double>(k_len));
+  for (int64_t first = 0; first < total; first += pass) {
+    const int64_t count = min(pass, total - first);
+    for (int64_t i = threadIdx.x; i < count; i += kKeyMeanThreads) staged[i] = sums[first + i];
+    __syncthreads();
+    if (c < dim)
+      for (int64_t i = c; i < count; i += dim) sum = rm::add(sum, staged[i]);
+    __syncthreads();
+  }
+  if (c < dim) k_mean[pair * dim + c] = rm::div(sum, static_cast<double>(k_len));
   if (c == 0) k_norm_max[pair] = 0.0f;
 }
 
@@ -259,9 +272,9 @@ void route(const RouteParams& p, const RoutingPlanView& plan, void* workspace, s
   const int64_t dim = p.q.head_dim(), kv_heads = p.k.heads();
   dispatch_element(p.q.dtype, [&](auto tag) { launch_block_sums<decltype(tag)>(p, s, buffers, stream); });
 
-  key_mean_kernel<<<dim3(static_cast<unsigned>(kv_heads), static_cast<unsigned>(s.batch)),
-                    static_cast<unsigned>(dim), 0, stream>>>(buffers.k_means, s.k_blocks(), s.k_len, buffers.k_mean,
-                                                             buffers.k_norm_max);
+  SLATTN_CHECK(dim <= kKeyMeanThreads, "the CUDA router takes head dims up to ", kKeyMeanThreads, ", got ", dim);
+  key_mean_kernel<<<dim3(static_cast<unsigned>(kv_heads), static_cast<unsigned>(s.batch)), kKeyMeanThreads, 0,
+                    stream>>>(buffers.k_means, s.k_blocks(), s.k_len, dim, buffers.k_mean, buffers.k_norm_max);
   SLATTN_LAUNCH_CHECK("key_mean_kernel");
 
   const MeansArgs means{buffers,   s.rows(),  s.batch * kv_heads * s.k_blocks(), s.q_blocks(), s.k_blocks(),
