@@ -3,7 +3,10 @@ process. Prints a table, writes JSON and a PNG plot.
 
 Each case times routing, the forward pass and forward+backward of the whole
 SLA op (routing included, with a non-zero projection so the linear branch
-runs), and dense attention through torch SDPA. Effective TFLOPS divide the
+runs), and dense attention through torch SDPA: the median of single calls,
+each synchronised (a call's host time shows where the device would wait for
+it); SLA's also back to back, synchronised once (the device's time per call
+where the host keeps ahead, as over a model's layers). Effective TFLOPS divide the
 dense count 4·B·H·L²·D by the time (the public reference's convention);
 computed TFLOPS divide the FLOPs of the critical blocks only. On Hopper it
 also times the low-bit forward (quantized=True), whole and for the sparse
@@ -22,7 +25,7 @@ from tqdm import tqdm
 
 from ._low_bit import is_hopper
 from ._plots import pyplot, save
-from ._timing import median_seconds
+from ._timing import back_to_back_seconds, median_seconds
 from .attention import sparse_linear_attention
 from .metrics import computed_flops, dense_flops
 from .plan import route
@@ -59,6 +62,8 @@ class CaseResult:
     flex: dict  # FlexAttention on the same plan, sparse branch only: as above, or {"skipped": why}
     mma_mainloop_fwd_ms: float | None = None  # on Hopper: SLA fwd with the sparse forward on mma.sync, not wgmma
     low_bit: dict | None = None  # on Hopper: quantized=True timings (time_low_bit)
+    # SLA's route_ms, sla_fwd_ms and sla_fwd_bwd_ms per call of calls issued back to back (one synchronisation)
+    back_to_back: dict | None = None
 
 
 def dense_backends(device: torch.device) -> dict:
@@ -164,6 +169,12 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=Fals
         t_fwd_mma = time_with_mma_mainloop(sla, device, repeats) if hopper else None
         low_bit = time_low_bit(q, k, v, weight, bias, plan, topk, t_fwd, device, repeats) if hopper else None
     t_fwd_bwd = median_seconds(sla_fwd_bwd, device, repeats=repeats)
+    with torch.no_grad():
+        back_to_back = {"route_ms": back_to_back_seconds(lambda: route(q, k, topk=topk, block_q=block_q,
+                                                                     block_k=block_k), device, calls=repeats),
+                        "sla_fwd_ms": back_to_back_seconds(sla, device, calls=repeats)}
+    back_to_back["sla_fwd_bwd_ms"] = back_to_back_seconds(sla_fwd_bwd, device, calls=repeats)
+    back_to_back = {key: 1e3 * seconds for key, seconds in back_to_back.items()}
     dense = {name: time_dense(q, k, v, grad, backend, device, repeats)
              for name, backend in dense_backends(torch.device(device)).items()}
     if flex:
@@ -186,7 +197,8 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=Fals
                       sla_fwd_bwd_effective_tflops=FWD_BWD_FLOPS_FACTOR * full / t_fwd_bwd / 1e12,
                       sla_fwd_bwd_computed_tflops=FWD_BWD_FLOPS_FACTOR * sparse / t_fwd_bwd / 1e12,
                       dense_fwd_tflops=full / t_dense / 1e12, dense_backends=dense, flex=flex_result,
-                      mma_mainloop_fwd_ms=None if t_fwd_mma is None else 1e3 * t_fwd_mma, low_bit=low_bit)
+                      mma_mainloop_fwd_ms=None if t_fwd_mma is None else 1e3 * t_fwd_mma, low_bit=low_bit,
+                      back_to_back=back_to_back)
 
 
 def time_low_bit(q, k, v, weight, bias, plan, topk, t_fwd, device, repeats) -> dict:
@@ -270,6 +282,9 @@ def run_bench(*, device: str = "auto", shapes=None, topk: float = 0.05, block_q:
             detail = (f"fwd {timing['fwd_ms']:.2f} ms, fwd+bwd {timing['fwd_bwd_ms']:.2f} ms" if "fwd_ms" in timing
                       else f"unavailable: {timing['unavailable']}")
             print_fn(f"    dense {name}: {detail}")
+        b2b = r.back_to_back
+        print_fn(f"    SLA, {repeats} calls back to back (one synchronisation), per call: route {b2b['route_ms']:.2f}, "
+                 f"fwd {b2b['sla_fwd_ms']:.2f}, fwd+bwd {b2b['sla_fwd_bwd_ms']:.2f} ms")
         if r.mma_mainloop_fwd_ms is not None:
             print_fn(f"    SLA fwd with the sparse forward on mma.sync instead of wgmma: {r.mma_mainloop_fwd_ms:.2f} ms")
         if r.low_bit is not None:

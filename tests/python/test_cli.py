@@ -37,6 +37,7 @@ def test_bench_writes_json_and_a_plot(tmp_path):
     assert result["density"] == pytest.approx(2 / 7)  # floor(0.3 * 7) of 7 key blocks per row
     for key in ("route_ms", "sla_fwd_ms", "sla_fwd_bwd_ms", "dense_fwd_ms", "dense_fwd_bwd_ms"):
         assert result[key] > 0, key
+    assert all(result["back_to_back"][key] > 0 for key in ("route_ms", "sla_fwd_ms", "sla_fwd_bwd_ms"))
     assert result["dense_backends"]["sdpa"]["fwd_ms"] == result["dense_fwd_ms"]
     assert result["flex"]["fwd_ms"] > 0  # FlexAttention has no backward on the CPU: reported, not hidden
     assert result["flex"].get("fwd_bwd_ms", 0) > 0 or "backward" in result["flex"]["fwd_bwd_unavailable"]
