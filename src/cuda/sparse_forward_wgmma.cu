@@ -5,7 +5,9 @@
 // an mbarrier; one consumer warpgroup per 64 query rows computes S = Q Kᵀ
 // from shared memory, the online softmax, and O += P V with P in registers,
 // and hands each K and V tile back on its own barrier; Os leaves through the
-// copy engine (forward_output_copies.cuh). Built for sm_90a only;
+// copy engine (forward_output_copies.cuh). With the linear terms (kLinear)
+// each query block ends with the linear branch and the projection
+// (forward_linear_epilogue.cuh). Built for sm_90a only;
 // other targets get an empty body that is never launched (sparse_forward
 // checks the loaded binary), and layouts the copy engine cannot describe go
 // to the mma.sync mainloop.
@@ -145,67 +147,6 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
                                            correction);
   };
   int32_t t0 = 0;  // the ring position of this item's first tile
-  // With the linear terms, after an item's walk (forward_linear_epilogue.cuh): the last P V issued, φ(Q)
-  // formed while it runs, Os staged and stored, then the tail stage's product φ(Q) (H_m Wᵀ) (into `out`,
-  // free by then) and out = Os + Ol Wᵀ + b stored.
-  // (Generic, so that only the kernel with the terms instantiates it.)
-  [[maybe_unused]] auto end_block_with_linear_terms = [&](const QueryItem& at, int32_t total, auto& out,
-                                                          const auto& p, float(&row_max)[2], float(&row_sum)[2]) {
-    const int warpgroup = consumer_thread / kWarpgroupThreads, warpgroup_thread = consumer_thread % kWarpgroupThreads;
-    const bool storing_thread = issues_warpgroup_stores(consumer_thread);
-    const int warp_row = consumer_thread / kWarpSize * kRowsPerWarp;  // the warp's first row in the block
-    const int tile_row = warp_row + threadIdx.x % kWarpSize / 4;       // the thread's first row in the block
-    const int64_t pair = at.b * g.heads + at.h, block_row0 = at.m * kBlockQ;
-    const int32_t tail = t0 + total;
-    const auto form_features = [&] {  // the last S = Q Kᵀ of the warpgroup is complete
-      queries_to_features<kHeadDim>(s.q, warpgroup_row0, warpgroup_thread, linear.feature_map, s.z_m, s.den);
-      fence_shared_for_async_proxy();
-    };
-    if (total > 0) {
-      s.pipe.wait_values(tail - 1);
-      wgmma_fence();
-      issue_values(out, p, s.v[s.pipe.stage(tail - 1)]);
-      form_features();  // while P V runs
-      wgmma_wait<0>();
-      fence_accumulators(out);
-      s.pipe.release_values(tail - 1);
-    } else {
-      form_features();
-    }
-    if (storing_thread) wait_bulk_groups<false>();  // the last block's store has read the output tile
-    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);  // and φ(Q) and den are written
-    stage_forward_rows<Element, kHeadDim>(g, a, pair, block_row0 + warp_row, warp_row, out, row_max, row_sum, s.out);
-    fence_shared_for_async_proxy();
-    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
-    if (storing_thread && linear.store_sparse) {
-      store_row_tile(linear.out_sparse, s.out, warpgroup_row0, block_row0 + warpgroup_row0, at.h, at.b);
-      commit_bulk_group();
-    }
-
-    const int stage = s.pipe.stage(tail);
-#pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.0f;
-    s.pipe.wait_keys(tail);
-    wgmma_fence();
-    issue_rows_times<1, StateRead::as_stored>(out, s.q, s.k[stage], warpgroup_row0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_accumulators(out);
-    s.pipe.release_keys(tail);
-    s.pipe.q_empty.arrive();  // every product that reads Q is complete
-    s.pipe.wait_values(tail);  // an empty tile: its barriers keep their phases with the ring's
-    s.pipe.release_values(tail);
-    divide_by_denominators(out, s.den, tile_row);  // Ol Wᵀ
-    if (storing_thread && linear.store_sparse) wait_bulk_groups<false>();  // Os is read out of the tile
-    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
-    add_projection<Element>(s.out, tile_row, out, s.bias);
-    fence_shared_for_async_proxy();
-    named_barrier_sync(1 + warpgroup, kWarpgroupThreads);
-    if (storing_thread) {
-      store_row_tile(linear.out, s.out, warpgroup_row0, block_row0 + warpgroup_row0, at.h, at.b);
-      commit_bulk_group();
-    }
-  };
   int32_t use = 0;
   const int64_t items = g.q_blocks * g.heads * g.batch;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++use) {
@@ -240,7 +181,13 @@ __global__ void __launch_bounds__(WgmmaForward<Element, kHeadDim, kBlockQ, kKeyT
       accumulators_to_fragments<Element, kKeyTile>(score, p);
     }
     if constexpr (kLinear) {
-      end_block_with_linear_terms(at, total, out, p, row_max, row_sum);
+      const int32_t last = t0 + total - 1;
+      end_block_with_linear_terms<Element, kHeadDim, kBlockQ>(
+          s, g, a, linear, at, t0, total, consumer_thread, out, row_max, row_sum, [&] {
+            s.pipe.wait_values(last);
+            wgmma_fence();
+            issue_values(out, p, s.v[s.pipe.stage(last)]);
+          });
       t0 += total + 1;
     } else {
       s.pipe.q_empty.arrive();  // every product that reads Q is complete
