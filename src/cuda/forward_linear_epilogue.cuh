@@ -16,7 +16,6 @@
 #include "cuda/linear_set_products.cuh"
 #include "cuda/sparse_kernels.h"
 #include "cuda/tensor_map.h"
-#include "cuda/tile_mma.cuh"
 
 namespace slattn::cuda {
 

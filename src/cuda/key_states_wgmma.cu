@@ -6,7 +6,9 @@
 // then each warpgroup issues its 64 features of h_n = φ(K_n)ᵀ V_n (A read
 // M-major, B N-major: both tiles have keys along K), sums z_n's two halves
 // of keys from φ while the product runs, hands the stage back, and writes h_n
-// through a shared tile in 16-byte units. Built for sm_90a only.
+// through a shared tile in 16-byte units; the projecting kernel first turns
+// its rows of h_n into h_n Wᵀ by one more product with W (copied once into
+// shared memory, which leaves room for two stages). Built for sm_90a only.
 #include "cuda/key_states_wgmma.h"
 
 #include <algorithm>

@@ -2,7 +2,7 @@
 // feature maps: h_n = φ(K_n)ᵀ V_n and z_n = Σ φ(k) per key block, with φ(K_n)
 // rounded to the input dtype and h_n stored in it (what the Hopper linear
 // kernels' sums read, linear_set_states.h), and the total Z = Σ_n z_n. One warp-specialised, persistent kernel: a producer warp
-// copies K_n and V_n with the tile copy engine into three stages while two
+// copies K_n and V_n with the tile copy engine into three stages (two with W) while two
 // consumer warpgroups (one for d = 64) form φ in place and multiply.
 #pragma once
 

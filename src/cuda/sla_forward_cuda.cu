@@ -1,7 +1,9 @@
 // Forward of SLA on CUDA: the sparse kernel, then (when asked for) the linear
 // branch and the projection out = Os + Ol Wᵀ + b: for the fixed feature maps
-// on Hopper from every query block's H_m, the linear set's product
-// (linear_forward_wgmma.h, after key_states_wgmma.h), elsewhere fused from per-block states
+// on Hopper inside the sparse kernel's epilogue where it can take them
+// (ForwardLinearTerms: block_k = D, a projection, Ol not returned), else from
+// every query block's H_m, the linear set's product (linear_forward_wgmma.h,
+// after key_states_wgmma.h); elsewhere fused from per-block states
 // (linear_forward_fused.h); through fp32 rows for hedgehog (linear_states.h).
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
