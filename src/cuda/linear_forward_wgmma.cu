@@ -202,6 +202,10 @@ const char* linear_output_wgmma(const Geometry& g, const RoutingPlanView& plan, 
     static const bool available = loaded_for_hopper(kernel);
     refusal = hopper_kernel_refusal(available, Config::kSharedBytes);
     if (refusal != nullptr) return;
+    if (operands.phi_q == nullptr) {
+      refusal = "the workspace was carved for the sparse forward's linear epilogue (no φ(Q) rows)";
+      return;
+    }
     if (weight && !(rows_are_16_byte_aligned(DeviceView<Element>::of(out)) &&
                     rows_are_16_byte_aligned(DeviceView<const Element>::of(os)))) {
       refusal = "the Hopper linear forward reads Os's rows and writes out's in 16-byte vectors";

@@ -263,13 +263,15 @@ TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int
   return view;
 }
 
-LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geometry& g, DType dtype) {
+LinearSetOperands LinearSetOperands::carve(WorkspaceCarver& carver, const Geometry& g, DType dtype, bool query_rows) {
   LinearSetOperands o;
   const auto element_count = [&](int64_t count) { return count * static_cast<int64_t>(dtype_size(dtype)); };
-  o.phi_q = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_len * g.dim));
+  if (query_rows) {
+    o.phi_q = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_len * g.dim));
+    o.denominator = carver.take<float>(g.q_pairs() * g.q_len);
+  }
   o.block_h = carver.take<unsigned char>(element_count(g.kv_pairs() * key_blocks_padded(g) * g.features * g.dim));
   o.set_z = carver.take<float>(g.q_pairs() * g.q_blocks * g.features);
-  o.denominator = carver.take<float>(g.q_pairs() * g.q_len);
   o.indicator = carver.take<unsigned char>(element_count(g.kv_pairs() * set_rows_padded(g) * key_blocks_padded(g)));
   o.set_size = carver.take<int32_t>(g.q_pairs() * g.q_blocks);
   o.set_h = carver.take<unsigned char>(element_count(g.q_pairs() * g.q_blocks * g.features * g.dim));
@@ -295,6 +297,7 @@ void prepare_linear_set_states(const Geometry& g, const RoutingPlanView& plan, D
 void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                  FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                  const float* weight, const LinearSetOperands& operands, cudaStream_t stream) {
+  SLATTN_CHECK(operands.phi_q != nullptr, "prepare_linear_set_operands: carved without query rows");
   prepare_linear_set_states(g, plan, q.dtype, scope, states, weight, operands, stream);
   dispatch_sparse_kernel(q.dtype, g, [&](auto tag, auto head_dim, auto, auto) {
     using Element = decltype(tag);
@@ -311,8 +314,9 @@ LinearSetMaps linear_set_maps(const Geometry& g, DType dtype, const LinearSetOpe
   const int64_t d = g.dim;
   LinearSetMaps maps;
   const bool packed =
-      make_row_tile_map(dense_rows(operands.phi_q, dtype, g.batch, g.heads, g.q_len, d), static_cast<int>(g.block_q),
-                        &maps.phi_q) &&
+      (operands.phi_q == nullptr ||
+       make_row_tile_map(dense_rows(operands.phi_q, dtype, g.batch, g.heads, g.q_len, d), static_cast<int>(g.block_q),
+                         &maps.phi_q)) &&
       make_row_tile_map(dense_rows(operands.set_h, dtype, 1, g.q_pairs() * g.q_blocks, d, d), static_cast<int>(d),
                         &maps.set_h) &&
       make_row_tile_map(dense_rows(operands.weight, dtype, 1, 1, d, d), static_cast<int>(d), &maps.w);

@@ -23,17 +23,18 @@ bool use_hopper_linear(FeatureMap feature_map);
 
 // Workspace of the Hopper linear kernels, in the input dtype where not said.
 struct LinearSetOperands {
-  void* phi_q = nullptr;         // (q pairs, Lq, D): φ(Q)
+  void* phi_q = nullptr;         // (q pairs, Lq, D): φ(Q) (null without query rows, below)
   void* block_h = nullptr;       // h_n, written by key_block_states, padded as linear_set_states.h says
   float* set_z = nullptr;        // (q pairs * Mq, F) fp32: Z_m
-  float* denominator = nullptr;  // (q pairs, Lq) fp32: φ(q)·Z_m + ε
+  float* denominator = nullptr;  // (q pairs, Lq) fp32: φ(q)·Z_m + ε (likewise)
   void* indicator = nullptr;     // 1 where n is in U_m, padded as linear_set_states.h says
   int32_t* set_size = nullptr;   // (q pairs * Mq): |U_m|
   void* set_h = nullptr;         // (q pairs * Mq, D, D): H_m
   void* weight = nullptr;        // (D, D): the projection's W as (out, in)
   void* cublas_workspace = nullptr;
 
-  static LinearSetOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype);
+  // query_rows false: no φ(Q) rows and denominators (the sparse forward's linear epilogue forms its own).
+  static LinearSetOperands carve(WorkspaceCarver& carver, const Geometry& g, DType dtype, bool query_rows = true);
 };
 
 // Fills set_z, indicator, set_size and set_h from `states` and block_h (after
@@ -43,7 +44,7 @@ void prepare_linear_set_states(const Geometry& g, const RoutingPlanView& plan, D
                                const KeyStates& states, const float* weight, const LinearSetOperands& operands,
                                cudaStream_t stream);
 
-// prepare_linear_set_states, then phi_q and denominator from q.
+// prepare_linear_set_states, then phi_q and denominator from q (carved with query rows).
 void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan, const TensorView& q,
                                  FeatureMap feature_map, LinearScope scope, const KeyStates& states,
                                  const float* weight, const LinearSetOperands& operands, cudaStream_t stream);

@@ -22,6 +22,14 @@ namespace {
 
 bool fused(const SlaForwardParams& p) { return fused_linear_forward_supported(p.feature_map); }
 
+// Whether the Hopper sparse forward is to add the linear branch in its epilogue
+// (ForwardLinearTerms; it may still refuse, rarely: a layout of out the copy
+// engine cannot write): its key tiles hold a D x D state, a projection to fold
+// into the states, and neither Ol itself nor the low-bit forward asked for.
+bool linear_epilogue_expected(const SlaForwardParams& p, const Geometry& g) {
+  return p.proj_weight != nullptr && !p.quantized && !p.out_linear.defined() && g.block_k == g.dim;
+}
+
 struct ForwardBuffers {
   QuantizedOperands quantized{};  // quantized=True
   KeyStates key_states{};    // fused path
@@ -35,7 +43,9 @@ struct ForwardBuffers {
     if (!p.linear_branch()) return b;
     if (fused(p)) {
       b.key_states = KeyStates::carve(carver, g);
-      if (use_hopper_linear(p.feature_map)) b.linear_set = LinearSetOperands::carve(carver, g, p.q.dtype);
+      // Without φ(Q) rows where the epilogue is expected: should it refuse, the sm_80 kernels serve.
+      if (use_hopper_linear(p.feature_map))
+        b.linear_set = LinearSetOperands::carve(carver, g, p.q.dtype, !linear_epilogue_expected(p, g));
       return b;
     }
     b.linear = LinearBuffers::carve(carver, g, p.feature_map);
@@ -87,8 +97,7 @@ void fused_forward(const SlaForwardParams& p, const Geometry& g, const RoutingPl
   const TensorView& os = os_apart ? p.out_sparse : p.out;
   SparseForwardArgs sparse{p.q, p.k, p.v, os_apart ? TensorView{} : p.out, p.out_sparse, nullptr,
                            static_cast<float*>(p.lse), static_cast<float>(p.scale)};
-  // Ol itself (out_linear) is not formed there: its products carry W.
-  if (p.linear_branch() && p.proj_weight && buf.linear_set.block_h && !p.quantized && !p.out_linear.defined()) {
+  if (p.linear_branch() && buf.linear_set.block_h && linear_epilogue_expected(p, g)) {
     if (sparse_forward_with_linear_terms(p, g, plan, sparse, buf, stream)) return;
   } else {
     run_sparse_forward(p, g, plan, sparse, buf, stream);
