@@ -160,18 +160,19 @@ def run_case(shape, *, dtype, topk, block_q, block_k, device, repeats, flex=Fals
     def sla_fwd_bwd():
         gradients(sla(), grad, (q, k, v, weight, bias))
 
-    plan = route(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    def routing():
+        return route(q, k, topk=topk, block_q=block_q, block_k=block_k)
+
+    plan = routing()
     with torch.no_grad():
-        t_route = median_seconds(lambda: route(q, k, topk=topk, block_q=block_q, block_k=block_k), device,
-                                 repeats=repeats)
+        t_route = median_seconds(routing, device, repeats=repeats)
         t_fwd = median_seconds(sla, device, repeats=repeats)
         hopper = is_hopper(device)
         t_fwd_mma = time_with_mma_mainloop(sla, device, repeats) if hopper else None
         low_bit = time_low_bit(q, k, v, weight, bias, plan, topk, t_fwd, device, repeats) if hopper else None
     t_fwd_bwd = median_seconds(sla_fwd_bwd, device, repeats=repeats)
     with torch.no_grad():
-        back_to_back = {"route_ms": back_to_back_seconds(lambda: route(q, k, topk=topk, block_q=block_q,
-                                                                     block_k=block_k), device, calls=repeats),
+        back_to_back = {"route_ms": back_to_back_seconds(routing, device, calls=repeats),
                         "sla_fwd_ms": back_to_back_seconds(sla, device, calls=repeats)}
     back_to_back["sla_fwd_bwd_ms"] = back_to_back_seconds(sla_fwd_bwd, device, calls=repeats)
     back_to_back = {key: 1e3 * seconds for key, seconds in back_to_back.items()}

@@ -205,9 +205,7 @@ const char* launch_key_states(const Geometry& g, const TensorView& k, const Tens
   KeyValueMaps maps{};
   if (!make_row_tile_map(k, BK, &maps.k) || !make_row_tile_map(v, BK, &maps.v))
     return "k's or v's rows do not suit the tile copy engine";
-  if (kProject)
-    SLATTN_CHECK(make_row_tile_map(dense_rows(const_cast<void*>(weight), k.dtype, 1, 1, D, D), D, &maps.w),
-                 "key_block_states_wgmma: the tile copy engine refused W");
+  if (kProject) maps.w = state_tiles_map(weight, k.dtype, 1, D);
   const int64_t items = g.kv_pairs() * g.k_blocks;
   const auto grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count() * Config::kBlocksPerSm));
   launch_with_shared(kernel, grid, Config::kThreads, Config::kSharedBytes, stream, maps, g, args);

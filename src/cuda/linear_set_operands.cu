@@ -310,17 +310,22 @@ void prepare_linear_set_operands(const Geometry& g, const RoutingPlanView& plan,
   });
 }
 
+RowTileMap state_tiles_map(const void* tiles, DType dtype, int64_t count, int64_t dim) {
+  RowTileMap map;
+  SLATTN_CHECK(make_row_tile_map(dense_rows(const_cast<void*>(tiles), dtype, 1, count, dim, dim),
+                                 static_cast<int>(dim), &map),
+               "the tile copy engine refused a buffer of D x D tiles");
+  return map;
+}
+
 LinearSetMaps linear_set_maps(const Geometry& g, DType dtype, const LinearSetOperands& operands) {
-  const int64_t d = g.dim;
   LinearSetMaps maps;
-  const bool packed =
-      (operands.phi_q == nullptr ||
-       make_row_tile_map(dense_rows(operands.phi_q, dtype, g.batch, g.heads, g.q_len, d), static_cast<int>(g.block_q),
-                         &maps.phi_q)) &&
-      make_row_tile_map(dense_rows(operands.set_h, dtype, 1, g.q_pairs() * g.q_blocks, d, d), static_cast<int>(d),
-                        &maps.set_h) &&
-      make_row_tile_map(dense_rows(operands.weight, dtype, 1, 1, d, d), static_cast<int>(d), &maps.w);
-  SLATTN_CHECK(packed, "linear_set_maps: the tile copy engine refused a workspace buffer");
+  SLATTN_CHECK(operands.phi_q == nullptr ||
+                   make_row_tile_map(dense_rows(operands.phi_q, dtype, g.batch, g.heads, g.q_len, g.dim),
+                                     static_cast<int>(g.block_q), &maps.phi_q),
+               "linear_set_maps: the tile copy engine refused the phi(Q) rows");
+  maps.set_h = state_tiles_map(operands.set_h, dtype, g.q_pairs() * g.q_blocks, g.dim);
+  maps.w = state_tiles_map(operands.weight, dtype, 1, g.dim);
   return maps;
 }
 

@@ -62,6 +62,10 @@ void round_to_dtype(const float* source, void* target, DType dtype, int64_t coun
 // A (batch, heads, length, dim) tensor stored densely in that order.
 TensorView dense_rows(void* data, DType dtype, int64_t batch, int64_t heads, int64_t length, int64_t dim);
 
+// The map of `count` dense D x D tiles in `dtype`, one after another (H_m, H_m Wᵀ, W), a box per tile;
+// throws if the copy engine refuses it (the workspace's buffers suit it).
+RowTileMap state_tiles_map(const void* tiles, DType dtype, int64_t count, int64_t dim);
+
 struct LinearSetMaps {
   RowTileMap phi_q;  // boxes of block_q rows
   RowTileMap set_h;  // H_m as (1, q pairs * Mq, F, D): boxes of whole states

@@ -221,11 +221,7 @@ bool prepare_linear_terms(const Geometry& g, const SparseForwardArgs& args, cons
     return false;
   const ForwardLinearTerms* terms = before.prepare();
   if (terms == nullptr) return false;
-  const DType dtype = args.q.dtype;
-  SLATTN_CHECK(make_row_tile_map(dense_rows(const_cast<void*>(terms->set_h), dtype, 1, g.q_pairs() * g.q_blocks,
-                                          kHeadDim, kHeadDim),
-                               kHeadDim, &linear->set_h),
-               "sparse_forward_wgmma: the tile copy engine refused H_m Wᵀ");
+  linear->set_h = state_tiles_map(terms->set_h, args.q.dtype, g.q_pairs() * g.q_blocks, kHeadDim);
   linear->feature_map = terms->feature_map;
   linear->set_z = terms->set_z;
   linear->bias = terms->bias;
